@@ -1,0 +1,19 @@
+# The two commands the README documents. Both do their own set-up (scripts/setup.sh).
+.PHONY: notebooks test setup lint bench
+
+setup:
+	@bash scripts/setup.sh
+
+# Main job: execute notebooks 01-06 headless on the offline default; executed copies and figures go to outputs/.
+notebooks: setup
+	@.venv/bin/python scripts/run_notebooks.py --output-dir outputs
+
+# Tests: ruff, the loralib unit tests and every notebook under nbval, offline.
+test: setup
+	@bash scripts/test.sh
+
+lint: setup
+	@.venv/bin/ruff check loralib tests benchmarks scripts notebooks
+
+bench: setup
+	@.venv/bin/python benchmarks/bench_speed.py --output-dir outputs/benchmarks

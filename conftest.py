@@ -1,0 +1,26 @@
+"""Shared fixtures: offline hub, outputs in a temporary directory, one tiny RoBERTa per session."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MPLBACKEND", "Agg")
+# Notebooks executed by nbval inherit these: nothing is written into the checkout.
+_SESSION_TMP = tempfile.mkdtemp(prefix="loralib-tests-")
+os.environ.setdefault("LORALIB_OUTPUT_DIR", os.path.join(_SESSION_TMP, "outputs"))
+os.environ.setdefault("LORALIB_CACHE", os.path.join(_SESSION_TMP, "cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> str:
+    """Path of the offline tiny RoBERTa (built once per test session)."""
+    from loralib.tiny import tiny_roberta
+
+    return tiny_roberta()

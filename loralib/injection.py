@@ -1,0 +1,197 @@
+"""Put `LoraLinear` into any model by module name, choose what trains, and take LoRA out again.
+
+Covers: `inject_lora` (PEFT-style name matching, regex, "all-linear"), `mark_only_lora_as_trainable`
+(PEFT's `bias` vocabulary plus layer norms, embeddings and `modules_to_save`), `merge_lora`,
+`unmerge_lora`, `unload_lora`, and `lora_layers` to iterate over adapted layers. Not here: the
+layer itself (`loralib.layers`) and saving adapters (`loralib.adapters`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator, Sequence
+
+from torch import nn
+
+from loralib.layers import LoraLinear, _check_lora_args
+
+# Task heads stay full-precision, fully trained modules: "all-linear" never adapts them (as PEFT).
+HEAD_NAMES = ("classifier", "qa_outputs", "lm_head", "score", "cls", "head", "pooler_head")
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
+    """Yield (qualified name, layer) for every `LoraLinear` in `model`."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLinear):
+            yield name, module
+
+
+def _name_matches(name: str, targets: Sequence[str]) -> bool:
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _is_head(model: nn.Module, name: str, module: nn.Module) -> bool:
+    if name.split(".")[0] in HEAD_NAMES:
+        return True
+    get_out = getattr(model, "get_output_embeddings", None)
+    if callable(get_out):
+        try:
+            out = get_out()
+        except (AttributeError, NotImplementedError):
+            out = None
+        if out is module:
+            return True
+    return False
+
+
+def find_targets(model: nn.Module, target_modules: str | Sequence[str]) -> list[str]:
+    """Names of the modules `target_modules` selects, matched exactly like `inject_lora` does.
+
+    A list matches a module whose name equals an entry or ends with "." + entry (PEFT's rule);
+    a string is a regular expression that must match the whole name; "all-linear" selects every
+    `nn.Linear` except task heads (see HEAD_NAMES) and the output embedding.
+    """
+    if isinstance(target_modules, str) and target_modules == "all-linear":
+        return [
+            n
+            for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and not isinstance(m, LoraLinear) and not _is_head(model, n, m)
+        ]
+    if isinstance(target_modules, str):
+        try:
+            pattern = re.compile(target_modules)
+        except re.error as e:
+            raise ValueError(
+                f"target_modules={target_modules!r} is not a valid regular expression: {e}"
+            ) from e
+        return [n for n, _ in model.named_modules() if n and pattern.fullmatch(n)]
+    targets = list(target_modules)
+    if not targets or not all(isinstance(t, str) and t for t in targets):
+        raise ValueError(f"target_modules must be non-empty module names, got {target_modules!r}.")
+    return [n for n, _ in model.named_modules() if n and _name_matches(n, targets)]
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def inject_lora(
+    model: nn.Module,
+    target_modules: str | Sequence[str],
+    r: int = 8,
+    alpha: float | None = None,
+    dropout: float = 0.0,
+    init: str = "kaiming",
+) -> list[str]:
+    """Replace the targeted `nn.Linear` modules of `model` in place by `LoraLinear`; return their names.
+
+    The original weights are reused and frozen; B starts at zero so outputs do not change until
+    training. Raises ValueError if nothing matches (listing the Linear names that exist) and
+    TypeError if a match is not an `nn.Linear` or already carries LoRA.
+    """
+    _check_lora_args(r, alpha, dropout, init)
+    names = find_targets(model, target_modules)
+    if not names:
+        linears = _linear_names(model)
+        shown = ", ".join(linears[:40]) + (" ..." if len(linears) > 40 else "")
+        raise ValueError(
+            f"target_modules={target_modules!r} matched no module. Names match exactly or by their last "
+            f"dotted parts (e.g. 'query' matches 'encoder.layer.0.attention.self.query'). "
+            f"Linear modules in this model: {shown or '(none)'}"
+        )
+    modules = dict(model.named_modules())
+    for name in names:
+        module = modules[name]
+        if isinstance(module, LoraLinear):
+            raise TypeError(
+                f"{name!r} already has LoRA; call unload_lora(model) first or choose other targets."
+            )
+        if not isinstance(module, nn.Linear):
+            raise TypeError(
+                f"{name!r} matched target_modules={target_modules!r} but is a {type(module).__name__}, not an "
+                "nn.Linear; LoRA here adapts Linear layers only, so name the Linear layers inside it."
+            )
+    for name in names:
+        _set_module(
+            model, name, LoraLinear.from_linear(modules[name], r=r, alpha=alpha, dropout=dropout, init=init)
+        )
+    return names
+
+
+def _is_layer_norm(name: str, module: nn.Module) -> bool:
+    leaf = name.rsplit(".", 1)[-1].lower()
+    return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or "layernorm" in leaf or "layer_norm" in leaf
+
+
+def mark_only_lora_as_trainable(
+    model: nn.Module,
+    bias: str = "none",
+    train_layer_norms: bool = False,
+    train_embeddings: bool = False,
+    modules_to_save: Iterable[str] = (),
+) -> None:
+    """Freeze every parameter except LoRA's A and B and the extras asked for.
+
+    bias: "none" (no bias trains), "all" (every bias in the model), "lora_only" (biases of
+    LoRA-adapted layers). modules_to_save: module names (PEFT matching) trained in full, e.g. the
+    task head "classifier".
+    """
+    if bias not in ("none", "all", "lora_only"):
+        raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {bias!r}.")
+    if not any(True for _ in lora_layers(model)):
+        raise ValueError("the model has no LoRA layers; call inject_lora(model, target_modules) first.")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLinear):
+            module.lora_A.requires_grad_(True)
+            module.lora_B.requires_grad_(True)
+            if bias == "lora_only" and module.bias is not None:
+                module.bias.requires_grad_(True)
+        if train_layer_norms and _is_layer_norm(name, module):
+            for p in module.parameters(recurse=False):
+                p.requires_grad_(True)
+        if train_embeddings and isinstance(module, nn.Embedding):
+            module.weight.requires_grad_(True)
+    if bias == "all":
+        for name, p in model.named_parameters():
+            if name == "bias" or name.endswith(".bias"):
+                p.requires_grad_(True)
+    to_save = list(modules_to_save)
+    for target in to_save:
+        hits = [m for n, m in model.named_modules() if n and _name_matches(n, [target])]
+        if not hits:
+            raise ValueError(
+                f"modules_to_save entry {target!r} matches no module; top-level modules are "
+                f"{[n for n, _ in model.named_children()]}."
+            )
+        for m in hits:
+            for p in m.parameters():
+                p.requires_grad_(True)
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Merge every LoRA update into its frozen weight (idempotent); returns the model."""
+    for _, layer in lora_layers(model):
+        layer.merge()
+    return model
+
+
+def unmerge_lora(model: nn.Module) -> nn.Module:
+    """Undo `merge_lora` (idempotent); returns the model."""
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+    return model
+
+
+def unload_lora(model: nn.Module) -> nn.Module:
+    """Merge, then put plain `nn.Linear` modules back: a stock model with the original state-dict keys."""
+    for name, layer in list(lora_layers(model)):
+        _set_module(model, name, layer.to_linear())
+    return model

@@ -1,0 +1,244 @@
+"""`LoraLinear`: a frozen `nn.Linear` plus a trainable low-rank update, the whole idea of LoRA.
+
+    y = x W^T + b + dropout(x) A^T B^T * (alpha / r)
+
+A is (r x in), B is (out x r) and starts at zero, so a fresh layer computes exactly what the
+original did. The unmerged forward never builds the (out x in) matrix B @ A: it costs two thin
+matmuls of O(n d r) instead of O(d^2 r) per call. A custom autograd function keeps the backward
+pass close to the frozen layer's cost (no gradient for the frozen W, one fused `addmm_` for dx).
+
+Covers: the layer, its initialisations, merge/unmerge. Not here: finding layers in a model and
+swapping them in (`loralib.injection`), saving adapters (`loralib.adapters`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+INITS = ("kaiming", "gaussian", "article")
+
+
+def _check_lora_args(r: int, alpha: float | None, dropout: float, init: str) -> None:
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise ValueError(
+            f"LoRA rank r must be a positive integer, got r={r!r}; typical values are 4, 8 or 16."
+        )
+    if alpha is not None and (not isinstance(alpha, (int, float)) or alpha <= 0):
+        raise ValueError(
+            f"lora alpha must be a positive number (or None for alpha = r), got alpha={alpha!r}."
+        )
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"LoRA dropout must be in [0, 1), got dropout={dropout!r}.")
+    if init not in INITS:
+        raise ValueError(f"unknown LoRA init {init!r}; choose one of {INITS}.")
+
+
+class _LoraLinearFn(torch.autograd.Function):
+    """y = x W^T + b + s * (xd A^T) B^T with a hand-written backward.
+
+    `xd` is the dropped-out input, or None when dropout is off (then xd is x and the two input
+    gradients are fused into one buffer). Only the gradients autograd asks for are computed,
+    so a frozen W costs no (out x in) weight gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, xd, weight, bias, lora_A, lora_B, scaling):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        xd2 = x2 if xd is None else xd.reshape(-1, shape[-1])
+        if bias is None:
+            out = x2 @ weight.t()
+        else:
+            out = torch.addmm(bias, x2, weight.t())
+        xa = xd2 @ lora_A.t()  # (n, r): the only extra activation LoRA keeps
+        out.addmm_(xa, lora_B.t(), alpha=scaling)
+        ctx.save_for_backward(x2, xd2 if xd is not None else None, xa, weight, lora_A, lora_B)
+        ctx.scaling = scaling
+        ctx.shape = shape
+        ctx.has_bias = bias is not None
+        return out.view(*shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x2, xd2, xa, weight, lora_A, lora_B = ctx.saved_tensors
+        s = ctx.scaling
+        shape = ctx.shape
+        dy = grad_out.reshape(-1, grad_out.shape[-1])
+        need_x, need_xd, need_w, need_b, need_a, need_bb, _ = ctx.needs_input_grad
+        dx = dxd = dw = db = da = dbb = None
+        dyb = None
+        if need_a or need_x or need_xd:
+            dyb = dy @ lora_B  # (n, r)
+        if need_x:
+            dx = dy @ weight
+            if xd2 is None:
+                dx.addmm_(dyb, lora_A, alpha=s)
+            dx = dx.view(shape)
+        if need_xd and xd2 is not None:
+            dxd = (dyb @ lora_A).mul_(s).view(shape)
+        if need_w:
+            dw = dy.t() @ x2
+        if need_b and ctx.has_bias:
+            db = dy.sum(0)
+        if need_a:
+            src = x2 if xd2 is None else xd2
+            da = (dyb.t() @ src).mul_(s)
+        if need_bb:
+            # (xa^T dy)^T keeps the big operand in its natural layout; the result is a view.
+            dbb = (xa.t() @ dy).mul_(s).t()
+        return dx, dxd, dw, db, da, dbb, None
+
+
+class LoraLinear(nn.Linear):
+    """A `nn.Linear` whose frozen weight gets a trainable low-rank update B @ A scaled by alpha / r.
+
+    It subclasses `nn.Linear`, so the original `weight`/`bias` keep their state-dict names and a
+    stock checkpoint loads into it; the adapter adds `lora_A` (r x in) and `lora_B` (out x r).
+
+    Args:
+        in_features, out_features, bias: as for `nn.Linear`.
+        r: rank of the update (> 0).
+        alpha: scaling numerator; the update is multiplied by alpha / r. None means alpha = r
+            (scaling 1), so doubling r with alpha fixed halves each direction's contribution.
+        dropout: dropout on the input of the LoRA path only (0 disables it and its copy).
+        init: "kaiming" (A kaiming-uniform as PEFT and microsoft/LoRA), "gaussian" (A ~ N(0, 1/r^2),
+            PEFT's "gaussian"), or "article" (A ~ N(0, 1), unscaled, as in the seed article).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        r: int = 8,
+        alpha: float | None = None,
+        dropout: float = 0.0,
+        init: str = "kaiming",
+        device=None,
+        dtype=None,
+    ) -> None:
+        _check_lora_args(r, alpha, dropout, init)
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.r = r
+        self.alpha = float(r if alpha is None else alpha)
+        self.scaling = self.alpha / r
+        self.init = init
+        self.lora_dropout_p = float(dropout)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.empty(out_features, r, device=device, dtype=dtype))
+        self.merged = False
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.reset_lora_parameters()
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        r: int = 8,
+        alpha: float | None = None,
+        dropout: float = 0.0,
+        init: str = "kaiming",
+    ) -> LoraLinear:
+        """Wrap an existing `nn.Linear`: its weight and bias tensors are reused (not copied) and frozen."""
+        if isinstance(linear, LoraLinear):
+            raise TypeError(
+                "this layer already has LoRA; call unload_lora()/unmerge first or adapt another layer."
+            )
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"LoraLinear.from_linear expects an nn.Linear, got {type(linear).__name__}.")
+        w = linear.weight
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            r=r,
+            alpha=alpha,
+            dropout=dropout,
+            init=init,
+            device="meta",
+            dtype=w.dtype,
+        )
+        # Build on "meta" to avoid allocating a throw-away (out x in) weight, then attach the real tensors.
+        layer.weight = nn.Parameter(w.data, requires_grad=False)
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.data, requires_grad=False)
+        layer.lora_A = nn.Parameter(torch.empty(r, linear.in_features, device=w.device, dtype=w.dtype))
+        layer.lora_B = nn.Parameter(torch.empty(linear.out_features, r, device=w.device, dtype=w.dtype))
+        layer.reset_lora_parameters()
+        layer.train(linear.training)
+        return layer
+
+    def reset_parameters(self) -> None:  # called by nn.Linear.__init__
+        super().reset_parameters()
+        if hasattr(self, "lora_A"):
+            self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        """Re-draw A with the chosen init and set B to zero (the layer then equals the frozen one)."""
+        if self.lora_A.device.type == "meta":
+            return
+        with torch.no_grad():
+            if self.init == "kaiming":
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            elif self.init == "gaussian":
+                nn.init.normal_(self.lora_A, std=1.0 / self.r)
+            else:  # "article"
+                nn.init.normal_(self.lora_A, mean=0.0, std=1.0)
+            nn.init.zeros_(self.lora_B)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The scaled update (alpha / r) * B @ A, shape (out, in)."""
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into `weight` so inference costs the same as a plain Linear. Idempotent."""
+        if not self.merged:
+            self.weight.add_(self.delta_weight().to(self.weight.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take the update out of `weight` again (exact up to float rounding). Idempotent."""
+        if self.merged:
+            self.weight.sub_(self.delta_weight().to(self.weight.dtype))
+            self.merged = False
+
+    def to_linear(self) -> nn.Linear:
+        """A plain `nn.Linear` with the update merged in (the adapter is not kept)."""
+        self.merge()
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        lin.weight = nn.Parameter(self.weight.data, requires_grad=self.weight.requires_grad)
+        if self.bias is not None:
+            lin.bias = nn.Parameter(self.bias.data, requires_grad=self.bias.requires_grad)
+        lin.train(self.training)
+        return lin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return F.linear(x, self.weight, self.bias)
+        xd = self.lora_dropout(x) if (self.lora_dropout_p > 0 and self.training) else None
+        weight, bias, lora_A, lora_B = self.weight, self.bias, self.lora_A, self.lora_B
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            # The custom Function bypasses autocast's casting, so cast the operands as autocast would.
+            dt = torch.get_autocast_dtype(device_type)
+            x, weight, lora_A, lora_B = x.to(dt), weight.to(dt), lora_A.to(dt), lora_B.to(dt)
+            bias = bias.to(dt) if bias is not None else None
+            xd = xd.to(dt) if xd is not None else None
+            with torch.autocast(device_type, enabled=False):
+                return _LoraLinearFn.apply(x, xd, weight, bias, lora_A, lora_B, self.scaling)
+        return _LoraLinearFn.apply(x, xd, weight, bias, lora_A, lora_B, self.scaling)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, r={self.r}, alpha={self.alpha:g}, dropout={self.lora_dropout_p:g}, "
+            f"init={self.init}, merged={self.merged}"
+        )
