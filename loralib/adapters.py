@@ -26,6 +26,7 @@ from loralib.injection import inject_lora, lora_layers
 WEIGHTS_NAME = "adapter.safetensors"
 CONFIG_NAME = "lora_config.json"
 FORMAT_VERSION = 1
+ADAPTER_FORMAT = "loralib-adapter"
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -48,7 +49,7 @@ def lora_config(model: nn.Module, **metadata: Any) -> dict[str, Any]:
     dropouts = {layer.lora_dropout_p for _, layer in layers}
     inits = {layer.init for _, layer in layers}
     cfg: dict[str, Any] = {
-        "format": "loralib-adapter",
+        "format": ADAPTER_FORMAT,
         "format_version": FORMAT_VERSION,
         "r": ranks.pop() if len(ranks) == 1 else None,
         "alpha": alphas.pop() if len(alphas) == 1 else None,
@@ -67,6 +68,11 @@ def _atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp makes the file private (0600); an adapter is meant to be shared like any checkpoint.
+        os.chmod(tmp, 0o644)
+        # Flush the bytes before the rename, or a power cut can leave the new name pointing at nothing.
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -107,11 +113,19 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, tor
             f"{weights} is not a readable safetensors file ({e}); it is corrupt or truncated: re-save it."
         ) from e
     if "loralib_config" in meta:
-        cfg = json.loads(meta["loralib_config"])
+        text, source = meta["loralib_config"], f"the metadata of {weights}"
     elif (weights.parent / CONFIG_NAME).exists():
-        cfg = json.loads((weights.parent / CONFIG_NAME).read_text())
+        text, source = (weights.parent / CONFIG_NAME).read_text(), str(weights.parent / CONFIG_NAME)
     else:
         raise ValueError(f"{weights} has no loralib config; was it written by save_lora()?")
+    try:
+        cfg = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"the adapter config in {source} is not valid JSON ({e}); re-save the adapter."
+        ) from e
+    if not isinstance(cfg, dict):
+        raise ValueError(f"the adapter config in {source} is not a JSON object; re-save the adapter.")
     return cfg, tensors
 
 
@@ -123,18 +137,50 @@ def load_lora(model: nn.Module, path: str | os.PathLike, strict: bool = True) ->
     model must be in the file. Mismatches raise ValueError naming the keys and the likely cause.
     """
     cfg, tensors = read_adapter(path)
-    if not any(True for _ in lora_layers(model)):
-        per_layer = cfg.get("per_layer") or {}
-        for name in cfg["target_modules"]:
-            spec = per_layer.get(name, {})
-            inject_lora(
-                model,
-                [name],
-                r=int(spec.get("r", cfg["r"])),
-                alpha=spec.get("alpha", cfg["alpha"]),
-                dropout=cfg.get("dropout") or 0.0,
-                init=cfg.get("init") or "kaiming",
-            )
+    if cfg.get("format") != ADAPTER_FORMAT or "target_modules" not in cfg:
+        raise ValueError(
+            f"{path} holds a {cfg.get('format')!r} adapter, not a {ADAPTER_FORMAT!r} one written by save_lora(); "
+            "LoraWrapperRoberta adapters load with LoraWrapperRoberta.from_lora, PEFT ones with "
+            "loralib.peft_interop.from_peft."
+        )
+    originals = dict(model.named_modules())
+    injected: list[str] = []
+    try:
+        if not any(True for _ in lora_layers(model)):
+            _inject_from_config(model, cfg, injected)
+        _check_fits(model, cfg, tensors, strict)
+    except BaseException:
+        # A load that fails must leave the model as it was, not half-adapted: put the original
+        # Linear modules (their own Parameter objects, requires_grad included) back.
+        for name in injected:
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, originals[name])
+        raise
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for k, v in tensors.items():
+            params[k].copy_(v.to(dtype=params[k].dtype, device=params[k].device))
+    return cfg
+
+
+def _inject_from_config(model: nn.Module, cfg: dict[str, Any], injected: list[str]) -> None:
+    """Inject LoRA as the adapter's config describes, appending each adapted name to `injected`."""
+    per_layer = cfg.get("per_layer") or {}
+    for name in cfg["target_modules"]:
+        spec = per_layer.get(name, {})
+        injected += inject_lora(
+            model,
+            [name],
+            r=int(spec.get("r", cfg["r"])),
+            alpha=spec.get("alpha", cfg["alpha"]),
+            dropout=cfg.get("dropout") or 0.0,
+            init=cfg.get("init") or "kaiming",
+        )
+
+
+def _check_fits(
+    model: nn.Module, cfg: dict[str, Any], tensors: dict[str, torch.Tensor], strict: bool
+) -> None:
     params = dict(model.named_parameters())
     missing_in_model = [k for k in tensors if k not in params]
     if missing_in_model:
@@ -161,15 +207,24 @@ def load_lora(model: nn.Module, path: str | os.PathLike, strict: bool = True) ->
                 f"the model has LoRA matrices the adapter does not contain, e.g. {absent[:5]}; the adapter targets "
                 f"{cfg.get('target_modules')[:4]}... Inject the same targets, or pass strict=False."
             )
+    # Same shapes but another alpha would load silently and compute a differently scaled update.
+    per_layer = cfg.get("per_layer") or {}
+    wrong_alpha = [
+        f"{n}: adapter alpha={per_layer[n]['alpha']:g}, model alpha={layer.alpha:g}"
+        for n, layer in lora_layers(model)
+        if n in per_layer and float(per_layer[n]["alpha"]) != layer.alpha
+    ]
+    if wrong_alpha:
+        raise ValueError(
+            "the model's LoRA scaling differs from the adapter's: "
+            + "; ".join(wrong_alpha[:5])
+            + ". Inject with the adapter's alpha, or load into a model without LoRA so load_lora injects it."
+        )
     merged = [n for n, layer in lora_layers(model) if layer.merged]
     if merged:
         raise ValueError(
             f"LoRA layers {merged[:3]} are merged; call unmerge_lora(model) before loading an adapter."
         )
-    with torch.no_grad():
-        for k, v in tensors.items():
-            params[k].copy_(v.to(dtype=params[k].dtype, device=params[k].device))
-    return cfg
 
 
 def adapter_size_bytes(path: str | os.PathLike) -> int:

@@ -86,6 +86,7 @@ def tiny_roberta(
         return str(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a model cache is meant to be readable
     try:
         tok = build_tokenizer()
         cfg = RobertaConfig(
@@ -95,8 +96,10 @@ def tiny_roberta(
             eos_token_id=tok.eos_token_id,
             **{**DEFAULT_ARCH, **arch},
         )
-        torch.manual_seed(seed)
-        model = RobertaModel(cfg)
+        # fork_rng: building the model must not reseed the caller's global RNG as a side effect.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = RobertaModel(cfg)
         model.config.name_or_path = "loralib/tiny-roberta"
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
@@ -104,9 +107,19 @@ def tiny_roberta(
             "Tiny RoBERTa with RANDOM weights, built offline by loralib.tiny.tiny_roberta(). "
             "For tests and smoke runs only: results on it are not benchmark numbers.\n"
         )
-        if target.exists():
+        if overwrite and target.exists():
             shutil.rmtree(target)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            # Another process (a parallel test worker, a notebook) finished the same build first.
+            # Builds are deterministic, so keep theirs rather than deleting a directory in use.
+            if not (target / "model.safetensors").exists():
+                raise FileExistsError(
+                    f"{target} exists and is not a tiny RoBERTa directory; pass overwrite=True to replace "
+                    "it or choose another path."
+                ) from None
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

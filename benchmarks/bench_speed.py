@@ -1,0 +1,322 @@
+"""Speed and memory suite for LoRA: one linear layer, a RoBERTa training step, and merged inference.
+
+Run from the repository root (the Makefile's `make bench` does exactly this):
+
+    .venv/bin/python benchmarks/bench_speed.py --output-dir outputs/benchmarks          # ~5 minutes
+    .venv/bin/python benchmarks/bench_speed.py --output-dir /tmp/bench --quick          # ~1 minute
+
+Covers: forward + backward of one linear layer (frozen nn.Linear, loralib, PEFT, the article's
+formulation, full fine-tuning) at several widths and ranks; a training step of a randomly initialised
+roberta-base-sized classifier (full fine-tuning, loralib, PEFT; LoRA r = 8 on query/value, AdamW);
+inference of the stock model vs the same model with a merged (and an unmerged) loralib adapter. Every
+group is timed interleaved (round-robin) in one process and reported as medians and ratios, with peak
+memory per case (see `loralib.profiling.peak_memory` for how CPU memory is measured).
+
+Writes <output-dir>/bench_speed.json (results, versions, machine, threads, command),
+bench_speed.png (figure) and bench_speed.md (the README table). Not here: correctness (tests/), and
+absolute times, which depend on the machine: only the ratios within one run are meaningful.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import torch  # noqa: E402
+
+from loralib.profiling import (  # noqa: E402
+    LAYER_METHODS,
+    machine_info,
+    measure_inference,
+    measure_layer,
+    measure_train_steps,
+    plot_benchmark,
+    random_batch,
+    ratios,
+    roberta_config,
+    roberta_inference_builders,
+    roberta_step_builders,
+)
+from loralib.utils import versions  # noqa: E402
+
+MIB = 2**20
+# (d, r, LoRA dropout, repeats); the widest layer is slow on a CPU, so it gets fewer repeats.
+FULL_LAYERS = [
+    (768, 8, 0.0, 30),
+    (1024, 8, 0.0, 20),
+    (768, 64, 0.0, 30),
+    (4096, 8, 0.0, 5),
+    (768, 8, 0.1, 20),
+]
+QUICK_LAYERS = [(768, 8, 0.0, 12), (1024, 8, 0.0, 8)]
+TARGETS = {"layer": 1.15, "step": 0.70, "inference": 1.02}
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def run_layers(layers, tokens: int, log) -> list[dict]:
+    rows = []
+    for d, r, p, repeats in layers:
+        methods = LAYER_METHODS if p == 0 else ("frozen", "loralib", "peft")
+        t0 = time.perf_counter()
+        res = measure_layer(d=d, r=r, tokens=tokens, dropout=p, methods=methods, repeats=repeats, warmup=2)
+        row = res.to_dict()
+        rows.append(row)
+        shown = ", ".join(f"{m} {v:.3f}x" for m, v in row["ratio"].items())
+        log(
+            f"layer d={d} r={r} p={p:g}: frozen {row['median_s']['frozen'] * 1e3:.1f} ms; {shown} "
+            f"({time.perf_counter() - t0:.0f} s)"
+        )
+    return rows
+
+
+def run_model(quick: bool, log) -> tuple[dict, dict]:
+    cfg_overrides = {"num_hidden_layers": 2} if quick else {}
+    cfg = roberta_config(**cfg_overrides)
+    batch_size, seq_len = (8, 128) if quick else (16, 128)
+    repeats = 3 if quick else 5
+    batch = random_batch(cfg, batch_size=batch_size, seq_len=seq_len)
+    settings = {
+        "config": "RobertaConfig()" + (f" with {cfg_overrides}" if cfg_overrides else ""),
+        "model": "RobertaForSequenceClassification (random weights, 2 labels)",
+        "batch": [batch_size, seq_len],
+        "r": 8,
+        "alpha": 8,
+        "targets": ["query", "value"],
+        "lora_dropout": 0.0,
+        "trainable_in_lora_cases": "A, B and the classification head",
+        "optimizer": "AdamW(lr=1e-4, weight_decay=0.01)",
+        "repeats": repeats,
+        "warmup": 1,
+    }
+    t0 = time.perf_counter()
+    stats = measure_train_steps(roberta_step_builders(cfg, r=8, alpha=8), batch, repeats=repeats, warmup=1)
+    med = {k: v.median_s for k, v in stats.items()}
+    step = {**settings, "cases": {k: v.to_dict() for k, v in stats.items()}, "ratio": ratios(med, "full_ft")}
+    log(
+        "train step: "
+        + ", ".join(f"{k} {v * 1e3:.0f} ms ({step['ratio'][k]:.3f}x)" for k, v in med.items())
+        + f" ({time.perf_counter() - t0:.0f} s)"
+    )
+    del stats
+    t0 = time.perf_counter()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inf_stats = measure_inference(
+        roberta_inference_builders(cfg, r=8, alpha=8), inputs, repeats=repeats, warmup=1
+    )
+    med = {k: v.median_s for k, v in inf_stats.items()}
+    inference = {
+        **{k: settings[k] for k in ("config", "model", "batch", "r", "targets")},
+        "repeats": repeats,
+        "cases": {k: v.to_dict() for k, v in inf_stats.items()},
+        "ratio": ratios(med, "stock"),
+    }
+    log(
+        "inference: "
+        + ", ".join(f"{k} {v * 1e3:.0f} ms ({inference['ratio'][k]:.3f}x)" for k, v in med.items())
+        + f" ({time.perf_counter() - t0:.0f} s)"
+    )
+    return step, inference
+
+
+def check_targets(results: dict) -> dict:
+    out = {}
+    for row in results["layer"]:
+        if row["dropout"] == 0 and row["r"] == 8 and row["d"] in (768, 1024):
+            key = f"layer d={row['d']} r=8: loralib/frozen <= {TARGETS['layer']}"
+            out[key] = {"value": row["ratio"]["loralib"], "ok": row["ratio"]["loralib"] <= TARGETS["layer"]}
+            if "peft" in row["ratio"]:
+                key = f"layer d={row['d']} r=8: loralib <= peft"
+                out[key] = {
+                    "value": row["ratio"]["loralib"] / row["ratio"]["peft"],
+                    "ok": row["ratio"]["loralib"] <= row["ratio"]["peft"],
+                }
+    step = results.get("model_step")
+    if step:
+        v = step["ratio"]["loralib"]
+        out[f"train step: loralib/full_ft <= {TARGETS['step']}"] = {"value": v, "ok": v <= TARGETS["step"]}
+        if "peft" in step["ratio"]:
+            out["train step: loralib <= peft"] = {
+                "value": v / step["ratio"]["peft"],
+                "ok": v <= step["ratio"]["peft"],
+            }
+        inf = results["inference"]["ratio"]["loralib_merged"]
+        out[f"inference: merged/stock <= {TARGETS['inference']}"] = {
+            "value": inf,
+            "ok": inf <= TARGETS["inference"],
+        }
+    return out
+
+
+def _mib(b) -> str:
+    return "–" if b is None else f"{b / MIB:,.1f}"
+
+
+def markdown(results: dict) -> str:
+    """The README table: ratios (medians, interleaved) and peak memory, with command and machine."""
+    m = results["machine"]
+    lines = [
+        f"Measured with `{results['command']}` on {m['cpu']} ({m['cpu_count']} cores, "
+        f"torch {results['versions'].get('torch')}, {results['threads']} threads, fp32, "
+        f"load average {m['loadavg']} at start){' — QUICK MODE, smoke numbers only' if results['quick'] else ''}.",
+        "",
+        "| Forward + backward, one linear layer (time / frozen `nn.Linear`) | loralib | PEFT | article (B@A each call) | full FT |",
+        "|---|---|---|---|---|",
+    ]
+    for row in results["layer"]:
+        rt = row["ratio"]
+        name = f"d = {row['d']}, r = {row['r']}" + (f", dropout {row['dropout']:g}" if row["dropout"] else "")
+        name += f", {row['tokens']} tokens"
+        cells = [f"{rt[k]:.2f}x" if k in rt else "–" for k in ("loralib", "peft", "article", "full_ft")]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "| Peak memory above the start, one layer (MiB) | frozen | loralib | PEFT | article | full FT |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in results["layer"]:
+        pk = row["peak_bytes"]
+        name = f"d = {row['d']}, r = {row['r']}" + (f", dropout {row['dropout']:g}" if row["dropout"] else "")
+        lines.append(
+            f"| {name} | "
+            + " | ".join(_mib(pk.get(k)) for k in ("frozen", "loralib", "peft", "article", "full_ft"))
+            + " |"
+        )
+    step = results.get("model_step")
+    if step:
+        cases = step["cases"]
+        b = step["batch"]
+        lines += [
+            "",
+            f"| {step['config']}, batch {b[0]} x {b[1]}, LoRA r = {step['r']} on query/value, AdamW "
+            "| full FT | loralib | PEFT |",
+            "|---|---|---|---|",
+            "| training step, time / full FT | "
+            + " | ".join(
+                f"{step['ratio'][k]:.2f}x" if k in step["ratio"] else "–"
+                for k in ("full_ft", "loralib", "peft")
+            )
+            + " |",
+            "| training step, median seconds | "
+            + " | ".join(
+                f"{cases[k]['median_s']:.2f}" if k in cases else "–" for k in ("full_ft", "loralib", "peft")
+            )
+            + " |",
+            "| trainable parameters | "
+            + " | ".join(
+                f"{cases[k]['trainable_params']:,}" if k in cases else "–"
+                for k in ("full_ft", "loralib", "peft")
+            )
+            + " |",
+            "| params + optimizer state (MiB) | "
+            + " | ".join(
+                _mib(cases[k]["state_bytes"]) if k in cases else "–" for k in ("full_ft", "loralib", "peft")
+            )
+            + " |",
+            "| peak memory during a step (MiB) | "
+            + " | ".join(
+                _mib(cases[k]["peak_bytes"]) if k in cases else "–" for k in ("full_ft", "loralib", "peft")
+            )
+            + " |",
+        ]
+        inf = results["inference"]
+        lines += [
+            "",
+            "| Inference, same model and batch | stock | loralib merged | loralib unmerged |",
+            "|---|---|---|---|",
+            "| time / stock | "
+            + " | ".join(f"{inf['ratio'][k]:.3f}x" for k in ("stock", "loralib_merged", "loralib_unmerged"))
+            + " |",
+        ]
+    if results.get("targets"):
+        lines += ["", "| Target | measured | met |", "|---|---|---|"]
+        for k, v in results["targets"].items():
+            lines.append(f"| {k} | {v['value']:.3f} | {'yes' if v['ok'] else 'NO'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output-dir", default="outputs/benchmarks", help="where the JSON, PNG and MD go")
+    parser.add_argument("--quick", action="store_true", help="two layer shapes and a 2-layer model (~1 min)")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    parser.add_argument("--tokens", type=int, default=2048, help="tokens per layer call (default 2048)")
+    parser.add_argument("--skip-model", action="store_true", help="layer benchmarks only")
+    args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    command = " ".join(
+        shlex.quote(a) for a in [".venv/bin/python", "benchmarks/bench_speed.py", *(argv or sys.argv[1:])]
+    )
+    started = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - started:6.1f} s] {msg}", flush=True)
+
+    results: dict = {
+        "command": command,
+        "quick": args.quick,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions(),
+        "machine": machine_info(),
+        "threads": torch.get_num_threads(),
+        "device": "cpu",
+        "dtype": "float32",
+        "timing": "interleaved round-robin repetitions, medians; ratios within one run",
+        "memory": "peak_memory(): CPU = torch.profiler allocator events (tensor memory only)",
+    }
+    log(f"machine: {results['machine']}")
+    results["layer"] = run_layers(QUICK_LAYERS if args.quick else FULL_LAYERS, args.tokens, log)
+    if not args.skip_model:
+        results["model_step"], results["inference"] = run_model(args.quick, log)
+    results["targets"] = check_targets(results)
+    results["loadavg_end"] = machine_info()["loadavg"]
+    results["wall_s"] = round(time.perf_counter() - started, 1)
+
+    json_path, png_path, md_path = (
+        out_dir / "bench_speed.json",
+        out_dir / "bench_speed.png",
+        out_dir / "bench_speed.md",
+    )
+
+    def write_json(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(results, f, indent=2)
+
+    _atomic_write(json_path, write_json)
+    fig = plot_benchmark(results)
+    _atomic_write(png_path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    table = markdown(results)
+    _atomic_write(md_path, lambda tmp: Path(tmp).write_text(table))
+    print()
+    print(table)
+    log(f"wrote {json_path}, {png_path}, {md_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

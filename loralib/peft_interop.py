@@ -1,0 +1,435 @@
+"""Two-way conversion between loralib adapters and PEFT's LoRA adapter format, with identical outputs.
+
+`to_peft(model, directory, base_model_name_or_path=...)` writes `adapter_config.json` and
+`adapter_model.safetensors` exactly as `PeftModel.save_pretrained` would for the same adapter, so
+`PeftModel.from_pretrained(base, directory)` (or `AutoPeftModelFor...`, the Hub, vLLM, ...) rebuilds our
+model's function. `from_peft(model, directory)` loads a PEFT LoRA adapter into a plain transformers model
+as `LoraLinear` layers (or into one that already has matching loralib layers).
+
+The mapping, which is all there is to it:
+    loralib                          PEFT (saved keys, prefix "base_model.model.")
+    <m>.lora_A  (r x in)             <m>.lora_A.weight  (r x in)     same matrix, same layout
+    <m>.lora_B  (out x r)            <m>.lora_B.weight  (out x r)
+    alpha / r                        lora_alpha / r  (use_rslora=False), per layer via rank/alpha_pattern
+    trained bias of an adapted <m>   <m>.base_layer.bias (bias="all" or "lora_only")
+    other trained modules            modules_to_save: the whole module, saved under its own name
+
+Neither direction imports `peft`: the format is JSON plus safetensors, so a loralib user can export
+without installing it (the tests use PEFT itself as the reference). Not supported, with a clear error:
+DoRA, rsLoRA on export, bias on lora_B (`lora_bias`), `fan_in_fan_out` (GPT-2's Conv1D), LoRA on
+embeddings or convolutions. Not here: loralib's own format (`loralib.adapters`), PEFT training and QLoRA
+(`loralib.qlora`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+import warnings
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from loralib.injection import HEAD_NAMES, inject_lora, lora_layers
+from loralib.layers import LoraLinear
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+# PEFT's task types by the transformers class-name suffix (order matters: longest match first).
+_TASK_TYPES = (
+    ("ForSequenceClassification", "SEQ_CLS"),
+    ("ForQuestionAnswering", "QUESTION_ANS"),
+    ("ForTokenClassification", "TOKEN_CLS"),
+    ("ForCausalLM", "CAUSAL_LM"),
+    ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
+)
+_UNSUPPORTED = {
+    "use_dora": "DoRA (weight-decomposed LoRA)",
+    "lora_bias": "a bias on lora_B (lora_bias=True)",
+    "fan_in_fan_out": "fan_in_fan_out=True (Conv1D layers, e.g. GPT-2)",
+}
+
+
+def _infer_task_type(model: nn.Module) -> str | None:
+    name = type(model).__name__
+    for suffix, task in _TASK_TYPES:
+        if name.endswith(suffix):
+            return task
+    return None
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _suffix_cover(wanted: set[str], universe: Sequence[str], match) -> list[str]:
+    """Short PEFT-style names that select exactly `wanted` among `universe`, else full names.
+
+    Tries the last one and two dotted parts of every wanted name (e.g. "query", "output.dense"); a
+    candidate is used only if everything it matches is wanted, so the result never over-selects.
+    """
+    cover: list[str] = []
+    covered: set[str] = set()
+    for parts in (1, 2):
+        for name in sorted(wanted):
+            cand = ".".join(name.split(".")[-parts:])
+            if name in covered or cand in cover:
+                continue
+            hits = {u for u in universe if match(u, cand)}
+            if hits and hits <= wanted:
+                cover.append(cand)
+                covered |= hits
+    cover += sorted(wanted - covered)
+    return cover
+
+
+def _target_match(name: str, target: str) -> bool:  # PEFT's target_modules rule for a list
+    return name == target or name.endswith("." + target)
+
+
+def _save_match(name: str, target: str) -> bool:  # PEFT's modules_to_save rule (plain suffix)
+    return name.endswith(target)
+
+
+def _pattern_match(name: str, key: str) -> bool:  # PEFT's rank_pattern / alpha_pattern rule
+    return re.match(rf"(.*\.)?({key})$", name) is not None
+
+
+def _num(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def _owner(param_name: str) -> str:
+    return param_name.rpartition(".")[0]
+
+
+def _modules_to_save(model: nn.Module, extras: set[str], lora_names: set[str], heads: set[str]) -> list[str]:
+    """Smallest set of modules whose parameters cover `extras` (trained non-LoRA tensors), plus the heads.
+
+    A module is lifted to its parent while every parameter of the parent is trained and the parent holds
+    no LoRA layer, so a fully trained head becomes "classifier" rather than its four tensors.
+    """
+    modules = dict(model.named_modules())
+    chosen: set[str] = set(heads)
+    for pname in extras:
+        owner = _owner(pname)
+        if owner in lora_names:
+            raise ValueError(
+                f"{pname} is trained, but PEFT can only express trained tensors of a LoRA layer through its bias "
+                "setting (bias='all' or 'lora_only'); freeze it, or train the biases of all LoRA layers."
+            )
+        while owner:
+            parent = owner.rpartition(".")[0]
+            if not parent or parent not in modules:
+                break
+            pmod = modules[parent]
+            names = [f"{parent}.{n}" for n, _ in pmod.named_parameters()]
+            if any(n.startswith(parent + ".") for n in lora_names) or not set(names) <= extras | {
+                f"{h}.{n}" for h in heads for n, _ in modules[h].named_parameters()
+            }:
+                break
+            owner = parent
+        chosen.add(owner)
+    # Drop entries inside another chosen module.
+    return sorted(c for c in chosen if not any(c.startswith(o + ".") for o in chosen if o != c))
+
+
+def peft_state_and_config(
+    model: nn.Module,
+    base_model_name_or_path: str | None = None,
+    task_type: str | None = "auto",
+    save_heads: bool = True,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, adapter_config) in PEFT's format for a model with loralib LoRA layers. See `to_peft`."""
+    layers = dict(lora_layers(model))
+    if not layers:
+        raise ValueError("the model has no LoRA layers; call inject_lora(model, target_modules) first.")
+    base = base_model_name_or_path or getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not base:
+        raise ValueError(
+            "PEFT needs base_model_name_or_path (the hub id or directory the frozen weights come from); "
+            "the model's config records none, so pass base_model_name_or_path=..."
+        )
+    params = dict(model.named_parameters())
+    lora_names = set(layers)
+    lora_keys = {f"{n}.lora_A" for n in layers} | {f"{n}.lora_B" for n in layers}
+    extras = {n for n, p in params.items() if p.requires_grad and n not in lora_keys}
+
+    # Biases: PEFT's bias="all" saves every bias, "lora_only" those of adapted layers.
+    all_biases = {n for n in params if n.endswith(".bias")}
+    lora_biases = {f"{n}.bias" for n, layer in layers.items() if layer.bias is not None}
+    if all_biases and all_biases <= extras:
+        bias_mode, bias_keys = "all", all_biases
+    elif lora_biases and lora_biases <= extras:
+        bias_mode, bias_keys = "lora_only", lora_biases
+    else:
+        bias_mode, bias_keys = "none", set()
+    top = {n for n, _ in model.named_children()}
+    heads = {h for h in HEAD_NAMES if h in top} if save_heads else set()
+    to_save = _modules_to_save(model, extras - bias_keys, lora_names, heads)
+    in_saved = {n for n in params if any(n.startswith(m + ".") for m in to_save)}
+
+    tensors: dict[str, torch.Tensor] = {}
+    for name, layer in layers.items():
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach()
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach()
+    for n in sorted(bias_keys | in_saved):
+        owner, _, leaf = n.rpartition(".")
+        key = f"{owner}.base_layer.{leaf}" if owner in lora_names else n
+        tensors[PREFIX + key] = params[n].detach()
+    tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
+
+    # Ranks and alphas: the most common value is the default, the others become patterns.
+    r_common = Counter(layer.r for layer in layers.values()).most_common(1)[0][0]
+    a_common = Counter(layer.alpha for layer in layers.values()).most_common(1)[0][0]
+    rank_pattern = {n: layer.r for n, layer in layers.items() if layer.r != r_common}
+    alpha_pattern = {n: _num(layer.alpha) for n, layer in layers.items() if layer.alpha != a_common}
+    dropouts = Counter(layer.lora_dropout_p for layer in layers.values())
+    if len(dropouts) > 1:
+        warnings.warn(
+            f"LoRA dropout differs between layers {dict(dropouts)}; PEFT has one lora_dropout, "
+            f"{dropouts.most_common(1)[0][0]} is written (dropout only matters for training).",
+            stacklevel=3,
+        )
+    all_names = [n for n, _ in model.named_modules() if n]
+    if task_type == "auto":
+        task_type = _infer_task_type(model)
+    config: dict[str, Any] = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": str(base),
+        "revision": None,
+        "r": r_common,
+        "lora_alpha": _num(a_common),
+        "lora_dropout": dropouts.most_common(1)[0][0],
+        "target_modules": _suffix_cover(lora_names, all_names, _target_match),
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "modules_to_save": _suffix_cover(set(to_save), all_names, _save_match) or None,
+        "bias": bias_mode,
+        "use_rslora": False,
+        "use_dora": False,
+        "lora_bias": False,
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+    }
+    return tensors, config
+
+
+def to_peft(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    base_model_name_or_path: str | None = None,
+    task_type: str | None = "auto",
+    save_heads: bool = True,
+) -> Path:
+    """Write the loralib adapter of `model` as a PEFT LoRA adapter into `directory`; return the directory.
+
+    `PeftModel.from_pretrained(base, directory)` then computes what `model` computes, where `base` is
+    the stock model loaded from base_model_name_or_path (default: the model config's name_or_path) with
+    the same head size. Every LoRA layer is exported with its rank and alpha (PEFT scaling lora_alpha / r,
+    per-layer values as rank_pattern / alpha_pattern). Trained tensors outside LoRA become PEFT's `bias`
+    setting and `modules_to_save`. task_type: "auto" infers SEQ_CLS / QUESTION_ANS / ... from the model
+    class (PEFT then also expects the head in the file). save_heads: always save the task heads
+    (classifier, qa_outputs) in full, trained or not, because a fresh `from_pretrained` initialises them
+    at random. Both files are written atomically.
+    """
+    tensors, config = peft_state_and_config(model, base_model_name_or_path, task_type, save_heads)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(config, indent=2, sort_keys=True)
+    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text + "\n"))
+    return directory
+
+
+def read_peft_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(adapter_config, tensors without the "base_model.model." prefix) of a PEFT adapter directory."""
+    d = Path(directory)
+    cfg_path, w_path = d / CONFIG_NAME, d / WEIGHTS_NAME
+    if not cfg_path.exists():
+        hint = (
+            " (it looks like a loralib adapter: use loralib.load_lora)"
+            if (d / "lora_config.json").exists()
+            else ""
+        )
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {d}: not a PEFT adapter directory{hint}.")
+    if not w_path.exists():
+        bin_path = d / "adapter_model.bin"
+        raise FileNotFoundError(
+            f"no {WEIGHTS_NAME} in {d}"
+            + (
+                " (only the pickle adapter_model.bin: re-save it with safe_serialization=True)."
+                if bin_path.exists()
+                else "."
+            )
+        )
+    config = json.loads(cfg_path.read_text())
+    tensors = {k.removeprefix(PREFIX): v for k, v in load_file(str(w_path)).items()}
+    return config, tensors
+
+
+def _check_supported(config: dict[str, Any], directory) -> None:
+    if config.get("peft_type") != "LORA":
+        raise ValueError(
+            f"{directory} holds a {config.get('peft_type')!r} adapter; from_peft reads LoRA adapters only."
+        )
+    for key, what in _UNSUPPORTED.items():
+        if config.get(key):
+            raise ValueError(f"{directory} uses {what}, which loralib's LoraLinear does not implement.")
+    for key in ("target_parameters", "trainable_token_indices", "layer_replication"):
+        if config.get(key):
+            raise ValueError(f"{directory} sets {key}={config[key]!r}, which from_peft does not support.")
+
+
+def from_peft(model: nn.Module, directory: str | os.PathLike, trainable: bool = True) -> dict[str, Any]:
+    """Load the PEFT LoRA adapter in `directory` into `model` as loralib `LoraLinear` layers; return its config.
+
+    `model` is the stock transformers model the adapter was trained on (same architecture and head size),
+    or one that already carries loralib layers on exactly the adapter's modules with the same ranks.
+    Which modules are adapted, and their ranks, are read from the tensors themselves, so adapters made
+    with regex targets, "all-linear" or layers_to_transform load too; alpha comes from lora_alpha /
+    alpha_pattern (rsLoRA's lora_alpha / sqrt(r) is converted). Biases and modules_to_save tensors are
+    copied into the model's own parameters (a PEFT "modules_to_save" copy becomes the module itself).
+    trainable: leave exactly the adapter's tensors trainable (what PEFT trains), everything else frozen.
+    Mismatches (targets, rank, shapes of another base or head size) raise ValueError naming them.
+    """
+    config, tensors = read_peft_adapter(directory)
+    _check_supported(config, directory)
+    base_name = config.get("base_model_name_or_path")
+    mine = getattr(getattr(model, "config", None), "_name_or_path", None)
+
+    # PEFT's bias="all" files can also hold redundant copies from inside its wrappers: skip those.
+    tensors = {
+        k: v for k, v in tensors.items() if ".original_module." not in k and ".modules_to_save." not in k
+    }
+    lora: dict[str, dict[str, torch.Tensor]] = {}
+    other: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        m = re.fullmatch(r"(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight", key)
+        if m:
+            lora.setdefault(m.group(1), {})[m.group(2)] = value
+        elif ".lora_" in key:
+            raise ValueError(
+                f"{directory} holds {key!r}: LoRA on embeddings or other layer types is not supported."
+            )
+        else:
+            other[key.replace(".base_layer.", ".")] = value
+    if not lora:
+        raise ValueError(f"{directory} holds no lora_A/lora_B tensors.")
+    incomplete = [n for n, ab in lora.items() if set(ab) != {"lora_A", "lora_B"}]
+    if incomplete:
+        raise ValueError(f"{directory} is incomplete: lora_A or lora_B missing for {incomplete[:5]}.")
+
+    modules = dict(model.named_modules())
+    absent = [n for n in lora if n not in modules]
+    if absent:
+        raise ValueError(
+            f"the adapter targets modules this model lacks, e.g. {absent[:4]}; it was made for "
+            f"{base_name!r} (this model: {mine!r}). Load it into the same architecture."
+        )
+    have = dict(lora_layers(model))
+    ranks = {n: ab["lora_A"].shape[0] for n, ab in lora.items()}
+    if have:
+        extra, missing = sorted(set(have) - set(lora)), sorted(set(lora) - set(have))
+        if extra or missing:
+            raise ValueError(
+                f"the model's LoRA targets differ from the adapter's: only in the model {extra[:4]}, only in the "
+                f"adapter {missing[:4]}. Load into a model without LoRA (from_peft injects it) or inject the same targets."
+            )
+        bad = [f"{n}: model r={have[n].r}, adapter r={ranks[n]}" for n in lora if have[n].r != ranks[n]]
+        if bad:
+            raise ValueError(
+                f"LoRA rank mismatch: {'; '.join(bad[:4])}. Inject with the adapter's rank (r={config.get('r')})."
+            )
+    if base_name and mine and str(base_name) != str(mine):
+        warnings.warn(
+            f"the adapter was trained on {base_name!r}, this model is {mine!r}; outputs match only if the "
+            "frozen weights are the same.",
+            stacklevel=2,
+        )
+
+    def alpha_for(name: str) -> float:
+        pattern = config.get("alpha_pattern") or {}
+        key = next((k for k in pattern if _pattern_match(name, k)), None)
+        alpha = float(pattern[key] if key is not None else config["lora_alpha"])
+        if config.get("use_rslora"):  # PEFT scales by alpha / sqrt(r); ours is alpha / r
+            alpha *= math.sqrt(ranks[name])
+        return alpha
+
+    # Check every shape before changing the model, so a mismatch leaves it untouched.
+    problems = []
+    for name, ab in lora.items():
+        mod = modules[name]
+        if not isinstance(mod, nn.Linear):
+            problems.append(f"{name} is a {type(mod).__name__}, not a Linear")
+            continue
+        r = ranks[name]
+        want_a, want_b = (r, mod.in_features), (mod.out_features, r)
+        if tuple(ab["lora_A"].shape) != want_a or tuple(ab["lora_B"].shape) != want_b:
+            problems.append(
+                f"{name}: adapter A {tuple(ab['lora_A'].shape)} B {tuple(ab['lora_B'].shape)} vs layer "
+                f"{mod.in_features}->{mod.out_features}"
+            )
+    params = dict(model.named_parameters())
+    for key, value in other.items():
+        if key not in params:
+            problems.append(f"{key} is not a parameter of this model")
+        elif tuple(params[key].shape) != tuple(value.shape):
+            problems.append(f"{key}: adapter {tuple(value.shape)} vs model {tuple(params[key].shape)}")
+    if problems:
+        raise ValueError(
+            f"the PEFT adapter in {directory} does not fit this model ({len(problems)} problems: "
+            + "; ".join(problems[:5])
+            + f"). It was trained on {base_name!r} (this model: {mine!r}); a different hidden size means another "
+            "base, a different head shape another num_labels (load the base with the adapter's head size)."
+        )
+
+    dropout = float(config.get("lora_dropout") or 0.0)
+    if not have:
+        for name in lora:
+            inject_lora(model, [name], r=ranks[name], alpha=alpha_for(name), dropout=dropout)
+        have = dict(lora_layers(model))
+    else:
+        for name in lora:  # same rank already checked; take the adapter's scaling
+            layer = have[name]
+            layer.alpha = alpha_for(name)
+            layer.scaling = layer.alpha / layer.r
+    merged = [n for n, layer in have.items() if layer.merged]
+    if merged:
+        raise ValueError(
+            f"LoRA layers {merged[:3]} are merged; call unmerge_lora(model) before loading an adapter."
+        )
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, ab in lora.items():
+            layer: LoraLinear = have[name]
+            layer.lora_A.copy_(ab["lora_A"].to(layer.lora_A.dtype))
+            layer.lora_B.copy_(ab["lora_B"].to(layer.lora_B.dtype))
+        for key, value in other.items():
+            params[key].copy_(value.to(dtype=params[key].dtype, device=params[key].device))
+    if trainable:
+        keep = {f"{n}.lora_A" for n in lora} | {f"{n}.lora_B" for n in lora} | set(other)
+        for n, p in model.named_parameters():
+            p.requires_grad_(n in keep)
+    return config

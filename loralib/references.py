@@ -1,0 +1,228 @@
+"""Published reference numbers for RoBERTa-base + LoRA, and the table and plots that set a run beside them.
+
+Covers: `ARTICLE` (the seed article's own run), `LORA_PAPER` (Hu et al. 2021, Table 2), `references_for`,
+`results_table` / `format_table` (a run directory -> rows -> markdown), `plot_vs_references` and
+`plot_epoch_curves` (used by notebooks 04 and 05). Not here: training (`loralib.training`) or computing
+metrics (`loralib.metrics`).
+
+Every figure is stored on the scale `loralib.metrics` returns, under its metric key, so a run's
+results.json and a reference compare directly: GLUE as fractions (0.938, not 93.8), SQuAD as percentages
+(79.4), as the `evaluate` library reports them.
+
+Sources:
+- ARTICLE: "Implementing LoRA from Scratch" (Martin Dittgen, Towards Data Science), the outputs stored
+  in its repository: roberta-base, rank 8 on query/value (A ~ N(0,1), unscaled), biases and layer norms
+  trained, batch 16, 2 warm-up + 4 epochs, lr 4e-5; validation sets, final epoch, one run. Its SQuAD v2
+  numbers come from its own no-answer classifier head, not the usual null-score rule.
+- LORA_PAPER: Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models" (2021), Table 2, RoBERTa-base
+  with LoRA (0.3M trainable parameters): the median of 5 seeds, rank 8 on query/value, task-specific epochs
+  (25 to 80) and learning rates, max length 512. MRPC and QQP are accuracy, STS-B Pearson, CoLA MCC; the
+  paper's single MNLI figure ("overall (matched and mismatched) accuracy") is listed under matched. The
+  paper has no SQuAD numbers for RoBERTa.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+ARTICLE_SOURCE = (
+    "Dittgen, 'Implementing LoRA from Scratch', repository outputs: roberta-base, validation, final epoch"
+)
+LORA_PAPER_SOURCE = "Hu et al. 2021, LoRA, Table 2: RoBERTa-base + LoRA (0.3M params), median of 5 seeds"
+
+# {task: {split: {metric: value}}}; split "validation" for every task except MNLI.
+ARTICLE: dict[str, dict[str, dict[str, float]]] = {
+    "cola": {"validation": {"matthews_correlation": 0.568}},
+    "sst2": {"validation": {"accuracy": 0.938}},
+    "mrpc": {"validation": {"accuracy": 0.885, "f1": 0.917}},
+    "stsb": {"validation": {"pearson": 0.808, "spearmanr": 0.817}},
+    "qqp": {"validation": {"accuracy": 0.889, "f1": 0.853}},
+    "mnli": {"validation_matched": {"accuracy": 0.854}, "validation_mismatched": {"accuracy": 0.859}},
+    "qnli": {"validation": {"accuracy": 0.920}},
+    "rte": {"validation": {"accuracy": 0.740}},
+    "wnli": {"validation": {"accuracy": 0.437}},
+    "squad": {"validation": {"exact_match": 79.4, "f1": 86.9}},
+    "squad_v2": {"validation": {"exact": 41.2, "f1": 45.4}},
+}
+
+LORA_PAPER: dict[str, dict[str, dict[str, float]]] = {
+    "mnli": {"validation_matched": {"accuracy": 0.875}},
+    "sst2": {"validation": {"accuracy": 0.951}},
+    "mrpc": {"validation": {"accuracy": 0.897}},
+    "cola": {"validation": {"matthews_correlation": 0.634}},
+    "qnli": {"validation": {"accuracy": 0.933}},
+    "qqp": {"validation": {"accuracy": 0.908}},
+    "rte": {"validation": {"accuracy": 0.866}},
+    "stsb": {"validation": {"pearson": 0.915}},
+}
+
+REFERENCES = {"article": ARTICLE, "lora_paper": LORA_PAPER}
+SOURCES = {"article": ARTICLE_SOURCE, "lora_paper": LORA_PAPER_SOURCE}
+TASK_ORDER = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli", "squad", "squad_v2")
+# The metrics shown per task in tables and plots (GLUE as fractions, SQuAD as percentages).
+SHOWN_METRICS = {
+    "cola": ("matthews_correlation",),
+    "sst2": ("accuracy",),
+    "mrpc": ("accuracy", "f1"),
+    "stsb": ("pearson", "spearmanr"),
+    "qqp": ("accuracy", "f1"),
+    "mnli": ("accuracy",),
+    "qnli": ("accuracy",),
+    "rte": ("accuracy",),
+    "wnli": ("accuracy",),
+    "squad": ("exact_match", "f1"),
+    "squad_v2": ("exact", "f1"),
+}
+
+
+def references_for(task: str, split: str, metric: str) -> dict[str, float | None]:
+    """{"article": value or None, "lora_paper": value or None} for one task / split / metric."""
+    return {name: table.get(task, {}).get(split, {}).get(metric) for name, table in REFERENCES.items()}
+
+
+def _task_dirs(results_dir: str | os.PathLike) -> list[Path]:
+    root = Path(results_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"no results directory {root}; run `python -m loralib.benchmark --task ... --output-dir {root}`."
+        )
+    dirs = [p for p in root.iterdir() if (p / "results.json").exists()]
+    order = {t: i for i, t in enumerate(TASK_ORDER)}
+    return sorted(dirs, key=lambda p: (order.get(p.name, len(order)), p.name))
+
+
+def load_all_results(results_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """{task: results dict} for every OUTPUT_DIR/<task>/results.json, in GLUE-then-SQuAD order."""
+    from loralib.training import read_results
+
+    return {p.name: read_results(p) for p in _task_dirs(results_dir)}
+
+
+def results_table(results_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """One row per task, split and shown metric: the run's final value beside both references.
+
+    Row keys: task, split, metric, value, article, lora_paper, smoke, profile, model_id.
+    """
+    rows = []
+    for task, res in load_all_results(results_dir).items():
+        for split, metrics in res["metrics_by_split"].items():
+            for metric in SHOWN_METRICS.get(task, (res["main_metric"],)):
+                if metric not in metrics:
+                    continue
+                rows.append(
+                    {
+                        "task": task,
+                        "split": split,
+                        "metric": metric,
+                        "value": metrics[metric],
+                        **references_for(task, split, metric),
+                        "smoke": bool(res.get("smoke")),
+                        "profile": res.get("profile"),
+                        "model_id": res.get("model_id"),
+                    }
+                )
+    return rows
+
+
+def _fmt(v: float | None, metric: str) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.1f}" if metric in ("exact_match", "exact", "f1") and abs(v) > 1.5 else f"{v:.3f}"
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown table of `results_table` rows; a SMOKE banner heads it when any row is a smoke run."""
+    if not rows:
+        return "(no finished runs)"
+    lines = []
+    if any(r["smoke"] for r in rows):
+        lines.append(
+            "**SMOKE RUN** (tiny random model on bundled mini data): checks the pipeline only, "
+            "NOT benchmark numbers.\n"
+        )
+    lines.append("| task | split | metric | this run | article | LoRA paper |")
+    lines.append("|---|---|---|---:|---:|---:|")
+    for r in rows:
+        m = r["metric"]
+        lines.append(
+            f"| {r['task']} | {r['split']} | {m} | {_fmt(r['value'], m)} | "
+            f"{_fmt(r['article'], m)} | {_fmt(r['lora_paper'], m)} |"
+        )
+    lines.append(f"\nReferences: article = {ARTICLE_SOURCE}; LoRA paper = {LORA_PAPER_SOURCE}.")
+    return "\n".join(lines)
+
+
+def _smoke_title(results: dict[str, dict[str, Any]], title: str) -> str:
+    if any(r.get("smoke") for r in results.values()):
+        return f"SMOKE RUN (tiny random model, mini data): not benchmark numbers\n{title}"
+    profiles = sorted({str(r.get("profile")) for r in results.values()})
+    return f"{title} (profile: {', '.join(profiles)})"
+
+
+def plot_vs_references(results_dir: str | os.PathLike, ax=None):
+    """Grouped bars per task/metric: this run, the article, the LoRA paper. Returns the Figure.
+
+    GLUE metrics are drawn as fractions on the left axis; SQuAD is divided by 100 onto the same scale.
+    """
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = results_table(results_dir)
+    if not rows:
+        raise ValueError(f"no finished runs in {results_dir} to plot.")
+    results = load_all_results(results_dir)
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows) + 2), 4))
+    else:
+        fig = ax.figure
+    labels, series = [], {"this run": [], "article": [], "lora_paper": []}
+    for r in rows:
+        scale = 0.01 if r["metric"] in ("exact_match", "exact", "f1") and r["task"].startswith("squad") else 1
+        split = "" if r["split"] == "validation" else f" ({r['split'].replace('validation_', '')})"
+        labels.append(f"{r['task']}{split}\n{r['metric'].replace('matthews_correlation', 'mcc')}")
+        series["this run"].append(r["value"] * scale)
+        series["article"].append(np.nan if r["article"] is None else r["article"] * scale)
+        series["lora_paper"].append(np.nan if r["lora_paper"] is None else r["lora_paper"] * scale)
+    x = np.arange(len(rows))
+    width = 0.27
+    colors = {"this run": "tab:red" if any(r["smoke"] for r in rows) else "tab:blue"}
+    names = {"this run": "this run", "article": "article (published run)", "lora_paper": "LoRA paper, Table 2"}
+    for i, (key, values) in enumerate(series.items()):
+        ax.bar(x + (i - 1) * width, values, width, label=names[key], color=colors.get(key))
+    ax.set_xticks(x, labels, fontsize=8)
+    ax.set_ylabel("score (GLUE as fraction, SQuAD / 100)")
+    ax.axhline(0, color="black", linewidth=0.5)
+    ax.legend(fontsize=8)
+    ax.set_title(_smoke_title(results, "RoBERTa + LoRA: this run vs published references"), fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_epoch_curves(results_dir: str | os.PathLike):
+    """Per-epoch main metric (every evaluation split) and training loss for each finished task. Returns the Figure."""
+    import matplotlib.pyplot as plt
+
+    results = load_all_results(results_dir)
+    if not results:
+        raise ValueError(f"no finished runs in {results_dir} to plot.")
+    fig, (ax_m, ax_l) = plt.subplots(1, 2, figsize=(11, 4))
+    for task, res in results.items():
+        metric = res["main_metric"]
+        epochs = [e["epoch"] for e in res["epochs"]]
+        for split in res["metrics_by_split"]:
+            values = [e["metrics"][split].get(metric) for e in res["epochs"]]
+            suffix = "" if split == "validation" else f" ({split.replace('validation_', '')})"
+            (line,) = ax_m.plot(epochs, values, marker="o", label=f"{task}{suffix}: {metric}")
+        losses = [e["train_loss"] for e in res["epochs"]]
+        ax_l.plot(epochs, losses, marker="o", label=task, color=line.get_color())
+    ax_m.set_xlabel("epoch")
+    ax_m.set_ylabel("validation metric (GLUE fraction, SQuAD %)")
+    ax_m.legend(fontsize=7)
+    ax_l.set_xlabel("epoch")
+    ax_l.set_ylabel("mean training loss")
+    ax_l.legend(fontsize=7)
+    fig.suptitle(_smoke_title(results, "per-epoch validation metric and training loss"), fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,248 @@
+"""save_lora / load_lora / read_adapter: exact round trips, what the file holds, and every load error.
+
+The reference for "exact" is the trained model itself (bitwise equal tensors and logits); the file's
+contents are read back with safetensors directly, not through loralib. Not here: PEFT's format
+(test_06_peft_interop.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+import loralib.adapters as adapters
+from loralib.adapters import adapter_size_bytes, load_lora, lora_state_dict, read_adapter, save_lora
+from loralib.injection import inject_lora, lora_layers, mark_only_lora_as_trainable, merge_lora
+from loralib.tiny import tiny_roberta
+
+TARGETS = ["query", "value"]
+
+
+@pytest.fixture(scope="module")
+def stock(tiny_model_dir):
+    torch.manual_seed(0)
+    return AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=3).eval()
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_model_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    return dict(tok(["A short sentence.", "Another, slightly longer sentence here."], padding=True, return_tensors="pt"))
+
+
+def fresh(stock, seed: int = 1):
+    """The same base model with a differently initialised head, as a new from_pretrained would give."""
+    m = copy.deepcopy(stock)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.classifier.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    return m
+
+
+def trained(stock, r: int = 4, targets=TARGETS, bias: str = "lora_only", seed: int = 0):
+    """A model whose every trainable tensor differs from its initial value, as after training."""
+    m = copy.deepcopy(stock)
+    inject_lora(m, targets, r=r, alpha=2 * r)
+    mark_only_lora_as_trainable(m, bias=bias, train_layer_norms=True, modules_to_save=["classifier"])
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return m
+
+
+def logits(model, batch):
+    with torch.no_grad():
+        return model.eval()(**batch).logits
+
+
+@pytest.mark.parametrize("pre_inject", [True, False], ids=["lora-pre-injected", "plain-model"])
+@pytest.mark.parametrize("r, targets", [(4, TARGETS), (2, "all-linear")], ids=["qv-r4", "all-linear-r2"])
+def test_round_trip_is_exact(stock, batch, tmp_path, pre_inject, r, targets):
+    model = trained(stock, r=r, targets=targets)
+    save_lora(model, tmp_path / "adapter")
+    other = fresh(stock)
+    if pre_inject:
+        inject_lora(other, targets, r=r, alpha=2 * r)
+    assert not torch.equal(logits(other, batch), logits(model, batch))
+    load_lora(other, tmp_path / "adapter")
+    assert [n for n, _ in lora_layers(other)] == [n for n, _ in lora_layers(model)]
+    for (_, a), (_, b) in zip(lora_layers(other), lora_layers(model)):
+        assert (a.r, a.alpha, a.scaling) == (b.r, b.alpha, b.scaling)
+    ref = lora_state_dict(model)
+    got = dict(other.named_parameters())
+    assert all(torch.equal(got[k], v) for k, v in ref.items())
+    assert torch.equal(logits(other, batch), logits(model, batch))
+
+
+def test_file_holds_exactly_the_trainable_tensors(stock, tmp_path):
+    model = trained(stock, bias="lora_only")
+    path = save_lora(model, tmp_path)
+    assert path == tmp_path / "adapter.safetensors"
+    on_disk = load_file(path)
+    expected = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(on_disk) == expected
+    assert not any(k.endswith(".weight") and ".lora_" not in k and "LayerNorm" not in k and not k.startswith("classifier") for k in on_disk)
+    params = dict(model.named_parameters())
+    assert all(torch.equal(on_disk[k], params[k].detach()) for k in on_disk)
+    n_bytes = sum(v.numel() * v.element_size() for v in on_disk.values())
+    assert n_bytes < adapter_size_bytes(tmp_path) < n_bytes + 64 * 1024  # tensors + header + json
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.safetensors", "lora_config.json"]
+
+
+def test_metadata_survives(stock, tmp_path):
+    model = trained(stock)
+    save_lora(model, tmp_path, base_model="FacebookAI/roberta-base", task="sst2", num_labels=3)
+    on_file = json.loads(safe_open(str(tmp_path / "adapter.safetensors"), "pt").metadata()["loralib_config"])
+    beside = json.loads((tmp_path / "lora_config.json").read_text())
+    cfg, _ = read_adapter(tmp_path)
+    loaded = load_lora(fresh(stock), tmp_path)
+    for c in (on_file, beside, cfg, loaded):
+        assert (c["base_model"], c["task"], c["num_labels"]) == ("FacebookAI/roberta-base", "sst2", 3)
+        assert (c["r"], c["alpha"]) == (4, 8.0)
+        assert c["target_modules"] == [f"roberta.encoder.layer.{i}.attention.self.{t}" for i in (0, 1) for t in TARGETS]
+
+
+def test_wrong_rank(stock, tmp_path):
+    save_lora(trained(stock, r=4), tmp_path)
+    other = fresh(stock)
+    inject_lora(other, TARGETS, r=8)
+    with pytest.raises(ValueError, match=r"different rank r.*file \(4, 64\) vs model \(8, 64\).*saved with r=4"):
+        load_lora(other, tmp_path)
+
+
+def test_wrong_targets(stock, tmp_path):
+    save_lora(trained(stock, targets=TARGETS), tmp_path)
+    fewer = fresh(stock)
+    inject_lora(fewer, ["query"], r=4, alpha=8)
+    with pytest.raises(ValueError, match="tensors the model lacks.*value.lora_A"):
+        load_lora(fewer, tmp_path)
+    more = fresh(stock)
+    inject_lora(more, ["query", "value", "key"], r=4, alpha=8)
+    with pytest.raises(ValueError, match="LoRA matrices the adapter does not contain.*key.lora_A.*strict=False"):
+        load_lora(more, tmp_path)
+    load_lora(more, tmp_path, strict=False)  # the extra key adapters simply keep their init
+
+
+def test_wrong_base_hidden_size(stock, tmp_path):
+    save_lora(trained(stock), tmp_path / "adapter")
+    torch.manual_seed(0)
+    small = tiny_roberta(tmp_path / "tiny32", hidden_size=32, num_attention_heads=4, intermediate_size=64)
+    other = AutoModelForSequenceClassification.from_pretrained(small, num_labels=3)
+    with pytest.raises(ValueError, match=r"hidden size.*vs model"):
+        load_lora(other, tmp_path / "adapter")
+
+
+def test_wrong_number_of_labels(stock, tiny_model_dir, tmp_path):
+    save_lora(trained(stock), tmp_path)
+    other = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
+    with pytest.raises(ValueError, match="number of labels"):
+        load_lora(other, tmp_path)
+
+
+def test_merged_model_refuses_to_load(stock, tmp_path):
+    save_lora(trained(stock), tmp_path)
+    other = fresh(stock)
+    inject_lora(other, TARGETS, r=4, alpha=8)
+    merge_lora(other)
+    with pytest.raises(ValueError, match="unmerge_lora"):
+        load_lora(other, tmp_path)
+
+
+def test_missing_adapter(stock, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no adapter at"):
+        load_lora(fresh(stock), tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="save_lora"):
+        read_adapter(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["truncate-half", "truncate-header", "garbage", "empty", "bad-json-header"],
+)
+def test_corrupt_or_truncated_file_is_a_clear_value_error(stock, tmp_path, damage):
+    path = save_lora(trained(stock), tmp_path)
+    data = path.read_bytes()
+    if damage == "truncate-half":
+        data = data[: len(data) // 2]
+    elif damage == "truncate-header":
+        data = data[:20]
+    elif damage == "garbage":
+        data = b"this is not a safetensors file at all" * 10
+    elif damage == "empty":
+        data = b""
+    else:  # a valid length prefix followed by a broken JSON header
+        n = int.from_bytes(data[:8], "little")
+        data = data[:8] + b"{" * n + data[8 + n :]
+    path.write_bytes(data)
+    model = fresh(stock)
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        load_lora(model, tmp_path)
+
+
+def test_crash_mid_write_keeps_the_previous_adapter(stock, tmp_path, monkeypatch):
+    first = trained(stock, seed=0)
+    save_lora(first, tmp_path, task="first")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def crashing_save_file(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\x00" * 100)  # half-written bytes, then the process "dies"
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(adapters, "save_file", crashing_save_file)
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_lora(trained(stock, seed=1), tmp_path, task="second")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before, "no temp file left, old adapter intact"
+    monkeypatch.undo()
+    model = fresh(stock)
+    assert load_lora(model, tmp_path)["task"] == "first"
+    params = dict(model.named_parameters())
+    assert all(torch.equal(params[k], v) for k, v in lora_state_dict(first).items())
+
+
+def test_wrong_alpha_is_refused(stock, tmp_path):
+    save_lora(trained(stock, r=4), tmp_path)  # alpha = 8
+    other = fresh(stock)
+    inject_lora(other, TARGETS, r=4, alpha=4)
+    with pytest.raises(ValueError, match="adapter alpha=8, model alpha=4"):
+        load_lora(other, tmp_path)
+
+
+def test_a_failed_load_leaves_a_plain_model_untouched(stock, tmp_path):
+    save_lora(trained(stock), tmp_path)
+    other = AutoModelForSequenceClassification.from_pretrained(stock.config._name_or_path, num_labels=2)
+    before = {n: (p.detach().clone(), p.requires_grad) for n, p in other.named_parameters()}
+    with pytest.raises(ValueError, match="number of labels"):
+        load_lora(other, tmp_path)
+    assert not list(lora_layers(other))
+    after = {n: (p.detach(), p.requires_grad) for n, p in other.named_parameters()}
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[n][0], before[n][0]) and after[n][1] == before[n][1] for n in before)
+
+
+def test_other_formats_are_named(stock, tmp_path):
+    path = save_lora(trained(stock), tmp_path)
+    tensors = load_file(path)
+    from safetensors.torch import save_file
+
+    save_file(tensors, path, metadata={"loralib_config": json.dumps({"format": "loralib-wrapper"})})
+    with pytest.raises(ValueError, match="'loralib-wrapper' adapter.*from_lora"):
+        load_lora(fresh(stock), tmp_path)
+    save_file(tensors, path, metadata={"loralib_config": "{not json"})
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_lora(fresh(stock), tmp_path)
+
+
+def test_saved_files_are_shareable(stock, tmp_path):
+    save_lora(trained(stock), tmp_path)
+    for p in tmp_path.iterdir():
+        assert p.stat().st_mode & 0o777 == 0o644, p.name

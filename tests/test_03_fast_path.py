@@ -1,0 +1,402 @@
+"""LoraLinear's fast path (custom autograd Function) against independent references, and the profiling helpers.
+
+References: the explicit formula y = x W^T + b + s (x A^T) B^T differentiated by stock autograd in
+float64, PEFT's LoRA Linear given the same A, B, alpha and r, numerical gradients (gradcheck), and a
+dropout mask redrawn from the same seed. Memory claims are checked on the tensors autograd actually
+saves. No timing is asserted anywhere: timings only mean something as ratios in one benchmark run.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loralib.layers import LoraLinear
+from loralib.profiling import (
+    article_lora_linear,
+    compare_forward_costs,
+    layer_cases,
+    layer_variants,
+    measure_train_steps,
+    naive_lora_forward,
+    peak_memory,
+    random_batch,
+    ratios,
+    roberta_config,
+    roberta_inference_builders,
+    roberta_step_builders,
+    saved_tensor_bytes,
+    tensor_bytes,
+    time_interleaved,
+    time_interleaved_samples,
+)
+
+peft_lora = pytest.importorskip("peft.tuners.lora")
+from peft import LoraConfig  # noqa: E402
+
+RTOL, ATOL = 1e-5, 1e-5
+
+
+def assert_close_fp32(got, want, name=""):
+    """fp32 against a float64 reference: rounding grows with the size of the entries being summed,
+    so the absolute tolerance scales with the tensor's largest entry (a real bug is off by O(1))."""
+    want = want.double()
+    atol = 2e-5 * max(1.0, want.abs().max().item())
+    torch.testing.assert_close(got.double(), want, rtol=RTOL, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def make_layer(d_in, d_out, r, bias=True, alpha=None, dropout=0.0, seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    layer = LoraLinear.from_linear(
+        nn.Linear(d_in, d_out, bias=bias, dtype=dtype), r=r, alpha=alpha, dropout=dropout
+    )
+    with torch.no_grad():
+        layer.lora_B.normal_()  # B = 0 at init would hide every mistake in the B @ A path
+    return layer
+
+
+def make_input(shape, d_in, kind, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "contiguous":
+        x = torch.randn(*shape, d_in, generator=g)
+    elif kind == "transposed":  # a non-contiguous 3-D view, as after a permute in a model
+        x = torch.randn(d_in, *shape, generator=g).movedim(0, -1)
+    else:  # "strided": every other feature of a wider tensor
+        x = torch.randn(*shape, 2 * d_in, generator=g)[..., ::2]
+    return x.detach().requires_grad_(True)
+
+
+def reference(layer, x, x_lora=None):
+    """The explicit formula in float64 on copies of the layer's tensors (stock autograd)."""
+    W = layer.weight.detach().double().requires_grad_(layer.weight.requires_grad)
+    b = None if layer.bias is None else layer.bias.detach().double().requires_grad_(layer.bias.requires_grad)
+    A = layer.lora_A.detach().double().requires_grad_(True)
+    B = layer.lora_B.detach().double().requires_grad_(True)
+    xr = x.detach().double().requires_grad_(True)
+    xl = xr if x_lora is None else x_lora(xr)
+    y = xr @ W.t() + (0 if b is None else b) + layer.scaling * (xl @ A.t()) @ B.t()
+    return y, {"x": xr, "weight": W, "bias": b, "lora_A": A, "lora_B": B}
+
+
+def grads_of(layer, x):
+    out = {"x": x.grad, "lora_A": layer.lora_A.grad, "lora_B": layer.lora_B.grad}
+    out["weight"] = layer.weight.grad if layer.weight.requires_grad else None
+    out["bias"] = layer.bias.grad if layer.bias is not None and layer.bias.requires_grad else None
+    return out
+
+
+# (d_in, d_out, r, leading shape, input layout)
+SHAPES = [
+    (16, 24, 1, (10,), "contiguous"),
+    (32, 32, 4, (3, 7), "contiguous"),
+    (33, 17, 8, (2, 5), "transposed"),
+    (24, 40, 8, (6,), "strided"),
+    (64, 48, 16, (4, 9), "strided"),
+]
+
+
+@pytest.mark.parametrize("d_in,d_out,r,lead,kind", SHAPES)
+@pytest.mark.parametrize("bias", ["none", "frozen", "trainable"])
+@pytest.mark.parametrize("train_weight", [False, True])
+def test_outputs_and_gradients_match_explicit_formula(d_in, d_out, r, lead, kind, bias, train_weight):
+    layer = make_layer(d_in, d_out, r, bias=bias != "none", alpha=2 * r, dropout=0.25)
+    layer.eval()  # dropout in eval is the identity: the fused single-input path must be taken
+    if bias == "trainable":
+        layer.bias.requires_grad_(True)  # what mark_only_lora_as_trainable(bias="all") does
+    layer.weight.requires_grad_(train_weight)
+    x = make_input(lead, d_in, kind)
+    y = layer(x)
+    assert y.shape == (*lead, d_out)
+    y_ref, ref = reference(layer, x)
+    assert_close_fp32(y, y_ref, "y")
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2))
+    y.backward(dy)
+    y_ref.backward(dy.double())
+    got = grads_of(layer, x)
+    for name, t in ref.items():
+        if t is None or not t.requires_grad:
+            assert got.get(name) is None, f"{name} is frozen but received a gradient"
+            continue
+        assert got[name] is not None, f"no gradient for {name}"
+        assert got[name].shape == t.shape
+        assert_close_fp32(got[name], t.grad, name)
+
+
+def test_expanded_upstream_gradient_and_input_without_grad():
+    layer = make_layer(12, 20, 4)
+    x = torch.randn(3, 5, 12)  # no grad for x: only A and B gradients are computed
+    layer(x).sum().backward()  # the upstream gradient is an expanded (stride 0) tensor
+    y_ref, ref = reference(layer, x)
+    y_ref.sum().backward()
+    assert_close_fp32(layer.lora_A.grad, ref["lora_A"].grad, "lora_A")
+    assert_close_fp32(layer.lora_B.grad, ref["lora_B"].grad, "lora_B")
+
+
+def test_gradcheck_float64():
+    layer = make_layer(7, 5, 3, dtype=torch.float64)
+    layer.bias.requires_grad_(True)
+    layer.weight.requires_grad_(True)
+    x = torch.randn(2, 4, 7, dtype=torch.float64, requires_grad=True)
+    params = (layer.weight, layer.bias, layer.lora_A, layer.lora_B)
+
+    def f(x, w, b, a, bb):
+        with torch.nn.utils.stateless._reparametrize_module(
+            layer, {"weight": w, "bias": b, "lora_A": a, "lora_B": bb}
+        ):
+            return layer(x)
+
+    assert torch.autograd.gradcheck(f, (x, *params))
+
+
+def test_double_backward_is_refused_clearly():
+    layer = make_layer(8, 8, 2)
+    x = torch.randn(4, 8, requires_grad=True)
+    (gx,) = torch.autograd.grad(layer(x).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|double backward|twice"):
+        gx.sum().backward()
+
+
+def peft_twin(layer: LoraLinear, dropout: float = 0.0) -> nn.Module:
+    base = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+    with torch.no_grad():
+        base.weight.copy_(layer.weight)
+        if layer.bias is not None:
+            base.bias.copy_(layer.bias)
+    base.requires_grad_(False)
+    cfg = LoraConfig(r=layer.r, lora_alpha=layer.alpha, lora_dropout=dropout)
+    twin = peft_lora.Linear(base, "default", config=cfg, r=layer.r, lora_alpha=layer.alpha)
+    with torch.no_grad():
+        twin.lora_A["default"].weight.copy_(layer.lora_A)
+        twin.lora_B["default"].weight.copy_(layer.lora_B)
+    return twin
+
+
+@pytest.mark.parametrize("d_in,d_out,r,lead,kind", SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("alpha", [None, 16])
+def test_matches_peft_lora_linear(d_in, d_out, r, lead, kind, bias, alpha):
+    layer = make_layer(d_in, d_out, r, bias=bias, alpha=alpha, dropout=0.1).eval()
+    twin = peft_twin(layer, dropout=0.1).eval()
+    assert twin.scaling["default"] == pytest.approx(layer.scaling)
+    x1 = make_input(lead, d_in, kind)
+    x2 = x1.detach().clone().requires_grad_(True)
+    y1, y2 = layer(x1), twin(x2)
+    assert_close_fp32(y1, y2, "y")
+    dy = torch.randn(y1.shape, generator=torch.Generator().manual_seed(3))
+    y1.backward(dy)
+    y2.backward(dy)
+    assert_close_fp32(x1.grad, x2.grad, "x")
+    assert_close_fp32(layer.lora_A.grad, twin.lora_A["default"].weight.grad, "lora_A")
+    assert_close_fp32(layer.lora_B.grad, twin.lora_B["default"].weight.grad, "lora_B")
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+@pytest.mark.parametrize("lead,kind", [((64,), "contiguous"), ((4, 16), "transposed")])
+def test_dropout_in_training_matches_a_manual_mask(p, lead, kind):
+    layer = make_layer(24, 20, 4, dropout=p).train()
+    x = make_input(lead, 24, kind)
+    torch.manual_seed(123)
+    y = layer(x)
+    torch.manual_seed(123)
+    kept = F.dropout(torch.ones_like(x), p=p, training=True)  # the same draw: 0 or 1 / (1 - p)
+    assert 0 < (kept == 0).sum() < kept.numel(), "the mask must drop some but not all inputs"
+    y_ref, ref = reference(layer, x, x_lora=lambda t: t * kept.double())
+    assert_close_fp32(y, y_ref, "y")
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(4))
+    y.backward(dy)
+    y_ref.backward(dy.double())
+    for name in ("x", "lora_A", "lora_B"):
+        assert_close_fp32(grads_of(layer, x)[name], ref[name].grad, name)
+    # and it really is dropout: the same layer in eval mode gives a different output
+    with torch.no_grad():
+        assert not torch.allclose(layer.eval()(x), y)
+
+
+def function_saved(y):
+    """The tensors LoraLinear's autograd Function saved for backward (None entries dropped)."""
+    node = y.grad_fn
+    assert type(node).__name__.startswith("_LoraLinearFn"), f"unexpected grad_fn {type(node).__name__}"
+    return [t for t in node.saved_tensors if t is not None]
+
+
+@pytest.mark.parametrize("lead,kind", [((96,), "contiguous"), ((6, 16), "contiguous"), ((6, 16), "strided")])
+def test_saves_only_input_thin_activation_and_parameters(lead, kind):
+    d_in, d_out, r = 40, 48, 4
+    layer = make_layer(d_in, d_out, r).train()  # dropout p = 0: no copy of x may be made
+    x = make_input(lead, d_in, kind)
+    n = x.numel() // d_in
+    saved = function_saved(layer(x))
+    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    shapes = sorted(tuple(t.shape) for t in saved if t.untyped_storage().data_ptr() not in params)
+    # the input (n x in), xa (n x r) and B^T (r x out); W and A are saved as the parameters themselves
+    assert shapes == sorted([(n, d_in), (n, r), (r, d_out)])
+    (x2,) = [t for t in saved if tuple(t.shape) == (n, d_in)]
+    if kind != "strided":  # a contiguous input is saved as a view, never copied
+        assert x2.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+    assert (
+        sum(t.numel() for t in saved if t.untyped_storage().data_ptr() in params) == d_out * d_in + r * d_in
+    )
+
+    # when A is frozen the input itself is no longer needed (dB uses xa, dx uses W, A and B)
+    layer.lora_A.requires_grad_(False)
+    shapes_b = sorted(tuple(t.shape) for t in function_saved(layer(x)))
+    assert shapes_b == sorted([(d_out, d_in), (r, d_in), (n, r), (r, d_out)])
+
+    # dropout in training: the dropped-out input replaces the input (x itself is not needed)
+    layer_do = make_layer(d_in, d_out, r, dropout=0.2).train()
+    saved_do = function_saved(layer_do(x))
+    big = [t for t in saved_do if tuple(t.shape) == (n, d_in)]
+    assert len(big) == 1 and big[0].untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+
+
+def test_memory_helpers_see_the_difference_between_naive_and_fast():
+    layer = make_layer(64, 80, 4)
+    x = torch.randn(32, 64, requires_grad=True)
+    exclude = [*layer.parameters(), x]
+    fast = saved_tensor_bytes(lambda: layer(x), exclude=exclude)
+    naive = saved_tensor_bytes(lambda: naive_lora_forward(layer, x), exclude=exclude)
+    assert fast == 4 * (32 * 4 + 4 * 80)  # xa (n x r) and B^T (r x out), fp32
+    assert naive == 4 * 80 * 64  # the materialised (out x in) matrix
+
+
+def test_autocast_bf16_on_cpu_matches_to_bf16_tolerance():
+    layer = make_layer(48, 32, 8)
+    x = torch.randn(5, 7, 48, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y_ref, ref = reference(layer, x)
+    torch.testing.assert_close(y.double(), y_ref, rtol=3e-2, atol=3e-2)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(5))
+    y.float().backward(dy)
+    y_ref.backward(dy.double())
+    assert layer.lora_A.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+    for name in ("x", "lora_A", "lora_B"):
+        got, want = grads_of(layer, x)[name].double(), ref[name].grad
+        assert (got - want).norm() / want.norm() < 2e-2, name
+
+
+def test_merged_layer_is_a_plain_linear():
+    layer = make_layer(20, 30, 4)
+    x = torch.randn(9, 20)
+    with torch.no_grad():
+        y = layer(x)
+        layer.merge()
+        torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
+# ------------------------------------------------------------------------------------ profiling helpers
+def test_peak_memory_counts_live_tensors_on_cpu():
+    a = torch.randn(256, 256)
+
+    def fn():
+        y = a @ a  # 256 KiB
+        z = y * 2  # + 256 KiB: peak 512 KiB
+        del y
+        w = z + 1  # y was freed, so the peak stays at 512 KiB
+        return w.sum()
+
+    peak = peak_memory(fn, "cpu")
+    assert 2 * 256 * 256 * 4 <= peak < 2 * 256 * 256 * 4 + 1024
+    assert peak_memory(lambda: None, "cpu") == 0
+
+
+def test_time_interleaved_runs_everything_and_returns_medians():
+    calls = {"a": 0, "b": 0}
+
+    def make(name):
+        def fn():
+            calls[name] += 1
+
+        return fn
+
+    samples = time_interleaved_samples({"a": make("a"), "b": make("b")}, repeats=5, warmup=2)
+    assert calls == {"a": 7, "b": 7} and all(len(v) == 5 for v in samples.values())
+    med = time_interleaved({"a": make("a")}, repeats=3, warmup=0)
+    assert set(med) == {"a"} and med["a"] >= 0
+    assert ratios({"x": 2.0, "y": 3.0}, "x") == {"x": 1.0, "y": 1.5}
+    with pytest.raises(ValueError, match="empty"):
+        time_interleaved({})
+    with pytest.raises(KeyError, match="reference"):
+        ratios({"x": 1.0}, "z")
+
+
+def test_tensor_bytes_counts_shared_storage_once():
+    lin = nn.Linear(10, 6)
+    expected = 4 * (10 * 6 + 6)
+    assert tensor_bytes(lin) == expected
+    assert tensor_bytes(lin, lin, {"w": lin.weight}) == expected
+    lin.weight.grad = torch.zeros_like(lin.weight)
+    assert tensor_bytes(lin) == expected + 4 * 60
+
+
+def test_article_formulation_equals_the_layer():
+    layer = make_layer(16, 12, 4, alpha=8)
+    x = torch.randn(5, 16)
+    got = article_lora_linear(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling)
+    torch.testing.assert_close(got, layer(x), rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(naive_lora_forward(layer, x), layer(x), rtol=RTOL, atol=ATOL)
+    layer.merge()
+    with pytest.raises(ValueError, match="merged"):
+        naive_lora_forward(layer, x)
+
+
+def test_layer_variants_compute_the_same_function():
+    variants = layer_variants(d=32, r=4, d_out=24)
+    assert set(variants) == {"frozen", "loralib", "peft", "article", "full_ft"}
+    x = torch.randn(16, 32)
+    with torch.no_grad():
+        y = {name: v.forward(x) for name, v in variants.items()}
+    # the LoRA variants share W, b, A and B: the benchmark compares like with like
+    torch.testing.assert_close(y["loralib"], y["peft"], rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(y["loralib"], y["article"], rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(y["frozen"], y["full_ft"])
+    assert not torch.allclose(y["frozen"], y["loralib"], atol=1e-3), "B must be non-zero"
+    assert [p.shape for p in variants["loralib"].params] == [(4, 32), (24, 4)]
+    for fn in layer_cases(d=32, r=4, tokens=16, d_out=24, dropout=0.1).values():
+        fn()  # forward + backward with gradients reset afterwards
+    with pytest.raises(ValueError, match="unknown layer methods"):
+        layer_variants(d=8, r=2, methods=["frozen", "lora"])
+
+
+def test_compare_forward_costs_small():
+    costs = compare_forward_costs(d=32, r=4, tokens=64, repeats=2, warmup=0)
+    assert costs["methods"] == ["frozen", "naive", "efficient"]
+    assert costs["forward_ratio"]["frozen"] == 1.0 and costs["train_ratio"]["frozen"] == 1.0
+    assert costs["max_abs_diff"] < 1e-4
+    assert costs["saved_bytes"]["naive"] == 4 * 32 * 32
+    assert costs["saved_bytes"]["efficient"] == 4 * (64 * 4 + 4 * 32)
+    assert costs["forward_flops"]["naive"] > costs["forward_flops"]["frozen"]
+
+
+def test_measure_train_steps_on_a_small_roberta():
+    cfg = roberta_config(
+        vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
+    )
+    batch = random_batch(cfg, batch_size=2, seq_len=8)
+    builders = roberta_step_builders(cfg, r=4, alpha=8)
+    stats = measure_train_steps(builders, batch, repeats=1, warmup=0)
+    assert set(stats) == {"full_ft", "loralib", "peft"}
+    full, ours, theirs = stats["full_ft"], stats["loralib"], stats["peft"]
+    assert full.trainable_params == full.total_params
+    # LoRA on query/value of 2 layers: 2 layers x 2 modules x r x (in + out), plus the classifier head
+    head = sum(p.numel() for p in builders["full_ft"]().classifier.parameters())
+    assert ours.trainable_params == 2 * 2 * 4 * (32 + 32) + head
+    assert theirs.trainable_params == ours.trainable_params
+    for s in stats.values():
+        assert s.peak_extra_bytes > 0 and s.peak_bytes == s.state_bytes + s.peak_extra_bytes
+    # AdamW keeps two moments per trainable parameter: full fine-tuning holds ~3x the model
+    assert full.state_bytes > 2.5 * ours.state_bytes
+    inf = roberta_inference_builders(cfg, r=4)
+    m_stock, m_merged = inf["stock"]().eval(), inf["loralib_merged"]().eval()
+    with torch.no_grad():
+        a = m_stock(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        b = m_merged(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    assert not torch.allclose(a, b), "the merged adapter must change the model (B is non-zero)"
+    m_unmerged = inf["loralib_unmerged"]().eval()
+    with torch.no_grad():
+        c = m_unmerged(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    torch.testing.assert_close(b, c, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,186 @@
+"""loralib.training: the recipe's defaults, the learning-rate schedule, task names, offline errors, references.
+
+The end-to-end runs through the command line (GLUE, STS-B, MNLI, SQuAD v2, DDP) are in
+test_04_benchmark_cli.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from loralib.references import ARTICLE, LORA_PAPER, format_table, references_for
+from loralib.training import (
+    PROFILES,
+    TrainConfig,
+    build_trainer,
+    make_config,
+    per_device_batch_size,
+    resolve_tasks,
+    run_task,
+)
+
+GLUE = ["cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli"]
+
+
+def test_defaults_are_the_article_recipe():
+    cfg = TrainConfig()
+    assert (cfg.r, cfg.target_modules, cfg.batch_size, cfg.epochs, cfg.warmup_epochs) == (
+        8,
+        ("query", "value"),
+        16,
+        6,
+        2.0,
+    )
+    assert cfg.train_biases and cfg.train_layer_norms
+    assert (cfg.max_length, cfg.qa_max_length, cfg.qa_stride) == (128, 384, 128)
+    assert (cfg.adam_beta2, cfg.adam_epsilon, cfg.weight_decay) == (0.98, 1e-6, 0.1)
+    assert cfg.warmup_fraction == pytest.approx(2 / 6)
+    # The learning rate follows the LoRA formulation unless given.
+    assert (cfg.formulation, cfg.learning_rate) == ("scaled", 5e-4)
+    assert TrainConfig(formulation="article").learning_rate == 4e-5
+    assert TrainConfig(backend="article").formulation == "article"
+    assert TrainConfig(backend="article", learning_rate=1e-4).learning_rate == 1e-4
+    assert PROFILES["gpu"].model_id == "FacebookAI/roberta-base" and PROFILES["gpu"].overrides == {}
+    assert PROFILES["smoke"].smoke and not PROFILES["gpu"].smoke and not PROFILES["cpu"].smoke
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(backend="tf"), "backend"),
+        (dict(formulation="xavier"), "formulation"),
+        (dict(epochs=2, warmup_epochs=2), "warmup_epochs"),
+        (dict(r=0), "r must be a positive integer"),
+        (dict(qa_stride=384), "qa_stride"),
+        (dict(max_train_samples=0), "max_train_samples"),
+    ],
+)
+def test_bad_config_is_rejected_with_the_field_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**kwargs)
+
+
+def test_make_config_layers_profile_and_overrides():
+    cfg = make_config("rte", "smoke", learning_rate=1e-3)
+    assert cfg.data_dir == "bundled" and cfg.learning_rate == 1e-3 and cfg.task == "rte"
+    assert make_config("rte", "smoke", data_dir=None).data_dir is None  # explicit None = the hub
+    assert make_config("rte", "gpu").epochs == 6
+    with pytest.raises(TypeError, match="learning_rate"):
+        make_config("rte", "smoke", lr=1e-3)
+    with pytest.raises(ValueError, match="smoke, cpu, gpu"):
+        make_config("rte", "laptop")
+
+
+def test_effective_batch_is_split_over_processes_and_accumulation():
+    cfg = TrainConfig(batch_size=16, gradient_accumulation_steps=2)
+    assert per_device_batch_size(cfg, world_size=1) == 8
+    assert per_device_batch_size(cfg, world_size=2) == 4
+    with pytest.raises(ValueError, match="not divisible"):
+        per_device_batch_size(cfg, world_size=3)
+
+
+def test_task_groups_expand_to_hub_names():
+    assert resolve_tasks("glue") == GLUE
+    assert resolve_tasks(["squad"]) == ["squad", "squad_v2"]
+    assert resolve_tasks(["squad_v1"]) == ["squad"]
+    assert resolve_tasks("all") == [*GLUE, "squad", "squad_v2"]
+    assert resolve_tasks(["rte", "glue", "RTE"]) == ["rte"] + [t for t in GLUE if t != "rte"]
+
+
+def test_bad_task_name_lists_the_valid_ones():
+    with pytest.raises(ValueError) as err:
+        run_task("sst3", profile="smoke")
+    msg = str(err.value)
+    assert "sst3" in msg and all(t in msg for t in [*GLUE, "squad_v2"]) and "glue" in msg
+
+
+def test_hub_unreachable_names_the_local_option(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(Exception) as err:
+        run_task("rte", profile="smoke", output_dir=tmp_path, data_dir=None, progress=False)
+    msg = str(err.value)
+    assert "bundled" in msg and "--data-dir" in msg, msg
+    assert not (tmp_path / "rte" / "results.json").exists()
+
+
+class _LrRecorder:
+    """Trainer callback: the learning rate each optimizer step uses (read before the step)."""
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        rates = self.rates = []
+
+        class CB(TrainerCallback):
+            def on_step_begin(self, args, state, control, optimizer=None, **kw):
+                rates.append(optimizer.param_groups[0]["lr"])
+
+        self.callback = CB()
+
+
+@pytest.mark.parametrize("n_train, epochs, warmup_epochs", [(40, 6, 2.0), (32, 3, 1.0)])
+def test_schedule_warms_up_for_whole_epochs_then_decays_linearly_to_zero(tmp_path, n_train, epochs, warmup_epochs):
+    cfg = make_config(
+        "sst2",
+        "smoke",
+        max_train_samples=n_train,
+        max_eval_samples=16,
+        epochs=epochs,
+        warmup_epochs=warmup_epochs,
+        learning_rate=1e-3,
+        progress=False,
+    )
+    rec = _LrRecorder()
+    trainer, *_ = build_trainer(cfg, tmp_path, callbacks=[rec.callback])
+    trainer.train()
+    steps_per_epoch = math.ceil(n_train / cfg.batch_size)  # one process, no accumulation
+    total = epochs * steps_per_epoch
+    warmup = int(warmup_epochs * steps_per_epoch)
+
+    def expected(step):  # the article's shape: linear 0 -> lr over warmup_epochs, then linear -> 0 at the end
+        if step < warmup:
+            return 1e-3 * step / warmup
+        return 1e-3 * (total - step) / (total - warmup)
+
+    assert len(rec.rates) == total
+    assert rec.rates == pytest.approx([expected(s) for s in range(total)], abs=1e-12)
+    assert max(rec.rates) == pytest.approx(1e-3) and rec.rates.index(max(rec.rates)) == warmup
+    assert trainer.lr_scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-15)  # decayed to 0 at the end
+
+
+@pytest.mark.parametrize(
+    "task, split, metric, article, paper",
+    [
+        ("cola", "validation", "matthews_correlation", 0.568, 0.634),
+        ("sst2", "validation", "accuracy", 0.938, 0.951),
+        ("mrpc", "validation", "f1", 0.917, None),
+        ("stsb", "validation", "pearson", 0.808, 0.915),
+        ("mnli", "validation_mismatched", "accuracy", 0.859, None),
+        ("mnli", "validation_matched", "accuracy", 0.854, 0.875),
+        ("squad", "validation", "exact_match", 79.4, None),
+        ("squad_v2", "validation", "f1", 45.4, None),
+    ],
+)
+def test_reference_lookup(task, split, metric, article, paper):
+    assert references_for(task, split, metric) == {"article": article, "lora_paper": paper}
+
+
+def test_references_cover_every_task_on_the_metrics_scale():
+    assert set(ARTICLE) == {*GLUE, "squad", "squad_v2"}
+    assert set(LORA_PAPER) == set(GLUE) - {"wnli"}
+    for table in (ARTICLE, LORA_PAPER):
+        for task, splits in table.items():
+            for metrics in splits.values():
+                for v in metrics.values():  # GLUE as fractions, SQuAD as percentages
+                    assert (0 < v <= 1) if not task.startswith("squad") else (1 < v <= 100)
+
+
+def test_format_table_labels_smoke_runs():
+    row = dict(task="rte", split="validation", metric="accuracy", value=0.5, article=0.74, lora_paper=0.866)
+    smoke = format_table([{**row, "smoke": True}])
+    real = format_table([{**row, "smoke": False}])
+    assert "SMOKE" in smoke and "NOT benchmark numbers" in smoke and "SMOKE" not in real
+    assert "| rte | validation | accuracy | 0.500 | 0.740 | 0.866 |" in real

@@ -1,0 +1,254 @@
+"""The PEFT + bitsandbytes QLoRA path on the tiny RoBERTa, on CPU (fp32 compute): build, train under the
+HF Trainer, save, reload without extra arguments, merge."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("peft")
+bnb = pytest.importorskip("bitsandbytes")
+from peft import AutoPeftModelForSequenceClassification  # noqa: E402
+from transformers import AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
+
+from loralib import qlora  # noqa: E402
+from loralib.utils import set_seed  # noqa: E402
+
+ATTENTION = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense")
+LABELS = {0: "negative", 1: "neutral", 2: "positive"}
+
+
+def _batch(d):
+    tok = AutoTokenizer.from_pretrained(d)
+    return dict(
+        tok(
+            ["the cat sat on the mat", "a dog ran", "it was a good day today"],
+            return_tensors="pt",
+            padding=True,
+        )
+    )
+
+
+def _expected_trainable(model_dir, task_kind, num_labels, r):
+    """Count by hand: r*(in+out) per adapted linear, plus every LayerNorm and the head in full."""
+    set_seed(0)
+    stock = qlora.load_base_model(model_dir, task_kind, num_labels, quantize=False)
+    n = 0
+    for name, m in stock.named_modules():
+        if isinstance(m, nn.Linear) and any(name.endswith(t) for t in qlora.ARTICLE_TARGETS):
+            n += r * (m.in_features + m.out_features)
+        if name.endswith("LayerNorm") or name in ("classifier", "qa_outputs"):
+            n += sum(p.numel() for p in m.parameters())
+    return n
+
+
+@pytest.mark.parametrize(
+    "task_kind, num_labels, head",
+    [
+        ("classification", 3, "classifier"),
+        ("regression", None, "classifier"),
+        ("question_answering", None, "qa_outputs"),
+    ],
+)
+def test_build_qlora_quantizes_the_encoder_not_the_head(tiny_model_dir, task_kind, num_labels, head):
+    set_seed(0)
+    model = qlora.build_peft_model(tiny_model_dir, task_kind, num_labels, quantize=True, r=4)
+    layers = qlora.quantized_linears(model)
+    for i in range(2):
+        for part in ATTENTION + ("intermediate.dense", "output.dense"):
+            info = layers[f"base_model.model.roberta.encoder.layer.{i}.{part}"]
+            assert info["class"] == "Linear4bit" and info["storage_dtype"] == torch.uint8
+            assert info["quant_type"] == "nf4" and info["compute_dtype"] == torch.float32  # CPU: fp32 compute
+    heads = {k: v for k, v in layers.items() if f".{head}" in k}
+    assert heads and all(
+        v["class"] == "Linear" and v["storage_dtype"] == torch.float32 for v in heads.values()
+    )
+    assert qlora.is_quantized(model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == _expected_trainable(tiny_model_dir, task_kind, num_labels, r=4)
+    assert not any(p.requires_grad for p in model.parameters() if type(p).__name__ == "Params4bit")
+
+
+def test_make_optimizer_picks_8bit_adamw_for_quantized(tiny_model_dir):
+    set_seed(0)
+    q = qlora.build_peft_model(tiny_model_dir, "classification", 2, quantize=True, r=64)
+    opt = qlora.make_optimizer(q, 1e-3, weight_decay=0.1)
+    assert isinstance(opt, bnb.optim.AdamW8bit)
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    for name, p in q.named_parameters():
+        if p.requires_grad and (name.endswith("bias") or "LayerNorm" in name):
+            assert id(p) not in decayed
+    big = q.base_model.model.roberta.encoder.layer[0].intermediate.dense.lora_B["default"].weight  # 128x64
+    q(**{"input_ids": torch.tensor([[0, 10, 20, 2]]), "labels": torch.tensor([1])}).loss.backward()
+    opt.step()
+    assert opt.state[big]["state1"].dtype == torch.uint8  # 8-bit moments for tensors >= 4096 elements
+    set_seed(0)
+    f = qlora.build_peft_model(tiny_model_dir, "classification", 2, quantize=False)
+    assert type(qlora.make_optimizer(f, 1e-3)) is torch.optim.AdamW
+    assert isinstance(qlora.make_optimizer(f, 1e-3, eight_bit=True), bnb.optim.AdamW8bit)
+
+
+def test_qlora_trains_under_the_hf_trainer_on_cpu(tiny_model_dir, tmp_path):
+    from datasets import Dataset
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    texts = ["good good day", "bad bad night", "the cat sat", "a good film", "a bad film", "the mat"] * 4
+    labels = [2, 0, 1, 2, 0, 1] * 4
+    ds = Dataset.from_dict(dict(tok(texts)) | {"labels": labels})
+    set_seed(0)
+    model = qlora.build_peft_model(tiny_model_dir, "classification", 3, quantize=True, id2label=LABELS)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=8, num_train_epochs=6, logging_steps=1,
+        save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=0,
+    )  # fmt: skip
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=ds,
+        eval_dataset=ds,
+        data_collator=DataCollatorWithPadding(tok),
+        optimizers=(qlora.make_optimizer(model, 2e-2), None),
+    )
+    before = trainer.evaluate()["eval_loss"]  # eval mode: no dropout noise, so the drop is the learning
+    trainer.train()
+    after = trainer.evaluate()["eval_loss"]
+    assert trainer.state.global_step == 18 and after < 0.9 * before, (before, after)
+    for n, p in model.named_parameters():
+        if n in frozen:  # the 4-bit codes and everything else frozen stay bit-identical
+            assert torch.equal(p, frozen[n]), n
+    assert any(n.endswith("lora_B.default.weight") and p.abs().sum() > 0 for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize(
+    "task_kind, num_labels, quantize",
+    [
+        ("classification", 3, True),
+        ("regression", None, True),
+        ("question_answering", None, True),
+        ("classification", 3, False),
+    ],
+)
+def test_save_and_reload_needs_no_arguments(tiny_model_dir, tmp_path, task_kind, num_labels, quantize):
+    set_seed(0)
+    model = qlora.build_peft_model(
+        tiny_model_dir, task_kind, num_labels, quantize=quantize, id2label=LABELS if num_labels == 3 else None
+    )
+    with torch.no_grad():  # as if trained: B and the head away from their initial values
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    qlora.save_peft_model(model, tmp_path, task="demo")
+    set_seed(123)  # a different head init on reload: the head must come from the file
+    back = qlora.load_peft_model(tmp_path)
+    batch = _batch(tiny_model_dir)
+    assert torch.equal(qlora.model_outputs(back, batch), qlora.model_outputs(model, batch))
+    assert qlora.is_quantized(back) == quantize
+    meta = qlora.read_task_metadata(tmp_path)
+    assert meta["task_kind"] == task_kind and meta["task"] == "demo"
+    if num_labels == 3:
+        assert back.config.id2label == LABELS and back.config.num_labels == 3
+
+
+def test_autopeft_reload_loses_num_labels(tiny_model_dir, tmp_path):
+    """The pitfall: PEFT's files do not record the head size, so a stock reload builds 2 labels."""
+    set_seed(0)
+    model = qlora.build_peft_model(tiny_model_dir, "classification", 3, quantize=False)
+    qlora.save_peft_model(model, tmp_path)
+    with pytest.raises(RuntimeError, match=r"size mismatch.*out_proj"):
+        AutoPeftModelForSequenceClassification.from_pretrained(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="num_labels"):
+        model.save_pretrained(str(tmp_path / "plain"))
+        qlora.load_peft_model(tmp_path / "plain")
+
+
+def test_merge_onto_4bit_full_and_dequantized(tiny_model_dir, tmp_path):
+    set_seed(0)
+    model = qlora.build_peft_model(tiny_model_dir, "classification", 3, quantize=True)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    qlora.save_peft_model(model, tmp_path)
+    batch = _batch(tiny_model_dir)
+    diffs = {}
+    for onto in qlora.MERGE_BASES:
+        merged = qlora.merge_adapter(tmp_path, onto=onto)
+        assert not hasattr(merged, "peft_config")
+        diffs[onto] = qlora.output_difference(model, merged, batch)["max_abs"]
+        if onto == "dequantized":
+            # Independent check: its weights are exactly bnb's nf4 round trip of the checkpoint, plus B A * s.
+            stock = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=3)
+            w = stock.roberta.encoder.layer[0].attention.self.query.weight.data
+            wq = bnb.functional.dequantize_4bit(
+                *bnb.functional.quantize_4bit(
+                    w.contiguous(), blocksize=64, compress_statistics=True, quant_type="nf4"
+                )
+            )
+            lora = model.base_model.model.roberta.encoder.layer[0].attention.self.query
+            delta = lora.lora_B["default"].weight @ lora.lora_A["default"].weight * lora.scaling["default"]
+            got = merged.roberta.encoder.layer[0].attention.self.query.weight
+            torch.testing.assert_close(got, wq + delta, atol=1e-6, rtol=0)
+    assert diffs["dequantized"] < 1e-5
+    assert diffs["4bit"] > 10 * diffs["dequantized"] and diffs["full"] > 10 * diffs["dequantized"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(task_kind="ner", num_labels=3), "unknown task_kind"),
+        (dict(task_kind="classification", num_labels=1), "num_labels >= 2"),
+        (dict(task_kind="regression", num_labels=3), "one output"),
+        (dict(task_kind="question_answering", num_labels=5), "num_labels=2"),
+        (dict(task_kind="classification", num_labels=3, id2label={0: "a", 1: "b"}), "keys 0..2"),
+    ],
+)
+def test_bad_task_arguments(tiny_model_dir, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        qlora.build_peft_model(tiny_model_dir, quantize=False, **kwargs)
+
+
+@pytest.mark.parametrize("scale, kept_range", [(1e-4, (-0.5, 0.3)), (0.5, (0.9, 1.1))])
+def test_merge_rounding_predicts_what_merge_and_unload_keeps(tiny_model_dir, scale, kept_range):
+    set_seed(0)
+    model = qlora.build_peft_model(tiny_model_dir, "classification", 2, quantize=True)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, scale)
+    report = qlora.merge_rounding(model)
+    assert report["layers"] == 12 and kept_range[0] < report["kept"] < kept_range[1]
+    # Reference: measure the same quantity on what PEFT's merge_and_unload actually stores.
+    before, deltas = {}, {}
+    for name, m in model.base_model.model.named_modules():
+        if hasattr(m, "lora_A") and hasattr(m, "base_layer"):
+            w = m.base_layer.weight
+            before[name] = bnb.functional.dequantize_4bit(w.data, w.quant_state).clone()
+            deltas[name] = m.get_delta_weight("default").detach().clone()
+    merged = model.merge_and_unload()
+    kept = []
+    for name, w_old in before.items():
+        w = merged.get_submodule(name).weight
+        q = bnb.functional.dequantize_4bit(w.data, w.quant_state)
+        d = deltas[name]
+        kept.append(float(((q - w_old) * d).sum() / (d * d).sum()))
+    kept.sort()
+    assert report["kept"] == pytest.approx((kept[5] + kept[6]) / 2, abs=1e-4)
+
+
+def test_dequantized_base_is_the_4bit_model_in_fp32(tiny_model_dir):
+    set_seed(0)
+    q = qlora.load_base_model(tiny_model_dir, "classification", 2, quantize=True)
+    set_seed(0)
+    d = qlora.load_base_model(tiny_model_dir, "classification", 2, quantize=True, dequantize=True)
+    assert not qlora.is_quantized(d) and qlora.is_quantized(q)
+    assert all(
+        v["class"] == "Linear" and v["storage_dtype"] == torch.float32
+        for v in qlora.quantized_linears(d).values()
+    )
+    batch = _batch(tiny_model_dir)
+    assert qlora.output_difference(q, d, batch)["max_abs"] < 1e-5
+    with pytest.raises(ValueError, match="needs quantize=True"):
+        qlora.load_base_model(tiny_model_dir, "classification", 2, dequantize=True)
