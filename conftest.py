@@ -24,3 +24,11 @@ def tiny_model_dir() -> str:
     from loralib.tiny import tiny_roberta
 
     return tiny_roberta()
+
+
+def pytest_configure(config) -> None:
+    # Tiny models gain nothing from a second thread, and on a shared 2-core machine two threads per
+    # process made small training loops 10x slower (oversubscription). Notebooks set their own.
+    import torch
+
+    torch.set_num_threads(1)

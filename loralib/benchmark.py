@@ -34,7 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
         + " Tasks: cola sst2 mrpc stsb qqp mnli qnli rte wnli squad_v1 squad_v2, or glue, squad (both), all.",
     )
     ap.add_argument("--task", action="append", required=True, help="task or group; repeat for several")
-    ap.add_argument("--profile", default="smoke", choices=list(PROFILES), help="model/data preset (default smoke)")
+    ap.add_argument(
+        "--profile", default="smoke", choices=list(PROFILES), help="model/data preset (default smoke)"
+    )
     ap.add_argument("--output-dir", default=None, help="results root (default outputs/benchmark/<profile>)")
     ap.add_argument("--overwrite", action="store_true", help="rerun tasks that already have results.json")
     ap.add_argument("--backend", choices=BACKENDS, default=None, help="LoRA implementation (default loralib)")

@@ -130,6 +130,11 @@ def _modules_to_save(model: nn.Module, extras: set[str], lora_names: set[str], h
     chosen: set[str] = set(heads)
     for pname in extras:
         owner = _owner(pname)
+        if not owner or any(n.startswith(owner + ".") for n in lora_names):
+            raise ValueError(
+                f"{pname} is trained but belongs to {owner or 'the model itself'!r}, which also holds LoRA layers; "
+                "PEFT saves extra trained tensors only as whole modules (modules_to_save) without LoRA inside."
+            )
         if owner in lora_names:
             raise ValueError(
                 f"{pname} is trained, but PEFT can only express trained tensors of a LoRA layer through its bias "
@@ -182,7 +187,11 @@ def peft_state_and_config(
     else:
         bias_mode, bias_keys = "none", set()
     top = {n for n, _ in model.named_children()}
-    heads = {h for h in HEAD_NAMES if h in top} if save_heads else set()
+    # A head that itself carries LoRA cannot also be a PEFT modules_to_save copy.
+    heads = {
+        h for h in HEAD_NAMES if h in top and not any(n == h or n.startswith(h + ".") for n in lora_names)
+    }
+    heads = heads if save_heads else set()
     to_save = _modules_to_save(model, extras - bias_keys, lora_names, heads)
     in_saved = {n for n in params if any(n.startswith(m + ".") for m in to_save)}
 

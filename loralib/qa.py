@@ -51,23 +51,26 @@ def _windows(examples: Mapping[str, Sequence], tokenizer, max_length: int, strid
         )
     # Some SQuAD questions start with many spaces: they would only waste window room.
     questions = [q.lstrip() for q in examples["question"]]
-    try:
-        return tokenizer(
-            questions,
-            list(examples["context"]),
-            truncation="only_second",
-            max_length=int(max_length),
-            stride=int(stride),
-            return_overflowing_tokens=True,
-            return_offsets_mapping=True,
-            padding=False,
-        )
-    except Exception as exc:  # tokenizers' own message is terse ("sequence to truncate too short")
-        longest = max((len(tokenizer(q)["input_ids"]) for q in questions), default=0)
+    # Check the room left for context up front: a stride that does not fit makes the Rust tokenizer
+    # panic (an exception pytest and Dataset.map cannot catch cleanly).
+    q_lengths = [len(ids) for ids in tokenizer(questions, add_special_tokens=False)["input_ids"]]
+    room = int(max_length) - tokenizer.num_special_tokens_to_add(pair=True) - max(q_lengths, default=0)
+    if room <= stride:
         raise ValueError(
-            f"could not cut windows of {max_length} tokens with stride {stride}: {exc}. The longest question "
-            f"has {longest} tokens; max_length must exceed question + stride + 4 special tokens."
-        ) from exc
+            f"windows of {max_length} tokens leave {room} tokens of context next to the longest question "
+            f"({max(q_lengths)} tokens), not more than the stride {stride}; raise max_length or lower stride "
+            "(the longest question + special tokens + stride must be < max_length)."
+        )
+    return tokenizer(
+        questions,
+        list(examples["context"]),
+        truncation="only_second",
+        max_length=int(max_length),
+        stride=int(stride),
+        return_overflowing_tokens=True,
+        return_offsets_mapping=True,
+        padding=False,
+    )
 
 
 def _context_span(sequence_ids: Sequence[int | None]) -> tuple[int, int]:
@@ -176,7 +179,8 @@ def postprocess_qa_predictions(
     smallest start[0] + end[0] over the question's windows; the difference null - best span (larger:
     more likely unanswerable) is returned for every question and, with version_2, a question whose
     difference exceeds null_score_diff_threshold is answered "". A question with no valid span at all
-    gets "" and difference +inf.
+    gets "" and difference +inf. The differences can be passed to `squad_metrics` as no_answer_probs
+    (they are logit differences, not probabilities: best_*_thresh are then in logit units).
     """
     start_logits, end_logits = np.asarray(start_logits), np.asarray(end_logits)
     example_ids = [str(x) for x in _column(examples, "id")]

@@ -6,17 +6,19 @@ in 4-bit nf4 with double quantisation through `BitsAndBytesConfig`, wrapped with
 `make_optimizer` (bitsandbytes' 8-bit AdamW for quantised models, torch AdamW otherwise),
 `quantized_linears` (what got quantised, to check it), `save_peft_model` / `load_peft_model` (PEFT's
 adapter format plus a small `loralib_task.json` so a reload needs no `num_labels`), `merge_adapter` (merge
-onto the 4-bit, the full-precision or the nf4-dequantised base) and `output_difference` (compare two
-models' outputs). Not here: the training loop (`loralib.training`, HF Trainer), timing and memory helpers
+onto the 4-bit, the full-precision or the nf4-dequantised base), `merge_rounding` (how much of the update
+a merge into 4-bit keeps), `output_difference` (compare two models' outputs) and
+`compare_training_memory` / `memory_table` / `plot_memory` (full FT vs LoRA vs QLoRA, measured with
+`loralib.profiling`). Not here: the training loop (`loralib.training`, HF Trainer), timing and memory helpers
 (`loralib.profiling`), converting loralib adapters to and from PEFT's format (`loralib.peft_interop`).
 
 Precision: 4-bit weights are stored as packed uint8 (two nf4 codes per byte) plus per-block scales; a
 forward pass dequantises them to the compute dtype, bf16 on CUDA and fp32 on CPU (bf16 matmuls on a CPU
-without bf16 units are about 40x slower). The task heads (`classifier`, `qa_outputs`) are never
+without bf16 units are far slower: about 40x on the 2-core machine this was developed on). The task heads (`classifier`, `qa_outputs`) are never
 quantised: quantising a freshly initialised head that is also fully trained breaks training.
 
-Needs the optional dependencies `peft` and `bitsandbytes` (bitsandbytes >= 0.48 runs nf4 and 8-bit AdamW
-on CPU, older versions need CUDA). Both are imported lazily, so `import loralib` works without them.
+Needs the optional dependencies `peft` and `bitsandbytes` (bitsandbytes 0.50 runs nf4 and 8-bit AdamW on
+CPU as well as CUDA; older releases may need CUDA). Both are imported lazily, so `import loralib` works without them.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ def _auto_class(task_kind: str):
 
 
 def compute_dtype(device: str | torch.device | None = None) -> torch.dtype:
-    """The dtype 4-bit layers compute in: bf16 on CUDA, fp32 on CPU (bf16 there is ~40x slower)."""
+    """The dtype 4-bit layers compute in: bf16 on CUDA, fp32 on CPU (bf16 matmuls are far slower there)."""
     dev = torch.device(device) if device is not None else _default_device()
     return torch.bfloat16 if dev.type == "cuda" else torch.float32
 
@@ -213,6 +215,7 @@ def build_peft_model(
     bias: str = "none",
     id2label: dict[int, str] | None = None,
     device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
 ):
     """The article's PEFT model: a task model (4-bit nf4 if `quantize`) wrapped by `get_peft_model`.
 
@@ -224,6 +227,7 @@ def build_peft_model(
         (scaling lora_alpha / r); the defaults are the article's. Entries of modules_to_save that name no
         module are ignored by PEFT (the article lists both heads for every task).
     id2label: class names, saved with the adapter. device: default CUDA when available, else CPU.
+    dtype: compute dtype of the 4-bit layers (default `compute_dtype(device)`: bf16 on CUDA, fp32 on CPU).
     Seed before calling: the head and the LoRA A matrices are random. Returns a `peft.PeftModel` whose
     trainable parameters are exactly the LoRA matrices, modules_to_save and the biases `bias` asks for.
     """
@@ -232,7 +236,7 @@ def build_peft_model(
     if bias not in ("none", "all", "lora_only"):
         raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {bias!r}.")
     base = load_base_model(
-        model_id, task_kind, num_labels, quantize=quantize, id2label=id2label, device=device
+        model_id, task_kind, num_labels, quantize=quantize, id2label=id2label, device=device, dtype=dtype
     )
     if quantize:
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
@@ -581,7 +585,8 @@ def qlora_step_builder(
 
     The same seed gives the same random RoBERTa as profiling's builders; it is saved to `directory`
     (from_pretrained is what quantises) and loaded in 4-bit nf4 with PEFT LoRA on `targets`, dropout 0
-    and the head trained, exactly the recipe of profiling's "peft" case.
+    and the head trained, exactly the recipe of profiling's "peft" case; the 4-bit layers compute in fp32
+    like the other cases, so the comparison is about storage, not matmul precision.
     """
     from transformers import RobertaForSequenceClassification
 
@@ -604,6 +609,7 @@ def qlora_step_builder(
             target_modules=targets,
             modules_to_save=None,
             device=device,
+            dtype=torch.float32,  # the other cases compute in fp32 too: compare storage, not precision
         )
         return model.train()
 
@@ -624,7 +630,8 @@ def compare_training_memory(
     """Memory and trainable parameters of one training step: full FT, LoRA (loralib), LoRA (PEFT), QLoRA.
 
     Uses the project's benchmark code (`loralib.profiling.measure_train_steps`) on a randomly
-    initialised RoBERTa (`config`, default roberta-base sized) so it runs offline. Full FT and the
+    initialised RoBERTa (`config`, default roberta-base sized) so it runs offline. Every case computes in
+    fp32 (QLoRA dequantises its 4-bit weights to fp32). Full FT and the
     LoRA cases use torch AdamW; QLoRA uses bitsandbytes' AdamW8bit (measured in a second call, as
     the optimizer differs). Each case's `StepStats` has state_bytes (parameters, buffers, optimizer
     state and, for QLoRA, the quantisation scales, counted exactly), peak_extra_bytes (what one step
@@ -717,8 +724,18 @@ def plot_memory(result: dict[str, Any], path: str | os.PathLike | None = None):
         f"peak memory of one training step ({c['num_hidden_layers']} layers, hidden {c['hidden_size']}, {c['device']})"
     )
     ax.legend(loc="lower right", fontsize=8)
-    ax2.barh(y, [s.trainable_params for s in cases.values()], color="#55a868")
+    trainable = [s.trainable_params for s in cases.values()]
+    ax2.barh(y, trainable, color="#55a868")
     ax2.set_xscale("log")
+    ax2.set_xlim(1e4, max(trainable) * 30)  # log bars need a floor well below the smallest count
+    for i, s in enumerate(cases.values()):
+        ax2.text(
+            s.trainable_params,
+            i,
+            f" {s.trainable_params:,} ({100 * s.trainable_params / s.total_params:.1f}%)",
+            va="center",
+            fontsize=9,
+        )
     ax2.set_yticks(list(y), [])
     ax2.invert_yaxis()
     ax2.set_xlabel("trainable parameters (log)")

@@ -1,9 +1,9 @@
 """Published reference numbers for RoBERTa-base + LoRA, and the table and plots that set a run beside them.
 
 Covers: `ARTICLE` (the seed article's own run), `LORA_PAPER` (Hu et al. 2021, Table 2), `references_for`,
-`results_table` / `format_table` (a run directory -> rows -> markdown), `plot_vs_references` and
-`plot_epoch_curves` (used by notebooks 04 and 05). Not here: training (`loralib.training`) or computing
-metrics (`loralib.metrics`).
+`results_table` / `format_table` (a run directory -> rows -> markdown), and the plots of notebooks 04
+and 05: `plot_vs_references`, `plot_epoch_curves`, `plot_no_answer_sweep`. Not here: training
+(`loralib.training`) or computing metrics (`loralib.metrics`).
 
 Every figure is stored on the scale `loralib.metrics` returns, under its metric key, so a run's
 results.json and a reference compare directly: GLUE as fractions (0.938, not 93.8), SQuAD as percentages
@@ -180,7 +180,9 @@ def plot_vs_references(results_dir: str | os.PathLike, ax=None):
     labels, series = [], {"this run": [], "article": [], "lora_paper": []}
     for r in rows:
         scale = 0.01 if r["metric"] in ("exact_match", "exact", "f1") and r["task"].startswith("squad") else 1
-        split = "" if r["split"] == "validation" else f" ({r['split'].replace('validation_', '')})"
+        split = {"validation": "", "validation_matched": " m", "validation_mismatched": " mm"}.get(
+            r["split"], f" ({r['split']})"
+        )
         labels.append(f"{r['task']}{split}\n{r['metric'].replace('matthews_correlation', 'mcc')}")
         series["this run"].append(r["value"] * scale)
         series["article"].append(np.nan if r["article"] is None else r["article"] * scale)
@@ -188,9 +190,14 @@ def plot_vs_references(results_dir: str | os.PathLike, ax=None):
     x = np.arange(len(rows))
     width = 0.27
     colors = {"this run": "tab:red" if any(r["smoke"] for r in rows) else "tab:blue"}
-    names = {"this run": "this run", "article": "article (published run)", "lora_paper": "LoRA paper, Table 2"}
+    names = {
+        "this run": "this run",
+        "article": "article (published run)",
+        "lora_paper": "LoRA paper, Table 2",
+    }
     for i, (key, values) in enumerate(series.items()):
-        ax.bar(x + (i - 1) * width, values, width, label=names[key], color=colors.get(key))
+        shown = not all(np.isnan(v) for v in values)  # no legend entry for a reference with no figure here
+        ax.bar(x + (i - 1) * width, values, width, label=names[key] if shown else None, color=colors.get(key))
     ax.set_xticks(x, labels, fontsize=8)
     ax.set_ylabel("score (GLUE as fraction, SQuAD / 100)")
     ax.axhline(0, color="black", linewidth=0.5)
@@ -217,12 +224,46 @@ def plot_epoch_curves(results_dir: str | os.PathLike):
             (line,) = ax_m.plot(epochs, values, marker="o", label=f"{task}{suffix}: {metric}")
         losses = [e["train_loss"] for e in res["epochs"]]
         ax_l.plot(epochs, losses, marker="o", label=task, color=line.get_color())
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (ax_m, ax_l):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_m.set_xlabel("epoch")
     ax_m.set_ylabel("validation metric (GLUE fraction, SQuAD %)")
     ax_m.legend(fontsize=7)
     ax_l.set_xlabel("epoch")
-    ax_l.set_ylabel("mean training loss")
+    losses = [e["train_loss"] for r in results.values() for e in r["epochs"] if e["train_loss"]]
+    if losses and min(losses) > 0 and max(losses) / min(losses) > 10:  # e.g. MSE (stsb) beside cross-entropy
+        ax_l.set_yscale("log")
+        ax_l.set_ylabel("mean training loss (log scale)")
+    else:
+        ax_l.set_ylabel("mean training loss")
     ax_l.legend(fontsize=7)
     fig.suptitle(_smoke_title(results, "per-epoch validation metric and training loss"), fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_no_answer_sweep(rows: list[dict[str, Any]], smoke: bool, default_threshold: float = 0.0):
+    """SQuAD v2 exact / F1 (all, answerable, unanswerable) and the abstention rate against the no-answer
+    threshold (rows from `loralib.training.no_answer_sweep`). Returns the Figure."""
+    import matplotlib.pyplot as plt
+
+    t = [r["threshold"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, style in (("f1", "-"), ("HasAns_f1", "--"), ("NoAns_f1", ":")):
+        if key in rows[0]:
+            ax.plot(t, [r[key] for r in rows], style, marker=".", label=key)
+    ax.plot(t, [100 * r["no_answer_rate"] for r in rows], color="gray", label='% answered "" (no answer)')
+    ax.axvline(
+        default_threshold, color="black", linewidth=0.8, label=f"threshold used ({default_threshold:g})"
+    )
+    ax.set_xlabel("null score - best span score threshold")
+    ax.set_ylabel("score (%)")
+    ax.legend(fontsize=8)
+    title = "SQuAD v2: the no-answer decision"
+    if smoke:
+        title = f"SMOKE RUN (tiny random model, mini data): not benchmark numbers\n{title}"
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return fig

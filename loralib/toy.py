@@ -26,8 +26,9 @@ from torch import nn
 
 SPLITS = ("train", "validation")
 LABELS = ("negative", "positive")
-# Tuned on the tiny random RoBERTa with LoRA r=8 on query/value plus a trained classifier head:
-# 15 epochs of 13 batches take ~3-5 s on 2 CPU cores and reach ~90% validation accuracy.
+# Tuned on the tiny random RoBERTa with LoRA r=8, alpha=16 on query/value plus a trained classifier
+# head: 15 epochs of 13 batches (195 steps) take 2-4 s on one CPU thread and reach 0.81-0.92
+# validation accuracy over seeds 0-3 (chance is 0.5). Fewer epochs or a 2x larger rate do worse.
 DEFAULT_EPOCHS = 15
 DEFAULT_LR = 5e-3
 
@@ -185,7 +186,7 @@ def train_steps(
     was_training = model.training
     model.train()
     losses: list[float] = []
-    bar = tqdm(total=epochs * len(batches), disable=not progress, desc="train", leave=False)
+    bar = tqdm(total=epochs * len(batches), disable=not progress, desc="train", leave=False, mininterval=0.5)
     try:
         for _ in range(epochs):
             for batch in batches:
@@ -194,7 +195,7 @@ def train_steps(
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 losses.append(loss.item())
-                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+                bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
                 bar.update()
     finally:
         bar.close()

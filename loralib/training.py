@@ -22,12 +22,19 @@ Training runs on `transformers.Trainer`, so bf16 on CUDA (fp32 on CPU), gradient
 multi-process DDP (`torchrun --nproc_per_node N -m loralib.benchmark ...` or `accelerate launch`) need no
 code of their own here. Only process 0 writes files.
 
-Results layout: OUTPUT_DIR/<task>/results.json and OUTPUT_DIR/<task>/adapter/. results.json holds:
-task, profile, backend, smoke (True only for the smoke profile: a tiny random model on bundled mini data,
-never benchmark numbers), model_id, seed, main_metric, metrics, metrics_by_split, epochs (one record per
-epoch: epoch, step, learning_rate, train_loss, metrics {split: {...}}, eval_loss {split: loss}), config,
-trainable_parameters, total_parameters, wall_time_s, train_time_s, peak_memory, world_size, device,
-versions, adapter {path, format, size_bytes}, finished_at.
+Results layout: OUTPUT_DIR/<task>/results.json and OUTPUT_DIR/<task>/adapter/ (loralib's adapter format
+for the loralib backend, the wrapper's `save_lora` for "article", PEFT's format plus loralib_task.json for
+"peft"/"qlora"; `load_trained_model` reads all three). results.json holds: task, profile, backend, smoke
+(True only for the smoke profile: a tiny random model on bundled synthetic data, never benchmark numbers),
+note, model_id, seed, main_metric, metrics, metrics_by_split, epochs (one record per epoch: epoch, step,
+learning_rate (the rate of the epoch's last optimizer step), train_loss (mean over the epoch), metrics
+{split: {...}}, eval_loss {split: loss} (GLUE only)), config (every TrainConfig field), trainable_parameters,
+total_parameters, train_examples (SQuAD: windows), train_time_s, wall_time_s, peak_memory {device, kind,
+bytes} (CUDA: max allocated; CPU: the process's peak RSS), world_size, device, versions
+(`loralib.versions()`), adapter {path, format, size_bytes}, finished_at. Non-finite numbers (e.g. the
+Pearson correlation of constant predictions) are written as null, so the file is strict JSON. A task whose
+results.json exists is skipped on a rerun unless overwrite=True (CLI --overwrite); a finished run with
+another profile, backend, seed or model in the same directory is an error rather than a silent skip.
 
 `metrics` holds the final epoch's metrics with the exact key names `loralib.metrics` returns (fractions for
 GLUE: accuracy, f1, matthews_correlation, pearson, spearmanr; percentages for SQuAD: exact_match/f1, or
@@ -45,6 +52,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -73,7 +81,8 @@ class TrainConfig:
 
     None means "decided by something else": model_id by the profile, formulation by the backend
     ("article" for the article backend, "scaled" otherwise), learning_rate by the formulation
-    (DEFAULT_LR), alpha = r, bf16 = "on CUDA when supported".
+    (DEFAULT_LR), alpha = r, bf16 = "on CUDA when supported", num_threads = torch's setting (CPU
+    intra-op threads during the run; the smoke profile uses 1).
     """
 
     task: str = "sst2"
@@ -109,6 +118,7 @@ class TrainConfig:
     bf16: bool | None = None
     progress: bool = True
     num_workers: int = 0
+    num_threads: int | None = None
 
     def __post_init__(self) -> None:
         self.target_modules = tuple(self.target_modules)
@@ -131,6 +141,10 @@ class TrainConfig:
             raise ValueError(
                 f"warmup_epochs={self.warmup_epochs} must be in [0, epochs={self.epochs}): the learning rate "
                 "warms up for warmup_epochs, then decays linearly to 0 over the remaining epochs."
+            )
+        if self.num_threads is not None and (not isinstance(self.num_threads, int) or self.num_threads <= 0):
+            raise ValueError(
+                f"num_threads must be a positive integer or None (torch's default), got {self.num_threads!r}."
             )
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}.")
@@ -182,6 +196,9 @@ PROFILES: dict[str, Profile] = {
             qa_max_length=192,
             qa_stride=64,
             eval_batch_size=32,
+            # The tiny model gains nothing from intra-op threads, and on a busy CPU one thread is
+            # several times faster than two fighting over the cores.
+            num_threads=1,
         ),
     ),
     "cpu": Profile(
@@ -222,7 +239,8 @@ def task_spec(task: str):
         return squad[task]
     raise ValueError(
         f"unknown task {task!r}. Valid tasks: {', '.join([*glue, *squad])}; "
-        f"or the groups {', '.join(TASK_GROUPS)} (glue = the nine GLUE tasks, squad = squad and squad_v2)."
+        f"or the groups {', '.join(TASK_GROUPS)} (glue = the nine GLUE tasks; on the command line squad = squad "
+        "and squad_v2, squad_v1 = SQuAD v1.1 alone)."
     )
 
 
@@ -240,7 +258,9 @@ def resolve_tasks(names: str | Iterable[str]) -> list[str]:
     glue, squad = _task_tables()
     names = [names] if isinstance(names, str) else list(names)
     if not names:
-        raise ValueError(f"no task given; choose from {', '.join([*glue, *squad])} or {', '.join(TASK_GROUPS)}.")
+        raise ValueError(
+            f"no task given; choose from {', '.join([*glue, *squad])} or {', '.join(TASK_GROUPS)}."
+        )
     out: list[str] = []
     for name in names:
         key = str(name).strip().lower().replace("-", "_")
@@ -285,7 +305,8 @@ def make_config(task: str, profile: str = "smoke", **overrides: Any) -> TrainCon
     return TrainConfig(**values)
 
 
-def _resolve_model_id(cfg: TrainConfig) -> str:
+def resolve_model_id(cfg: TrainConfig) -> str:
+    """cfg.model_id, or the offline tiny RoBERTa's directory when it is None (the smoke profile)."""
     if cfg.model_id:
         return cfg.model_id
     from loralib.tiny import tiny_roberta
@@ -380,7 +401,7 @@ def _load_error(model_id: str, exc: Exception) -> RuntimeError:
 def build_model(cfg: TrainConfig, model_id: str | None = None) -> torch.nn.Module:
     """The model of `cfg.backend` for `cfg.task`, with LoRA in place and only the recipe's tensors trainable."""
     spec = task_spec(cfg.task)
-    model_id = model_id or _resolve_model_id(cfg)
+    model_id = model_id or resolve_model_id(cfg)
     qa = is_qa(cfg.task)
     alpha = cfg.alpha if cfg.alpha is not None else cfg.r
     from loralib.utils import set_seed
@@ -406,7 +427,9 @@ def build_model(cfg: TrainConfig, model_id: str | None = None) -> torch.nn.Modul
         except OSError as exc:
             raise _load_error(model_id, exc) from exc
         init = "kaiming" if cfg.formulation == "scaled" else "article"
-        inject_lora(model, list(cfg.target_modules), r=cfg.r, alpha=alpha, dropout=cfg.lora_dropout, init=init)
+        inject_lora(
+            model, list(cfg.target_modules), r=cfg.r, alpha=alpha, dropout=cfg.lora_dropout, init=init
+        )
         mark_only_lora_as_trainable(
             model,
             bias="all" if cfg.train_biases else "none",
@@ -508,7 +531,9 @@ def _make_trainer_class():
                 else:
                     out = self._evaluate_qa(split, ds, ignore_keys, prefix)
                 merged.update(out)
-                stripped = {k[len(prefix) + 1 :]: _to_float(v) for k, v in out.items() if k.startswith(prefix)}
+                stripped = {
+                    k[len(prefix) + 1 :]: _to_float(v) for k, v in out.items() if k.startswith(prefix)
+                }
                 record["metrics"][split] = {k: v for k, v in stripped.items() if k not in _TRAINER_EVAL_STATS}
                 if "loss" in stripped:
                     record["eval_loss"][split] = stripped["loss"]
@@ -625,7 +650,6 @@ def build_trainer(
     from transformers import AutoTokenizer, DataCollatorWithPadding, TrainingArguments
 
     spec = task_spec(cfg.task)
-    model_id = _resolve_model_id(cfg)
     world = _world_size()
     per_device = per_device_batch_size(cfg, world)
     cuda = torch.cuda.is_available()
@@ -658,11 +682,14 @@ def build_trainer(
         label_names=["start_positions", "end_positions"] if is_qa(cfg.task) else ["labels"],
         ddp_find_unused_parameters=cfg.backend == "article",
     )
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_id)
-    except OSError as exc:
-        raise _load_error(model_id, exc) from exc
-    train, evals = load_raw_data(cfg)
+    # Process 0 first: it builds the tiny model / fills the hub caches, the others then read them.
+    with args.main_process_first(desc="model and data"):
+        model_id = resolve_model_id(cfg)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_id)
+        except OSError as exc:
+            raise _load_error(model_id, exc) from exc
+        train, evals = load_raw_data(cfg)
     train_feats, eval_feats, qa_eval = _tokenize(cfg, tokenizer, train, evals, args.main_process_first)
     model = build_model(cfg, model_id)
     optimizers = (None, None)  # the Trainer's AdamW (no decay on biases and norms) and our schedule
@@ -723,7 +750,9 @@ def read_results(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path)
     p = p / RESULTS_NAME if p.is_dir() else p
     if not p.exists():
-        raise FileNotFoundError(f"no {RESULTS_NAME} at {p}; run `python -m loralib.benchmark --task ...` first.")
+        raise FileNotFoundError(
+            f"no {RESULTS_NAME} at {p}; run `python -m loralib.benchmark --task ...` first."
+        )
     return json.loads(p.read_text())
 
 
@@ -749,7 +778,11 @@ def _peak_memory() -> dict[str, Any]:
         }
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # Linux reports KiB, macOS bytes.
-    return {"device": "cpu", "kind": "process_max_rss", "bytes": int(rss if sys.platform == "darwin" else rss * 1024)}
+    return {
+        "device": "cpu",
+        "kind": "process_max_rss",
+        "bytes": int(rss if sys.platform == "darwin" else rss * 1024),
+    }
 
 
 def _epoch_records(trainer) -> list[dict[str, Any]]:
@@ -792,7 +825,9 @@ def _save_adapter(cfg: TrainConfig, model, spec, model_id: str, directory: Path)
         return {"path": ADAPTER_DIR, "format": "article", "size_bytes": adapter_size_bytes(directory)}
     from loralib.qlora import save_peft_model
 
-    save_peft_model(model, directory, **{k: v for k, v in meta.items() if k in ("task", "backend", "formulation")})
+    save_peft_model(
+        model, directory, **{k: v for k, v in meta.items() if k in ("task", "backend", "formulation")}
+    )
     size = sum(f.stat().st_size for f in directory.iterdir() if f.is_file())
     return {"path": ADAPTER_DIR, "format": "peft", "size_bytes": size}
 
@@ -802,8 +837,9 @@ class ResultsExistError(ValueError):
 
 
 def _check_compatible(existing: dict[str, Any], cfg: TrainConfig, profile: str, path: Path) -> None:
-    mine = {"profile": profile, "backend": cfg.backend, "seed": cfg.seed}
-    theirs = {k: existing.get(k) for k in mine}
+    mine = {"profile": profile, "backend": cfg.backend, "seed": cfg.seed, "model_id": cfg.model_id}
+    theirs = {k: existing.get(k) for k in ("profile", "backend", "seed")}
+    theirs["model_id"] = existing.get("config", {}).get("model_id")
     if mine != theirs:
         raise ResultsExistError(
             f"{path} holds a finished run with {theirs}, not {mine}; pass overwrite=True (CLI --overwrite) "
@@ -848,12 +884,18 @@ def run_task(
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    with tempfile.TemporaryDirectory(prefix="trainer-") as scratch:
-        trainer, model, _tok, model_id = build_trainer(cfg, scratch, callbacks)
-        params = count_parameters(model)
-        t_train = time.perf_counter()
-        trainer.train()
-        train_time = time.perf_counter() - t_train
+    threads = torch.get_num_threads()
+    try:
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        with tempfile.TemporaryDirectory(prefix="trainer-") as scratch:
+            trainer, model, _tok, model_id = build_trainer(cfg, scratch, callbacks)
+            params = count_parameters(model)
+            t_train = time.perf_counter()
+            trainer.train()
+            train_time = time.perf_counter() - t_train
+    finally:
+        torch.set_num_threads(threads)
     epochs = _epoch_records(trainer)
     if not epochs:
         raise RuntimeError(f"{task}: training finished without an evaluation; this is a bug in run_task.")
@@ -883,12 +925,15 @@ def run_task(
     }
     if trainer.is_world_process_zero():
         task_dir.mkdir(parents=True, exist_ok=True)
-        results["adapter"] = _save_adapter(cfg, trainer.model, spec, model_id, task_dir / ADAPTER_DIR)
+        adapter_dir = task_dir / ADAPTER_DIR
+        if adapter_dir.exists():  # an overwritten run of another backend must not leave its files behind
+            shutil.rmtree(adapter_dir)
+        results["adapter"] = _save_adapter(cfg, trainer.model, spec, model_id, adapter_dir)
         results["wall_time_s"] = round(time.perf_counter() - t0, 3)
         results["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         _atomic_write_json(results_path, results)
     trainer.accelerator.wait_for_everyone()
-    return results
+    return _json_safe(results)  # the same values the file holds (NaN -> None)
 
 
 def run_benchmark(
@@ -917,7 +962,7 @@ def load_trained_model(task_dir: str | os.PathLike) -> tuple[torch.nn.Module, An
     results = read_results(task_dir)
     cfg = TrainConfig(**{**results["config"], "target_modules": tuple(results["config"]["target_modules"])})
     adapter = task_dir / results["adapter"]["path"]
-    model_id = _resolve_model_id(cfg)
+    model_id = resolve_model_id(cfg)
     fmt = results["adapter"]["format"]
     if fmt == "peft":
         from loralib.qlora import load_peft_model
@@ -983,3 +1028,43 @@ def predict_qa(
     finally:
         model.train(was_training)
     return feats, np.concatenate(starts), np.concatenate(ends)
+
+
+def no_answer_sweep(
+    examples,
+    features,
+    start_logits: np.ndarray,
+    end_logits: np.ndarray,
+    thresholds: Iterable[float],
+    n_best_size: int = 20,
+    max_answer_length: int = 30,
+) -> list[dict[str, Any]]:
+    """SQuAD v2 scores as the no-answer threshold varies: one row per threshold with threshold,
+    no_answer_rate (share of questions answered "") and the `squad_metrics` v2 keys.
+
+    A question is answered "" when its null score minus its best span score exceeds the threshold:
+    a low threshold abstains often (good on unanswerable questions), a high one never abstains.
+    """
+    from loralib.metrics import squad_metrics
+    from loralib.qa import postprocess_qa_predictions
+
+    rows = []
+    for t in thresholds:
+        preds, diffs = postprocess_qa_predictions(
+            examples,
+            features,
+            start_logits,
+            end_logits,
+            version_2=True,
+            n_best_size=n_best_size,
+            max_answer_length=max_answer_length,
+            null_score_diff_threshold=float(t),
+        )
+        metrics = squad_metrics(
+            preds, examples, version_2=True, no_answer_probs=diffs, no_answer_threshold=float(t)
+        )
+        rate = sum(p == "" for p in preds.values()) / len(preds)
+        rows.append(
+            {"threshold": float(t), "no_answer_rate": rate, **{k: _to_float(v) for k, v in metrics.items()}}
+        )
+    return rows

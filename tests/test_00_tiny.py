@@ -55,7 +55,9 @@ def test_another_seed_gives_other_weights(tiny_model_dir, tmp_path):
     other = tiny_roberta(tmp_path / "seed1", seed=1)
     wa, wb = load_file(f"{tiny_model_dir}/model.safetensors"), load_file(f"{other}/model.safetensors")
     assert wa.keys() == wb.keys()
-    assert not torch.equal(wa["encoder.layer.0.attention.self.query.weight"], wb["encoder.layer.0.attention.self.query.weight"])
+    assert not torch.equal(
+        wa["encoder.layer.0.attention.self.query.weight"], wb["encoder.layer.0.attention.self.query.weight"]
+    )
 
 
 def test_building_does_not_touch_the_global_rng(tmp_path):
@@ -90,10 +92,17 @@ def test_loads_offline_with_the_documented_architecture(tiny_model_dir, no_netwo
     assert cfg.model_type == "roberta"
     for key, value in DEFAULT_ARCH.items():
         assert getattr(cfg, key) == value, key
-    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.vocab_size) == (64, 2, 4, 1000)
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.vocab_size) == (
+        64,
+        2,
+        4,
+        1000,
+    )
     assert (cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id) == (1, 0, 2)
     model = RobertaModel.from_pretrained(tiny_model_dir).eval()
-    assert model.embeddings.position_embeddings.padding_idx == 1 == model.embeddings.word_embeddings.padding_idx
+    assert (
+        model.embeddings.position_embeddings.padding_idx == 1 == model.embeddings.word_embeddings.padding_idx
+    )
     # Every stored tensor is loaded (nothing silently re-initialised).
     stored = load_file(f"{tiny_model_dir}/model.safetensors")
     state = model.state_dict()
@@ -108,7 +117,13 @@ def test_loads_offline_with_the_documented_architecture(tiny_model_dir, no_netwo
 def test_tokenizer_follows_roberta_conventions(tiny_model_dir, no_network):
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     assert tok.is_fast and len(tok) == 1000
-    assert (tok.bos_token_id, tok.pad_token_id, tok.eos_token_id, tok.unk_token_id, tok.mask_token_id) == (0, 1, 2, 3, 4)
+    assert (tok.bos_token_id, tok.pad_token_id, tok.eos_token_id, tok.unk_token_id, tok.mask_token_id) == (
+        0,
+        1,
+        2,
+        3,
+        4,
+    )
     assert tok.convert_ids_to_tokens([0, 1, 2, 3, 4]) == ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
     single = tok(TEXT)["input_ids"]
     assert single[0] == 0 and single[-1] == 2 and 1 not in single

@@ -2,7 +2,8 @@
 
 Every check compares the layer (and its hand-written backward) with the formula evaluated by plain
 torch ops and autograd, in float32 (tight tolerance) and float64; plus the documented
-initialisations, merge/unmerge, dropout and argument errors. Not here: injection into a model
+initialisations, merge/unmerge, dropout and argument errors; plus the numeric helpers of
+`loralib.plots` that notebook 01 draws this math with. Not here: injection into a model
 (test_03_injection.py) and saving adapters (test_03_adapters.py).
 """
 
@@ -63,7 +64,9 @@ def test_forward_equals_formula(i, o, r, alpha, bias, shape, dtype):
 
 # Every case with a frozen bias (or none), and the cases with a bias also with that bias trained.
 GRAD_CASES = [(*c, False) for c in CASES] + [(*c, True) for c in CASES if c[4]]
-GRAD_IDS = [f"{i}-bias-frozen" for i in CASE_IDS] + [f"{i}-bias-trained" for c, i in zip(CASES, CASE_IDS) if c[4]]
+GRAD_IDS = [f"{i}-bias-frozen" for i in CASE_IDS] + [
+    f"{i}-bias-trained" for c, i in zip(CASES, CASE_IDS) if c[4]
+]
 
 
 @pytest.mark.parametrize("x_grad", [True, False], ids=["x-grad", "x-no-grad"])
@@ -102,7 +105,9 @@ def test_unfrozen_weight_gets_the_formula_gradient():
     x = torch.randn(6, 20, dtype=torch.float64)
     layer(x).square().sum().backward()
     W = layer.weight.detach().clone().requires_grad_(True)
-    explicit(x, W, layer.bias.detach(), layer.lora_A.detach(), layer.lora_B.detach(), layer.scaling).square().sum().backward()
+    explicit(
+        x, W, layer.bias.detach(), layer.lora_A.detach(), layer.lora_B.detach(), layer.scaling
+    ).square().sum().backward()
     torch.testing.assert_close(layer.weight.grad, W.grad, rtol=1e-12, atol=1e-12)
 
 
@@ -160,7 +165,9 @@ def test_merge_unmerge(i, o, r, alpha, bias, shape, dtype):
     layer = make_layer(i, o, r, alpha, bias, dtype)
     W0 = layer.weight.detach().clone()
     delta = layer.delta_weight().detach()
-    torch.testing.assert_close(delta, layer.scaling * layer.lora_B.detach() @ layer.lora_A.detach(), **TOL[dtype])
+    torch.testing.assert_close(
+        delta, layer.scaling * layer.lora_B.detach() @ layer.lora_A.detach(), **TOL[dtype]
+    )
     x = torch.randn(*shape, i, dtype=dtype)
     y = layer(x)
     layer.merge()
@@ -225,7 +232,9 @@ def test_dropout_input_gradient_flows_through_the_mask():
     torch.manual_seed(5)
     mask = F.dropout(torch.ones(7, 12, dtype=torch.float64), p=0.3, training=True)
     x_ref = x.detach().clone().requires_grad_(True)
-    explicit(x_ref, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling, mask).sum().backward()
+    explicit(
+        x_ref, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling, mask
+    ).sum().backward()
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-12, atol=1e-12)
 
 
@@ -271,3 +280,55 @@ def test_bad_arguments_raise_helpful_value_errors(kwargs, match):
 def test_from_linear_rejects_non_linear_and_lora(module, match):
     with pytest.raises(TypeError, match=match):
         LoraLinear.from_linear(module, r=2)
+
+
+# --- loralib.plots: the helpers notebook 01 draws the layer's math with -------------------------------
+
+
+def test_plot_helpers_compute_the_right_numbers():
+    import numpy as np
+
+    from loralib import plots
+
+    torch.manual_seed(0)
+    m = torch.randn(30, 4) @ torch.randn(4, 20)
+    s = plots.singular_values(m)
+    np.testing.assert_allclose(
+        s, np.linalg.svd(m.double().numpy(), compute_uv=False), rtol=1e-9, atol=1e-9 * s[0]
+    )
+    assert (s > 1e-5 * s[0]).sum() == 4  # float32 round-off sits near 1e-7 relative
+    assert plots.lora_parameter_count(1024, 1024, 4) == 8192
+    assert plots.lora_parameter_count(768, 3072, 8) == 8 * (768 + 3072)
+    v = [3.0, 1.0, 4.0, 1.0, 5.0, 9.0]
+    expected = [np.mean(v[max(0, i - 2) : i + 1]) for i in range(len(v))]
+    np.testing.assert_allclose(plots.moving_average(v, 3), expected)
+    with pytest.raises(ValueError, match="2-D matrix"):
+        plots.singular_values(torch.ones(3))
+
+
+def test_plot_helpers_return_figures_with_the_data():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+
+    from loralib import plots
+
+    torch.manual_seed(0)
+    low = torch.randn(16, 2) @ torch.randn(2, 16)
+    fig = plots.plot_singular_values({"low": low, "dense": torch.randn(16, 16)}, rank=2)
+    assert isinstance(fig, Figure) and len(fig.axes[0].get_lines()) == 3  # two spectra + the rank line
+    fig = plots.plot_rank_vs_params(64, ranks=[1, 2, 4, 8])
+    assert list(fig.axes[0].get_lines()[0].get_ydata()) == [128, 256, 512, 1024]
+    fig = plots.plot_loss_curve([1.0, 0.5, 0.25], smooth=1)
+    assert list(fig.axes[0].get_lines()[0].get_ydata()) == [1.0, 0.5, 0.25]
+    fig = plots.plot_update_size_vs_rank([1, 2], {"a": [1.0, 2.0]}, reference=3.0)
+    assert isinstance(fig, Figure)
+    fig = plots.plot_parameter_budget({"lora": 10, "full": 1000}, total=1000)
+    assert [p.get_width() for p in fig.axes[0].patches] == [10, 1000]
+    with pytest.raises(ValueError, match="one value per rank"):
+        plots.plot_update_size_vs_rank([1, 2], {"a": [1.0]})
+    with pytest.raises(ValueError, match="no losses"):
+        plots.plot_loss_curve([])
+    plt.close("all")

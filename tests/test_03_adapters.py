@@ -33,7 +33,13 @@ def stock(tiny_model_dir):
 @pytest.fixture(scope="module")
 def batch(tiny_model_dir):
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    return dict(tok(["A short sentence.", "Another, slightly longer sentence here."], padding=True, return_tensors="pt"))
+    return dict(
+        tok(
+            ["A short sentence.", "Another, slightly longer sentence here."],
+            padding=True,
+            return_tensors="pt",
+        )
+    )
 
 
 def fresh(stock, seed: int = 1):
@@ -90,7 +96,13 @@ def test_file_holds_exactly_the_trainable_tensors(stock, tmp_path):
     on_disk = load_file(path)
     expected = {n for n, p in model.named_parameters() if p.requires_grad}
     assert set(on_disk) == expected
-    assert not any(k.endswith(".weight") and ".lora_" not in k and "LayerNorm" not in k and not k.startswith("classifier") for k in on_disk)
+    assert not any(
+        k.endswith(".weight")
+        and ".lora_" not in k
+        and "LayerNorm" not in k
+        and not k.startswith("classifier")
+        for k in on_disk
+    )
     params = dict(model.named_parameters())
     assert all(torch.equal(on_disk[k], params[k].detach()) for k in on_disk)
     n_bytes = sum(v.numel() * v.element_size() for v in on_disk.values())
@@ -108,14 +120,18 @@ def test_metadata_survives(stock, tmp_path):
     for c in (on_file, beside, cfg, loaded):
         assert (c["base_model"], c["task"], c["num_labels"]) == ("FacebookAI/roberta-base", "sst2", 3)
         assert (c["r"], c["alpha"]) == (4, 8.0)
-        assert c["target_modules"] == [f"roberta.encoder.layer.{i}.attention.self.{t}" for i in (0, 1) for t in TARGETS]
+        assert c["target_modules"] == [
+            f"roberta.encoder.layer.{i}.attention.self.{t}" for i in (0, 1) for t in TARGETS
+        ]
 
 
 def test_wrong_rank(stock, tmp_path):
     save_lora(trained(stock, r=4), tmp_path)
     other = fresh(stock)
     inject_lora(other, TARGETS, r=8)
-    with pytest.raises(ValueError, match=r"different rank r.*file \(4, 64\) vs model \(8, 64\).*saved with r=4"):
+    with pytest.raises(
+        ValueError, match=r"different rank r.*file \(4, 64\) vs model \(8, 64\).*saved with r=4"
+    ):
         load_lora(other, tmp_path)
 
 
@@ -127,7 +143,9 @@ def test_wrong_targets(stock, tmp_path):
         load_lora(fewer, tmp_path)
     more = fresh(stock)
     inject_lora(more, ["query", "value", "key"], r=4, alpha=8)
-    with pytest.raises(ValueError, match="LoRA matrices the adapter does not contain.*key.lora_A.*strict=False"):
+    with pytest.raises(
+        ValueError, match="LoRA matrices the adapter does not contain.*key.lora_A.*strict=False"
+    ):
         load_lora(more, tmp_path)
     load_lora(more, tmp_path, strict=False)  # the extra key adapters simply keep their init
 
@@ -201,7 +219,9 @@ def test_crash_mid_write_keeps_the_previous_adapter(stock, tmp_path, monkeypatch
     monkeypatch.setattr(adapters, "save_file", crashing_save_file)
     with pytest.raises(RuntimeError, match="disk full"):
         save_lora(trained(stock, seed=1), tmp_path, task="second")
-    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before, "no temp file left, old adapter intact"
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before, (
+        "no temp file left, old adapter intact"
+    )
     monkeypatch.undo()
     model = fresh(stock)
     assert load_lora(model, tmp_path)["task"] == "first"

@@ -183,7 +183,9 @@ def test_injecting_twice_raises_type_error(model):
     assert not any(n.endswith("query") for n in more) and len(more) == 10
 
 
-@pytest.mark.parametrize("kwargs", [dict(r=0), dict(alpha=0), dict(dropout=1.0), dict(init="xavier")], ids=str)
+@pytest.mark.parametrize(
+    "kwargs", [dict(r=0), dict(alpha=0), dict(dropout=1.0), dict(init="xavier")], ids=str
+)
 def test_bad_lora_args_raise_before_touching_the_model(model, kwargs):
     with pytest.raises(ValueError):
         inject_lora(model, ["query"], **kwargs)

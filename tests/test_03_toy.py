@@ -82,7 +82,9 @@ def test_unknown_split():
         toy_batches(None, "dev")
 
 
-@pytest.mark.parametrize("split, batch_size", [("train", 16), ("validation", 16), ("train", 7), ("validation", 64)])
+@pytest.mark.parametrize(
+    "split, batch_size", [("train", 16), ("validation", 16), ("train", 7), ("validation", 64)]
+)
 def test_batches_match_the_tokenizer(tok, split, batch_size):
     rows = load_toy_sentiment(split)
     batches = toy_batches(tok, split, batch_size=batch_size)
@@ -91,7 +93,10 @@ def test_batches_match_the_tokenizer(tok, split, batch_size):
     for b in batches:
         assert set(b) == {"input_ids", "attention_mask", "labels"}
         assert b["input_ids"].dtype == b["attention_mask"].dtype == b["labels"].dtype == torch.long
-        assert b["input_ids"].shape == b["attention_mask"].shape and b["input_ids"].shape[0] == b["labels"].shape[0]
+        assert (
+            b["input_ids"].shape == b["attention_mask"].shape
+            and b["input_ids"].shape[0] == b["labels"].shape[0]
+        )
         for ids, mask, label in zip(b["input_ids"], b["attention_mask"], b["labels"]):
             text = tok.decode(ids[mask.bool()], skip_special_tokens=True)
             assert ids[mask.bool()].tolist() == tok(text)["input_ids"]
@@ -195,7 +200,9 @@ def test_lora_learns_the_toy_task_on_the_tiny_roberta(tiny_model_dir, tok, one_t
     seconds = time.perf_counter() - start
     after = evaluate_accuracy(model, val)
     n = len(train)
-    print(f"toy accuracy {before:.3f} -> {after:.3f}, loss {sum(losses[:n]) / n:.3f} -> "
-          f"{sum(losses[-n:]) / n:.3f}, {len(losses)} steps in {seconds:.1f} s")
+    print(
+        f"toy accuracy {before:.3f} -> {after:.3f}, loss {sum(losses[:n]) / n:.3f} -> "
+        f"{sum(losses[-n:]) / n:.3f}, {len(losses)} steps in {seconds:.1f} s"
+    )
     assert after >= 0.75 and after >= before + 0.2
     assert sum(losses[-n:]) < 0.5 * sum(losses[:n])

@@ -184,7 +184,7 @@ def test_summary_table_is_printed_with_the_smoke_label(bench, capsys):
     assert "| 0.854 |" in text and "| 0.859 |" in text  # the article's m / mm beside the run
 
 
-def test_ddp_two_cpu_processes(tmp_path):
+def test_ddp_two_cpu_processes(tmp_path, tiny_model_dir):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     cmd = [
         sys.executable,
@@ -213,3 +213,22 @@ def test_ddp_two_cpu_processes(tmp_path):
     assert 0 <= res["metrics"]["accuracy"] <= 1 and all(np.isfinite(e["train_loss"]) for e in res["epochs"])
     assert (tmp_path / "sst2" / "adapter" / "adapter.safetensors").exists()
     assert proc.stdout.count("| sst2 | validation | accuracy |") == 1  # only rank 0 prints the summary
+
+
+def test_final_metric_reads_one_number(bench):
+    from loralib.training import final_metric
+
+    out, _ = bench
+    mnli = _results(out, "mnli")
+    assert final_metric(mnli) == mnli["metrics"]["validation_matched"]["accuracy"]
+    assert (
+        final_metric(mnli, split="validation_mismatched")
+        == mnli["metrics"]["validation_mismatched"]["accuracy"]
+    )
+    stsb = _results(out, "stsb")
+    assert (
+        final_metric(stsb) == stsb["metrics"]["pearson"]
+        and final_metric(stsb, "spearmanr") == stsb["metrics"]["spearmanr"]
+    )
+    with pytest.raises(KeyError, match="accuracy"):
+        final_metric(stsb, "accuracy")

@@ -159,8 +159,8 @@ def test_autopeft_reload_loses_num_labels(tiny_model_dir, tmp_path):
     qlora.save_peft_model(model, tmp_path)
     with pytest.raises(RuntimeError, match=r"size mismatch.*out_proj"):
         AutoPeftModelForSequenceClassification.from_pretrained(str(tmp_path))
+    model.save_pretrained(str(tmp_path / "plain"))  # PEFT's files only: our loader says what is missing
     with pytest.raises(FileNotFoundError, match="num_labels"):
-        model.save_pretrained(str(tmp_path / "plain"))
         qlora.load_peft_model(tmp_path / "plain")
 
 
@@ -252,3 +252,38 @@ def test_dequantized_base_is_the_4bit_model_in_fp32(tiny_model_dir):
     assert qlora.output_difference(q, d, batch)["max_abs"] < 1e-5
     with pytest.raises(ValueError, match="needs quantize=True"):
         qlora.load_base_model(tiny_model_dir, "classification", 2, dequantize=True)
+
+
+def test_quantized_parameter_accounting(tiny_model_dir):
+    set_seed(0)
+    q = qlora.build_peft_model(tiny_model_dir, "classification", 2, quantize=True)
+    set_seed(0)
+    f = qlora.build_peft_model(tiny_model_dir, "classification", 2, quantize=False)
+    # Reference: the same model in full precision, counted by PEFT itself.
+    assert qlora.logical_parameter_count(q) == f.get_nb_trainable_parameters()[1]
+    assert qlora.logical_parameter_count(q) > sum(
+        p.numel() for p in q.parameters()
+    )  # packed storage counts half
+    n4 = sum(
+        m.in_features * m.out_features for m in q.modules() if type(m).__name__ == "Linear4bit"
+    )  # 4-bit weights
+    blocks = n4 // 64
+    # At least one 8-bit absmax per block of 64 (double quantisation), little more than that.
+    assert blocks <= qlora.quant_state_bytes(q) <= blocks * 1.1 + 2048 * 12
+
+
+def test_compare_training_memory_on_a_small_config():
+    from loralib import profiling
+
+    config = profiling.roberta_config(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=1000
+    )
+    res = qlora.compare_training_memory(config, batch_size=2, seq_len=16, device="cpu")
+    c = res["cases"]
+    assert list(c) == list(qlora.MEMORY_CASES)
+    assert c["full_ft"].trainable_params == c["full_ft"].total_params
+    assert c["loralib"].trainable_params == c["peft"].trainable_params == c["qlora"].trainable_params
+    assert c["qlora"].total_params == c["peft"].total_params  # weights, not packed storage elements
+    assert c["qlora"].state_bytes < c["peft"].state_bytes < c["full_ft"].state_bytes
+    assert all(s.peak_bytes == s.state_bytes + s.peak_extra_bytes for s in c.values())
+    assert "QLoRA" in qlora.memory_table(res)
