@@ -45,14 +45,17 @@ class _LoraLinearFn(torch.autograd.Function):
     the two input gradients share one buffer). Only the gradients autograd asks for are computed,
     so a frozen W costs no (out x in) weight gradient, and only the tensors those gradients need
     are saved: the input (for dA, or dW when W trains), xa = xd A^T (n x r, for dB) and the
-    parameters. Nothing of size (out x in) or a second (n x d) activation is kept.
+    parameters (plus B^T, r x out). Nothing of size (out x in) and no second (n x in) activation.
 
-    Layouts matter more than flops here: the six thin products cost ~2% of the two big matmuls in
-    flops, but each one streams an (n x d) matrix through memory. MKL is fast when the thin
-    operand is a transposed view of a contiguous (r x d) matrix, and up to ~2x slower when it is a
-    contiguous (d x r) one (measured on the benchmark's CPU), so B enters as `B^T` made contiguous
-    once per call (r x out, tiny), dB is computed as (xa^T dy)^T, and both low-rank terms are added
-    into the big products in place with `addmm_` instead of allocating a second (n x d) result.
+    Layouts matter more than flops here. The six thin products add ~2% to the flops of the two big
+    matmuls, but each streams an (n x d) matrix through memory, and MKL's speed on them depends on
+    the operands' layouts by up to 2x (measured on the benchmark's CPU, see benchmarks/):
+    - B enters as B^T made contiguous once per call (r x out, tiny): `dy @ B` with B itself
+      contiguous (out x r) is the slowest form of that product;
+    - xa and dy B are produced as (n x r), then copied (tiny) to contiguous (r x n) so that dA =
+      (dy B)^T x and dB = (xa^T dy)^T are plain (r x n) @ (n x d) products;
+    - both low-rank terms are added into the big products in place with `addmm_`, so no second
+      (n x d) result is allocated.
     """
 
     @staticmethod
@@ -64,14 +67,14 @@ class _LoraLinearFn(torch.autograd.Function):
             out = torch.mm(x2, weight.t())
         else:
             out = torch.addmm(bias, x2, weight.t())
-        bt = lora_B.t().contiguous()  # (r, out): the layout MKL's thin GEMMs like (see class doc)
+        bt = lora_B.t().contiguous()  # (r, out)
         xa = torch.mm(xd2, lora_A.t())  # (n, r): the only extra activation LoRA keeps
         out.addmm_(xa, bt, alpha=scaling)
         need_x, need_xd, need_w, _, need_a, need_b, _ = ctx.needs_input_grad
         ctx.save_for_backward(
             x2 if need_w or (need_a and xd is None) else None,
             xd2 if need_a and xd is not None else None,
-            xa if need_b else None,
+            xa.t().contiguous() if need_b else None,  # (r, n), the layout dB's product wants
             weight if need_x else None,
             lora_A if need_x or need_xd else None,
             bt if need_a or need_xd or (need_x and xd is None) else None,
@@ -84,7 +87,7 @@ class _LoraLinearFn(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        x2, xd2, xa, weight, lora_A, bt = ctx.saved_tensors
+        x2, xd2, xa_t, weight, lora_A, bt = ctx.saved_tensors
         s = ctx.scaling
         shape = ctx.shape
         dy = grad_out.reshape(-1, grad_out.shape[-1])
@@ -92,7 +95,7 @@ class _LoraLinearFn(torch.autograd.Function):
         dx = dxd = dw = dbias = da = db = None
         dyb = None
         if need_a or need_xd or (need_x and not ctx.has_xd):
-            dyb = torch.mm(dy, bt.t())  # (n, r); bt.t() is the fast transposed view
+            dyb = torch.mm(dy, bt.t())  # (n, r)
         if need_x:
             dx = torch.mm(dy, weight)
             if not ctx.has_xd:
@@ -105,10 +108,9 @@ class _LoraLinearFn(torch.autograd.Function):
         if need_bias:
             dbias = dy.sum(0)
         if need_a:
-            da = torch.mm(dyb.t(), x2 if xd2 is None else xd2).mul_(s)
+            da = torch.mm(dyb.t().contiguous(), x2 if xd2 is None else xd2).mul_(s)
         if need_b:
-            # (xa^T dy)^T streams dy in its natural layout; dy^T xa is ~2x slower on MKL.
-            db = torch.mm(xa.t(), dy).mul_(s).t()
+            db = torch.mm(xa_t, dy).mul_(s).t()  # (xa^T dy)^T, an (out x r) view
         return dx, dxd, dw, dbias, da, db, None
 
 

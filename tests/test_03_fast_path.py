@@ -229,8 +229,9 @@ def test_saves_only_input_thin_activation_and_parameters(lead, kind):
     saved = function_saved(layer(x))
     params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
     shapes = sorted(tuple(t.shape) for t in saved if t.untyped_storage().data_ptr() not in params)
-    # the input (n x in), xa (n x r) and B^T (r x out); W and A are saved as the parameters themselves
-    assert shapes == sorted([(n, d_in), (n, r), (r, d_out)])
+    # the input (n x in), xa (kept transposed, r x n) and B^T (r x out); W and A are saved as the
+    # parameters themselves
+    assert shapes == sorted([(n, d_in), (r, n), (r, d_out)])
     (x2,) = [t for t in saved if tuple(t.shape) == (n, d_in)]
     if kind != "strided":  # a contiguous input is saved as a view, never copied
         assert x2.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
@@ -241,7 +242,7 @@ def test_saves_only_input_thin_activation_and_parameters(lead, kind):
     # when A is frozen the input itself is no longer needed (dB uses xa, dx uses W, A and B)
     layer.lora_A.requires_grad_(False)
     shapes_b = sorted(tuple(t.shape) for t in function_saved(layer(x)))
-    assert shapes_b == sorted([(d_out, d_in), (r, d_in), (n, r), (r, d_out)])
+    assert shapes_b == sorted([(d_out, d_in), (r, d_in), (r, n), (r, d_out)])
 
     # dropout in training: the dropped-out input replaces the input (x itself is not needed)
     layer_do = make_layer(d_in, d_out, r, dropout=0.2).train()
