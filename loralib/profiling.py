@@ -358,7 +358,8 @@ def layer_cases(
 
 @dataclass
 class LayerResult:
-    """One layer configuration: medians (s), ratios to the frozen linear, and peak bytes per method."""
+    """One layer configuration, per method: median seconds, ratio to the frozen linear (or the first
+    method), every timed sample, and the peak bytes allocated during one forward + backward."""
 
     d: int
     d_out: int
@@ -369,6 +370,7 @@ class LayerResult:
     median_s: dict[str, float]
     ratio: dict[str, float]
     peak_bytes: dict[str, int]
+    samples_s: dict[str, list[float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -391,7 +393,8 @@ def measure_layer(
     cases = layer_cases(
         d, r, tokens, d_out=d_out, dropout=dropout, methods=methods, device=device, dtype=dtype
     )
-    med = time_interleaved(cases, repeats=repeats, warmup=warmup, device=device)
+    samples = time_interleaved_samples(cases, repeats=repeats, warmup=warmup, device=device)
+    med = {name: statistics.median(ts) for name, ts in samples.items()}
     ref = "frozen" if "frozen" in med else next(iter(med))
     peaks = {name: peak_memory(fn, device) for name, fn in cases.items()} if memory else {}
     return LayerResult(
@@ -404,6 +407,7 @@ def measure_layer(
         median_s=med,
         ratio=ratios(med, ref),
         peak_bytes=peaks,
+        samples_s=samples,
     )
 
 
@@ -770,15 +774,20 @@ def plot_forward_costs(costs: Mapping[str, Any], path: str | os.PathLike | None 
     xs = range(len(methods))
     w = 0.38
     ax = axes[0]
-    ax.bar([i - w / 2 for i in xs], [costs["forward_ratio"][m] for m in methods], w, label="forward")
-    ax.bar([i + w / 2 for i in xs], [costs["train_ratio"][m] for m in methods], w, label="forward + backward")
+    bars = ax.bar([i - w / 2 for i in xs], [costs["forward_ratio"][m] for m in methods], w, label="forward")
+    ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    bars = ax.bar(
+        [i + w / 2 for i in xs], [costs["train_ratio"][m] for m in methods], w, label="forward + backward"
+    )
+    ax.bar_label(bars, fmt="%.2f", fontsize=7)
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax.set_xticks(list(xs), methods)
     ax.set_ylabel("time / frozen linear")
     ax.set_title(f"d={costs['d']}, r={costs['r']}, {costs['tokens']} tokens")
     ax.legend(fontsize=8)
     ax = axes[1]
-    ax.bar(list(xs), [costs["saved_bytes"][m] / 2**20 for m in methods], color="tab:green")
+    bars = ax.bar(list(xs), [costs["saved_bytes"][m] / 2**20 for m in methods], color="tab:green")
+    ax.bar_label(bars, fmt="%.2f", fontsize=7)
     ax.set_xticks(list(xs), methods)
     ax.set_ylabel("MiB saved for backward")
     ax.set_title("activations kept by autograd")

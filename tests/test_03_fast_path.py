@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loralib import layers
 from loralib.layers import LoraLinear
 from loralib.profiling import (
     article_lora_linear,
@@ -87,6 +88,18 @@ def grads_of(layer, x):
     return out
 
 
+@pytest.fixture(params=["onednn", "mm"])
+def thin_backend(request, monkeypatch):
+    """Run a test on both routes for the thin products: oneDNN (forced even for small shapes) and torch.mm."""
+    if request.param == "onednn":
+        if layers._onednn_linear() is None:
+            pytest.skip("oneDNN's linear op is not usable in this torch build; torch.mm is used instead")
+        monkeypatch.setattr(layers, "_ONEDNN_MIN_ELEMENTS", 0)
+    else:
+        monkeypatch.setattr(layers, "_onednn_linear", lambda: None)
+    return request.param
+
+
 # (d_in, d_out, r, leading shape, input layout)
 SHAPES = [
     (16, 24, 1, (10,), "contiguous"),
@@ -100,7 +113,9 @@ SHAPES = [
 @pytest.mark.parametrize("d_in,d_out,r,lead,kind", SHAPES)
 @pytest.mark.parametrize("bias", ["none", "frozen", "trainable"])
 @pytest.mark.parametrize("train_weight", [False, True])
-def test_outputs_and_gradients_match_explicit_formula(d_in, d_out, r, lead, kind, bias, train_weight):
+def test_outputs_and_gradients_match_explicit_formula(
+    d_in, d_out, r, lead, kind, bias, train_weight, thin_backend
+):
     layer = make_layer(d_in, d_out, r, bias=bias != "none", alpha=2 * r, dropout=0.25)
     layer.eval()  # dropout in eval is the identity: the fused single-input path must be taken
     if bias == "trainable":
@@ -124,7 +139,7 @@ def test_outputs_and_gradients_match_explicit_formula(d_in, d_out, r, lead, kind
         assert_close_fp32(got[name], t.grad, name)
 
 
-def test_expanded_upstream_gradient_and_input_without_grad():
+def test_expanded_upstream_gradient_and_input_without_grad(thin_backend):
     layer = make_layer(12, 20, 4)
     x = torch.randn(3, 5, 12)  # no grad for x: only A and B gradients are computed
     layer(x).sum().backward()  # the upstream gradient is an expanded (stride 0) tensor
@@ -132,6 +147,35 @@ def test_expanded_upstream_gradient_and_input_without_grad():
     y_ref.sum().backward()
     assert_close_fp32(layer.lora_A.grad, ref["lora_A"].grad, "lora_A")
     assert_close_fp32(layer.lora_B.grad, ref["lora_B"].grad, "lora_B")
+
+
+def test_onednn_route_is_taken_for_large_fp32_products(monkeypatch):
+    op = layers._onednn_linear()
+    if op is None:
+        pytest.skip("oneDNN's linear op is not usable in this torch build; torch.mm is used instead")
+    calls = []
+
+    def counting(*args):
+        calls.append(tuple(args[0].shape))
+        return op(*args)
+
+    monkeypatch.setattr(layers, "_onednn_linear", lambda: counting)
+    layer = make_layer(256, 224, 8)
+    x = torch.randn(2, 160, 256, requires_grad=True)  # 320 tokens: above the size threshold
+    y = layer(x)
+    dy = torch.randn(y.shape)
+    y.backward(dy)
+    # xa in forward; dy B, dB and dA in backward
+    assert sorted(calls) == sorted([(320, 256), (320, 224), (8, 320), (8, 320)])
+    y_ref, ref = reference(layer, x)
+    y_ref.backward(dy.double())
+    assert_close_fp32(y, y_ref, "y")
+    for name in ("x", "lora_A", "lora_B"):
+        assert_close_fp32(grads_of(layer, x)[name], ref[name].grad, name)
+    calls.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x)
+    assert calls == [], "bf16 products must stay on torch.mm"
 
 
 def test_gradcheck_float64():
@@ -175,7 +219,7 @@ def peft_twin(layer: LoraLinear, dropout: float = 0.0) -> nn.Module:
 
 @pytest.mark.parametrize("d_in,d_out,r,lead,kind", SHAPES)
 @pytest.mark.parametrize("bias,alpha", [(True, None), (False, 16)])
-def test_matches_peft_lora_linear(d_in, d_out, r, lead, kind, bias, alpha):
+def test_matches_peft_lora_linear(d_in, d_out, r, lead, kind, bias, alpha, thin_backend):
     layer = make_layer(d_in, d_out, r, bias=bias, alpha=alpha, dropout=0.1).eval()
     twin = peft_twin(layer, dropout=0.1).eval()
     assert twin.scaling["default"] == pytest.approx(layer.scaling)
@@ -193,7 +237,7 @@ def test_matches_peft_lora_linear(d_in, d_out, r, lead, kind, bias, alpha):
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
 @pytest.mark.parametrize("lead,kind", [((64,), "contiguous"), ((4, 16), "transposed")])
-def test_dropout_in_training_matches_a_manual_mask(p, lead, kind):
+def test_dropout_in_training_matches_a_manual_mask(p, lead, kind, thin_backend):
     layer = make_layer(24, 20, 4, dropout=p).train()
     x = make_input(lead, 24, kind)
     torch.manual_seed(123)
