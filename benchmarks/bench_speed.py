@@ -25,7 +25,6 @@ import json
 import os
 import shlex
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -48,7 +47,7 @@ from loralib.profiling import (  # noqa: E402
     roberta_inference_builders,
     roberta_step_builders,
 )
-from loralib.utils import versions  # noqa: E402
+from loralib.utils import atomic_write, versions  # noqa: E402
 
 MIB = 2**20
 # (d, r, LoRA dropout, repeats, warmup rounds); the widest layer is slow on a CPU, so it gets fewer.
@@ -61,18 +60,6 @@ FULL_LAYERS = [
 ]
 QUICK_LAYERS = [(768, 8, 0.0, 12, 2), (1024, 8, 0.0, 8, 1)]
 TARGETS = {"layer": 1.15, "step": 0.70, "inference": 1.02}
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def run_layers(layers, tokens: int, log) -> list[dict]:
@@ -318,11 +305,11 @@ def main(argv: list[str] | None = None) -> int:
         with open(tmp, "w") as f:
             json.dump(results, f, indent=2)
 
-    _atomic_write(json_path, write_json)
+    atomic_write(json_path, write_json)
     fig = plot_benchmark(results)
-    _atomic_write(png_path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    atomic_write(png_path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     table = markdown(results)
-    _atomic_write(md_path, lambda tmp: Path(tmp).write_text(table))
+    atomic_write(md_path, lambda tmp: Path(tmp).write_text(table))
     print()
     print(table)
     log(f"wrote {json_path}, {png_path}, {md_path}")

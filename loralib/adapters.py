@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from loralib.injection import inject_lora, lora_layers
+from loralib.utils import atomic_write
 
 WEIGHTS_NAME = "adapter.safetensors"
 CONFIG_NAME = "lora_config.json"
@@ -63,23 +63,6 @@ def lora_config(model: nn.Module, **metadata: Any) -> dict[str, Any]:
     return cfg
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        # mkstemp makes the file private (0600); an adapter is meant to be shared like any checkpoint.
-        os.chmod(tmp, 0o644)
-        # Flush the bytes before the rename, or a power cut can leave the new name pointing at nothing.
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_lora(model: nn.Module, path: str | os.PathLike, **metadata: Any) -> Path:
     """Write the adapter of `model` to directory `path`; extra keyword metadata (task, num_labels,
     base_model...) goes into the config. Returns the weights file's path."""
@@ -89,8 +72,8 @@ def save_lora(model: nn.Module, path: str | os.PathLike, **metadata: Any) -> Pat
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     weights = directory / WEIGHTS_NAME
-    _atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata={"loralib_config": text}))
-    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text + "\n"))
+    atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata={"loralib_config": text}))
+    atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text + "\n"))
     return weights
 
 
@@ -103,11 +86,10 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, tor
             f"no adapter at {weights}; save_lora(model, dir) writes {WEIGHTS_NAME} and {CONFIG_NAME} into dir."
         )
     try:
-        tensors = load_file(str(weights))
-        from safetensors import safe_open
-
+        # One pass over the file for both the tensors and the embedded config.
         with safe_open(str(weights), framework="pt") as f:
             meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(
             f"{weights} is not a readable safetensors file ({e}); it is corrupt or truncated: re-save it."

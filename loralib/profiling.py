@@ -475,6 +475,28 @@ def _param_counts(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in ps if p.requires_grad), sum(p.numel() for p in ps)
 
 
+def _step_stats(
+    model: nn.Module,
+    times: list[float],
+    fn: Callable[[], Any],
+    state: int,
+    device: torch.device | str | None,
+    memory: bool,
+) -> StepStats:
+    """Summarise one interleaved case: timing samples, parameter counts, state and peak memory of `fn`."""
+    trainable, total = _param_counts(model)
+    extra = peak_memory(fn, device) if memory else None
+    return StepStats(
+        median_s=statistics.median(times),
+        times_s=times,
+        trainable_params=trainable,
+        total_params=total,
+        state_bytes=state,
+        peak_extra_bytes=extra,
+        peak_bytes=None if extra is None else state + extra,
+    )
+
+
 def measure_train_steps(
     builders: Mapping[str, Callable[[], nn.Module]],
     batch: Mapping[str, torch.Tensor],
@@ -504,21 +526,10 @@ def measure_train_steps(
         models[name] = model
         steps[name] = make_train_step(model, batch, opts[name], loss_fn)
     samples = time_interleaved_samples(steps, repeats=repeats, warmup=warmup, device=device)
-    out: dict[str, StepStats] = {}
-    for name, model in models.items():
-        trainable, total = _param_counts(model)
-        state = tensor_bytes(model, opts[name])
-        extra = peak_memory(steps[name], device) if memory else None
-        out[name] = StepStats(
-            median_s=statistics.median(samples[name]),
-            times_s=samples[name],
-            trainable_params=trainable,
-            total_params=total,
-            state_bytes=state,
-            peak_extra_bytes=extra,
-            peak_bytes=None if extra is None else state + extra,
-        )
-    return out
+    return {
+        name: _step_stats(model, samples[name], steps[name], tensor_bytes(model, opts[name]), device, memory)
+        for name, model in models.items()
+    }
 
 
 def measure_train_step(
@@ -565,21 +576,10 @@ def measure_inference(
 
     fns = {name: forward(m) for name, m in models.items()}
     samples = time_interleaved_samples(fns, repeats=repeats, warmup=warmup, device=device)
-    out = {}
-    for name, model in models.items():
-        trainable, total = _param_counts(model)
-        state = tensor_bytes(model)
-        extra = peak_memory(fns[name], device) if memory else None
-        out[name] = StepStats(
-            median_s=statistics.median(samples[name]),
-            times_s=samples[name],
-            trainable_params=trainable,
-            total_params=total,
-            state_bytes=state,
-            peak_extra_bytes=extra,
-            peak_bytes=None if extra is None else state + extra,
-        )
-    return out
+    return {
+        name: _step_stats(model, samples[name], fns[name], tensor_bytes(model), device, memory)
+        for name, model in models.items()
+    }
 
 
 # ---------------------------------------------------------------------------------- RoBERTa builders

@@ -76,7 +76,8 @@ from transformers.models.roberta.modeling_roberta import RobertaSelfAttention, e
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs
 
-from loralib.adapters import CONFIG_NAME, WEIGHTS_NAME, _atomic_write, read_adapter
+from loralib.adapters import CONFIG_NAME, WEIGHTS_NAME, read_adapter
+from loralib.utils import atomic_write
 
 FORMULATIONS = ("article", "scaled")
 TASK_TYPES = ("glue", "squad_v1", "squad_v2")
@@ -821,8 +822,8 @@ class LoraWrapperRoberta(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         weights = directory / WEIGHTS_NAME
-        _atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata={"loralib_config": text}))
-        _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text + "\n"))
+        atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata={"loralib_config": text}))
+        atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text + "\n"))
         return weights
 
     @classmethod

@@ -65,6 +65,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from loralib.utils import atomic_write
+
 BACKENDS = ("loralib", "article", "peft", "qlora")
 FORMULATIONS = ("scaled", "article")
 DEFAULT_LR = {"scaled": 5e-4, "article": 4e-5}
@@ -733,16 +735,8 @@ def _json_safe(obj: Any) -> Any:
 
 def _atomic_write_json(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_json_safe(obj), f, indent=2, sort_keys=False, default=str, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    text = json.dumps(_json_safe(obj), indent=2, sort_keys=False, default=str, allow_nan=False) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def read_results(path: str | os.PathLike) -> dict[str, Any]:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import platform
 import random
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -106,6 +108,29 @@ def count_parameters(model: nn.Module) -> ParameterCount:
         total += n
         trainable += n if p.requires_grad else 0
     return ParameterCount(total=total, trainable=trainable, rows=rows)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> None:
+    """Produce `path` by calling `write(tmp)` on a temporary sibling, then renaming it into place.
+
+    A crash or exception never leaves a half-written `path`: the old file (if any) stays intact and
+    the temporary is removed. The result is world-readable like any checkpoint (mkstemp makes
+    0600 files) and flushed to disk before the rename, so a power cut cannot leave the new name
+    pointing at nothing.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def repo_root() -> Path:
