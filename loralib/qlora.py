@@ -162,6 +162,7 @@ def load_base_model(
         device_map={"": _device_map_target(dev)},
         **kwargs,
     )
+    pin_cpu_4bit_path(model)
     if dequantize:
         model = model.dequantize(dtype=torch.float32)
         # Stale flags would make PEFT and the Trainer treat the plain fp32 model as quantised.
@@ -171,6 +172,37 @@ def load_base_model(
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
     return model
+
+
+def pin_cpu_4bit_path(model: nn.Module) -> int:
+    """Make every bitsandbytes `Linear4bit` in `model` take one path, training or not; return how many.
+
+    On CPUs with AVX512-BF16 (Zen 4, Sapphire Rapids and later) bitsandbytes 0.50 repacks a 4-bit
+    weight *in place*, the first time the layer runs in eval mode without grad (as
+    `Trainer.evaluate()` does), into an inference-only bf16 layout. Nothing packs it back on
+    `train()`: the packed path has no autograd (training then fails with "a view of a leaf Variable
+    ... in-place operation"), adds the bias in place and computes in bf16 instead of the compute
+    dtype; unpacking is lossy (absmax goes through bf16). The instance attribute
+    `support_avx512bf16_for_cpu` gates the repacking, so clearing it keeps training, evaluation,
+    reload and merge on the same nf4 path on every CPU. A layer already repacked is refused: its
+    weights went through bf16, so rebuild or reload the model instead.
+    """
+    import bitsandbytes as bnb
+
+    n = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, bnb.nn.Linear4bit):  # LinearNF4 / LinearFP4 subclass it
+            continue
+        state = getattr(module.weight, "quant_state", None)
+        if getattr(state, "packing_format_for_cpu", False):
+            raise RuntimeError(
+                f"{name or 'the model'} was already repacked by bitsandbytes into its bf16 CPU inference "
+                "layout (lossy); build or reload the model with loralib.qlora (load_base_model, "
+                "build_peft_model, load_peft_model), which prevents the repacking."
+            )
+        module.support_avx512bf16_for_cpu = False
+        n += 1
+    return n
 
 
 def quantized_linears(model: nn.Module) -> dict[str, dict[str, Any]]:
@@ -439,7 +471,9 @@ def merge_adapter(
     with warnings.catch_warnings():
         # PEFT warns that merging into 4-bit rounds; that rounding is what onto="4bit" is here to show.
         warnings.filterwarnings("ignore", message=".*4-bit linear may get different generations.*")
-        return model.merge_and_unload().eval()
+        merged = model.merge_and_unload()
+    pin_cpu_4bit_path(merged)  # onto="4bit" re-quantises: the new Linear4bit layers get the same path
+    return merged.eval()
 
 
 def _rounding_of_layer(module, adapter: str, bf) -> tuple[float, float, float]:

@@ -198,8 +198,10 @@ def test_every_backend_trains_saves_and_reloads(tmp_path, backend):
     from loralib.training import eval_rows, load_trained_model
 
     res = run_task(
-        "sst2", "smoke", output_dir=tmp_path, backend=backend, epochs=1, warmup_epochs=0.5, progress=False
+        "sst2", "smoke", output_dir=tmp_path, backend=backend, epochs=2, warmup_epochs=0.5, progress=False
     )
+    # Two epochs: the second trains after an evaluation (where bitsandbytes' CPU repacking used to strike).
+    assert [e["epoch"] for e in res["epochs"]] == [1, 2]
     assert res["backend"] == backend and res["adapter"]["format"] == {"article": "article"}.get(
         backend, "peft"
     )

@@ -19,6 +19,22 @@ ATTENTION = ("attention.self.query", "attention.self.key", "attention.self.value
 LABELS = {0: "negative", 1: "neutral", 2: "positive"}
 
 
+@pytest.fixture
+def avx512_bf16_cpu(monkeypatch):
+    """Make bitsandbytes believe this CPU has AVX512-BF16, so its in-place bf16 repacking of
+    `Linear4bit` weights in eval mode (the cause of the Zen 4 / Sapphire Rapids failures) is tried here
+    whatever the CPU: layers built while this is active start with `support_avx512bf16_for_cpu=True`."""
+    import bitsandbytes.nn.modules as bnb_modules
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
+
+
+def _linear4bit_flags(model):
+    return {
+        n: m.support_avx512bf16_for_cpu for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)
+    }
+
+
 def _batch(d):
     tok = AutoTokenizer.from_pretrained(d)
     return dict(
@@ -287,3 +303,61 @@ def test_compare_training_memory_on_a_small_config():
     assert c["qlora"].state_bytes < c["peft"].state_bytes < c["full_ft"].state_bytes
     assert all(s.peak_bytes == s.state_bytes + s.peak_extra_bytes for s in c.values())
     assert "QLoRA" in qlora.memory_table(res)
+
+
+def test_every_quantised_model_the_project_builds_keeps_one_cpu_path(
+    avx512_bf16_cpu, tiny_model_dir, tmp_path
+):
+    """The mechanism: each Linear4bit built or reloaded through loralib has the bf16 repacking switched
+    off (bitsandbytes' default on an AVX512-BF16 CPU, simulated here, would be True)."""
+    set_seed(0)
+    raw = AutoModelForSequenceClassification.from_pretrained(
+        tiny_model_dir, num_labels=2, quantization_config=qlora.bnb_config(), device_map={"": "cpu"}
+    )
+    assert set(_linear4bit_flags(raw).values()) == {True}  # what the fix has to undo
+    set_seed(0)
+    built = qlora.build_peft_model(tiny_model_dir, "classification", 2, quantize=True)
+    base = qlora.load_base_model(tiny_model_dir, "classification", 2, quantize=True)
+    qlora.save_peft_model(built, tmp_path)
+    reloaded = qlora.load_peft_model(tmp_path)
+    trainable = qlora.load_peft_model(tmp_path, is_trainable=True)
+    merged = qlora.merge_adapter(tmp_path, onto="4bit")
+    for model in (built, base, reloaded, trainable, merged):
+        flags = _linear4bit_flags(model)
+        assert len(flags) == 12 and set(flags.values()) == {False}, flags
+
+
+def test_a_repacked_model_is_refused_with_the_way_out(avx512_bf16_cpu, tiny_model_dir):
+    set_seed(0)
+    raw = AutoModelForSequenceClassification.from_pretrained(
+        tiny_model_dir, num_labels=2, quantization_config=qlora.bnb_config(), device_map={"": "cpu"}
+    ).eval()
+    with torch.no_grad():
+        raw(**_batch(tiny_model_dir))  # bitsandbytes repacks every Linear4bit here
+    with pytest.raises(RuntimeError, match="repacked.*build or reload the model with loralib.qlora"):
+        qlora.pin_cpu_4bit_path(raw)
+
+
+def test_qlora_eval_train_eval_merge_on_an_avx512_bf16_cpu(avx512_bf16_cpu, tiny_model_dir, tmp_path):
+    """The Trainer's order of calls: evaluate (eval, no grad), train, evaluate, then merge. Without the fix
+    this fails at the first training step after an evaluation on such CPUs."""
+    set_seed(0)
+    model = qlora.build_peft_model(tiny_model_dir, "classification", 2, quantize=True, lora_dropout=0.0)
+    batch = _batch(tiny_model_dir)
+    labels = torch.tensor([1, 0, 1])
+    opt = qlora.make_optimizer(model, 1e-2)
+    ce = torch.nn.functional.cross_entropy
+    before = qlora.model_outputs(model, batch)  # eval + no_grad: where the repacking happened
+    model.train()
+    for _ in range(10):
+        model(**batch, labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    after = qlora.model_outputs(model, batch)
+    assert float(ce(after, labels)) < 0.9 * float(ce(before, labels))
+    assert set(_linear4bit_flags(model).values()) == {False}
+    # Evaluation stayed on the nf4 path computing in fp32: it equals the merge onto the dequantised
+    # fp32 base (plain nn.Linear, no bitsandbytes kernels); the bf16 layout would differ by ~1e-2.
+    qlora.save_peft_model(model, tmp_path)
+    merged = qlora.merge_adapter(tmp_path, onto="dequantized")
+    assert qlora.output_difference(model, merged, batch)["max_abs"] < 1e-5
