@@ -2,8 +2,10 @@
 
 Format: a directory with `adapter.safetensors` (tensors; the config is also embedded in the file's
 metadata, so the weights file alone is self-describing) and `lora_config.json` beside it for humans
-and tools. Both are written to temporary files and renamed, so a crash never leaves a half-written
-adapter. Loading injects LoRA if the model has none yet, then checks every name and shape.
+and tools. Both are written into a staging directory that then replaces the adapter directory as a
+whole, so a crash never leaves a half-written adapter or new weights beside an old config. A config
+from a newer loralib (format_version) is refused with the advice to upgrade. Loading injects LoRA if
+the model has none yet, then checks every name and shape; a failed load leaves the model as it was.
 
 Not here: PEFT's adapter format (`loralib.peft_interop`).
 """
@@ -20,27 +22,71 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from loralib.checks import check_bool
 from loralib.injection import inject_lora, lora_layers
-from loralib.utils import atomic_write
+from loralib.utils import atomic_directory
 
 WEIGHTS_NAME = "adapter.safetensors"
 CONFIG_NAME = "lora_config.json"
 FORMAT_VERSION = 1
 ADAPTER_FORMAT = "loralib-adapter"
+PEFT_CONFIG = "adapter_config.json"  # PEFT's files, recognised to point the caller at from_peft
+PEFT_FILES = (PEFT_CONFIG, "adapter_model.safetensors", "adapter_model.bin")
+
+
+# Keys save_lora computes from the model; metadata may not replace them (base_model it may: a hub id
+# or directory is often known better by the caller than by model.config).
+RESERVED_KEYS = ("format", "format_version", "r", "alpha", "dropout", "init", "target_modules", "per_layer")
+# What a config must hold, and the JSON types each key may have (None where it varies per layer).
+_SCHEMA: dict[str, tuple[type, ...]] = {
+    "format": (str,),
+    "format_version": (int,),
+    "target_modules": (list,),
+    "r": (int, type(None)),
+    "alpha": (int, float, type(None)),
+    "per_layer": (dict,),
+}
+_TYPE_WORDS = {
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    list: "a list",
+    dict: "an object",
+    type(None): "null",
+}
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every LoRA matrix plus every other parameter that requires grad (biases, norms, head...)."""
+    """Every LoRA matrix plus every other parameter that requires grad (biases, norms, head...).
+
+    Values are the unmerged ones: a merged layer whose own weight also trains (LoRA inside a module of
+    `modules_to_save`) contributes its weight without the update, so a reload never applies it twice.
+    """
+    unmerged = {f"{n}.weight": layer for n, layer in lora_layers(model) if layer.merged}
     out: dict[str, torch.Tensor] = {}
     for name, p in model.named_parameters():
         leaf = name.rsplit(".", 1)[-1]
         if p.requires_grad or leaf in ("lora_A", "lora_B"):
-            out[name] = p.detach()
+            out[name] = (unmerged[name].unmerged_weight() if name in unmerged else p).detach()
     return out
+
+
+def check_metadata(metadata: dict[str, Any], reserved: tuple[str, ...], writer: str) -> None:
+    """Refuse metadata keys that would overwrite what `writer` computes, or that are not strings."""
+    bad = [k for k in metadata if not isinstance(k, str)]
+    if bad:
+        raise TypeError(f"metadata keys must be strings, got {bad[:3]!r}.")
+    clash = sorted(set(metadata) & set(reserved))
+    if clash:
+        raise ValueError(
+            f"metadata keys {clash} are reserved: {writer} computes them from the model. Rename them "
+            f"(e.g. {'user_' + clash[0]!r}); reserved keys are {list(reserved)}."
+        )
 
 
 def lora_config(model: nn.Module, **metadata: Any) -> dict[str, Any]:
     """The JSON-able description of the model's adapters (per-layer r/alpha when they differ)."""
+    check_metadata(metadata, RESERVED_KEYS, "save_lora")
     layers = list(lora_layers(model))
     if not layers:
         raise ValueError("the model has no LoRA layers; call inject_lora(model, target_modules) first.")
@@ -63,28 +109,60 @@ def lora_config(model: nn.Module, **metadata: Any) -> dict[str, Any]:
     return cfg
 
 
+def write_adapter(path: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> Path:
+    """Write `tensors` (with `config` embedded in the file's metadata) and the config beside them as
+    one atomic directory: a crash never leaves new weights beside an old config. Returns the weights path."""
+    text = json.dumps(config, indent=2, sort_keys=True, default=str)
+    tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
+    directory = Path(path)
+    with atomic_directory(directory) as stage:
+        save_file(tensors, str(stage / WEIGHTS_NAME), metadata={"loralib_config": text})
+        (stage / CONFIG_NAME).write_text(text + "\n")
+    return directory / WEIGHTS_NAME
+
+
 def save_lora(model: nn.Module, path: str | os.PathLike, **metadata: Any) -> Path:
     """Write the adapter of `model` to directory `path`; extra keyword metadata (task, num_labels,
-    base_model...) goes into the config. Returns the weights file's path."""
-    cfg = lora_config(model, **metadata)
-    text = json.dumps(cfg, indent=2, sort_keys=True, default=str)
-    tensors = {k: v.contiguous().cpu() for k, v in lora_state_dict(model).items()}
-    directory = Path(path)
-    directory.mkdir(parents=True, exist_ok=True)
-    weights = directory / WEIGHTS_NAME
-    atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata={"loralib_config": text}))
-    atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text + "\n"))
+    base_model...) goes into the config. Returns the weights file's path.
+
+    The directory is written as a whole (see `loralib.utils.atomic_directory`); metadata keys that
+    collide with the computed ones (RESERVED_KEYS) are refused before anything is written.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a directory path (str or os.PathLike), got {type(path).__name__}.")
+    return write_adapter(path, lora_state_dict(model), lora_config(model, **metadata))
+
+
+def _weights_path(path: str | os.PathLike) -> Path:
+    """The adapter's .safetensors file for a directory, the weights file or the config file beside it."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be an adapter directory or file path, got {type(path).__name__}.")
+    p = Path(path)
+    folder = p if p.is_dir() else p.parent
+    if (
+        p.is_dir() and (p / PEFT_CONFIG).exists() and not (p / WEIGHTS_NAME).exists()
+    ) or p.name in PEFT_FILES:
+        raise ValueError(
+            f"{path} is a PEFT adapter ({PEFT_CONFIG}); load it with loralib.peft_interop.from_peft(model, "
+            f"{str(folder)!r})."
+        )
+    if p.is_dir():
+        weights = p / WEIGHTS_NAME
+    elif p.name == CONFIG_NAME:
+        weights = p.parent / WEIGHTS_NAME
+    else:
+        weights = p
+    if not weights.exists():
+        raise FileNotFoundError(
+            f"no adapter at {weights}; save_lora(model, dir) writes {WEIGHTS_NAME} and {CONFIG_NAME} into dir, "
+            "and load_lora takes that directory or either file."
+        )
     return weights
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Read (config, tensors) from an adapter directory or its .safetensors file."""
-    p = Path(path)
-    weights = p / WEIGHTS_NAME if p.is_dir() else p
-    if not weights.exists():
-        raise FileNotFoundError(
-            f"no adapter at {weights}; save_lora(model, dir) writes {WEIGHTS_NAME} and {CONFIG_NAME} into dir."
-        )
+    """Read (config, tensors) from an adapter directory, its .safetensors file or its lora_config.json."""
+    weights = _weights_path(path)
     try:
         # One pass over the file for both the tensors and the embedded config.
         with safe_open(str(weights), framework="pt") as f:
@@ -98,6 +176,10 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, tor
         text, source = meta["loralib_config"], f"the metadata of {weights}"
     elif (weights.parent / CONFIG_NAME).exists():
         text, source = (weights.parent / CONFIG_NAME).read_text(), str(weights.parent / CONFIG_NAME)
+    elif (weights.parent / PEFT_CONFIG).exists():
+        raise ValueError(
+            f"{weights} is a PEFT adapter; load it with loralib.peft_interop.from_peft(model, {str(weights.parent)!r})."
+        )
     else:
         raise ValueError(f"{weights} has no loralib config; was it written by save_lora()?")
     try:
@@ -111,20 +193,79 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, tor
     return cfg, tensors
 
 
-def load_lora(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> dict[str, Any]:
+def check_format_version(cfg: dict[str, Any], newest: int, source: Any) -> None:
+    """Refuse a config written by a newer loralib: its meaning may have changed."""
+    version = cfg.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ValueError(
+            f"{source}: format_version must be an integer, got {version!r}; re-save the adapter."
+        )
+    if version > newest:
+        raise ValueError(
+            f"{source} was written by a newer loralib (format_version {version}; this one reads up to {newest}): "
+            "upgrade loralib (pip install -U lora-from-scratch, or git pull) to load it."
+        )
+
+
+def _check_config(cfg: dict[str, Any], source: Any) -> None:
+    """Name the first key that is missing or of the wrong type, with the type it should have."""
+    for key, types in _SCHEMA.items():
+        if key not in cfg:
+            raise ValueError(
+                f"{source}: the adapter config lacks {key!r}; re-save the adapter with save_lora()."
+            )
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, types):
+            want = " or ".join(_TYPE_WORDS[t] for t in types)
+            raise ValueError(
+                f"{source}: config key {key!r} must be {want}, got {value!r}; re-save the adapter."
+            )
+    check_format_version(cfg, FORMAT_VERSION, source)
+    if not all(isinstance(t, str) for t in cfg["target_modules"]):
+        raise ValueError(
+            f"{source}: config key 'target_modules' must be a list of strings; re-save the adapter."
+        )
+    for name in cfg["target_modules"]:
+        spec = cfg["per_layer"].get(name, {})
+        for key, types in (("r", (int,)), ("alpha", (int, float))):
+            value = spec.get(key, cfg[key]) if isinstance(spec, dict) else None
+            if isinstance(value, bool) or not isinstance(value, types):
+                raise ValueError(
+                    f"{source}: layer {name!r} has no valid {key!r} (per_layer or the top-level value): got "
+                    f"{value!r}, expected {_TYPE_WORDS[types[0]]}; re-save the adapter."
+                )
+    for key, types in (("dropout", (int, float, type(None))), ("init", (str, type(None)))):
+        value = cfg.get(key)
+        if isinstance(value, bool) or not isinstance(value, types):
+            want = " or ".join(_TYPE_WORDS[t] for t in types)
+            raise ValueError(
+                f"{source}: config key {key!r} must be {want}, got {value!r}; re-save the adapter."
+            )
+
+
+def load_lora(
+    model: nn.Module, path: str | os.PathLike, strict: bool = True, trainable: bool = True
+) -> dict[str, Any]:
     """Load an adapter saved by `save_lora` into `model` and return its config.
 
+    path: the adapter directory, its adapter.safetensors or its lora_config.json.
     If the model has no LoRA layers, they are injected first as the config describes. Every tensor
     name must exist in the model with the same shape; with strict=True every LoRA matrix of the
-    model must be in the file. Mismatches raise ValueError naming the keys and the likely cause.
+    model must be in the file. Mismatches raise ValueError naming the keys and the likely cause, and
+    leave the model exactly as it was. trainable: afterwards exactly the adapter's tensors are
+    trainable and everything else is frozen (what was trained; saving again writes the same set);
+    False leaves every requires_grad flag as it was.
     """
+    check_bool(strict, "strict")
+    check_bool(trainable, "trainable")
     cfg, tensors = read_adapter(path)
-    if cfg.get("format") != ADAPTER_FORMAT or "target_modules" not in cfg:
+    if cfg.get("format") != ADAPTER_FORMAT:
         raise ValueError(
             f"{path} holds a {cfg.get('format')!r} adapter, not a {ADAPTER_FORMAT!r} one written by save_lora(); "
             "LoraWrapperRoberta adapters load with LoraWrapperRoberta.from_lora, PEFT ones with "
             "loralib.peft_interop.from_peft."
         )
+    _check_config(cfg, path)
     originals = dict(model.named_modules())
     injected: list[str] = []
     try:
@@ -142,6 +283,9 @@ def load_lora(model: nn.Module, path: str | os.PathLike, strict: bool = True) ->
     with torch.no_grad():
         for k, v in tensors.items():
             params[k].copy_(v.to(dtype=params[k].dtype, device=params[k].device))
+    if trainable:
+        for n, p in model.named_parameters():
+            p.requires_grad_(n in tensors)
     return cfg
 
 

@@ -13,10 +13,12 @@ from collections.abc import Iterable, Iterator, Sequence
 
 from torch import nn
 
-from loralib.layers import LoraLinear, _check_lora_args
+from loralib.checks import ArgumentTypeError, check_bool, check_choice, check_names
+from loralib.layers import LoraLinear, _kind, check_lora_args
 
 # Task heads stay full-precision, fully trained modules: "all-linear" never adapts them (as PEFT).
 HEAD_NAMES = ("classifier", "qa_outputs", "lm_head", "score", "cls", "head", "pooler_head")
+BIAS_CHOICES = ("none", "all", "lora_only")
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
@@ -51,6 +53,8 @@ def find_targets(model: nn.Module, target_modules: str | Sequence[str]) -> list[
     a string is a regular expression that must match the whole name; "all-linear" selects every
     `nn.Linear` except task heads (see HEAD_NAMES) and the output embedding.
     """
+    if not isinstance(target_modules, str):
+        check_names(target_modules, "target_modules")  # None, a number or non-string entries stop here
     if isinstance(target_modules, str) and target_modules == "all-linear":
         return [
             n
@@ -64,11 +68,17 @@ def find_targets(model: nn.Module, target_modules: str | Sequence[str]) -> list[
             raise ValueError(
                 f"target_modules={target_modules!r} is not a valid regular expression: {e}"
             ) from e
-        return [n for n, _ in model.named_modules() if n and pattern.fullmatch(n)]
+        return [n for n in _candidate_names(model) if pattern.fullmatch(n)]
     targets = list(target_modules)
     if not targets or not all(isinstance(t, str) and t for t in targets):
         raise ValueError(f"target_modules must be non-empty module names, got {target_modules!r}.")
-    return [n for n, _ in model.named_modules() if n and _name_matches(n, targets)]
+    return [n for n in _candidate_names(model) if _name_matches(n, targets)]
+
+
+def _candidate_names(model: nn.Module) -> list[str]:
+    """Module names a target can select: not the model itself, nor anything inside a LoraLinear."""
+    inside = [n + "." for n, _ in lora_layers(model)]
+    return [n for n, _ in model.named_modules() if n and not any(n.startswith(p) for p in inside)]
 
 
 def _linear_names(model: nn.Module) -> list[str]:
@@ -88,14 +98,19 @@ def inject_lora(
     alpha: float | None = None,
     dropout: float = 0.0,
     init: str = "kaiming",
+    autocast_adapter_dtype: bool = True,
 ) -> list[str]:
     """Replace the targeted `nn.Linear` modules of `model` in place by `LoraLinear`; return their names.
 
     The original weights are reused and frozen; B starts at zero so outputs do not change until
-    training. Raises ValueError if nothing matches (listing the Linear names that exist) and
-    TypeError if a match is not an `nn.Linear` or already carries LoRA.
+    training. A and B are fp32 on a half-precision base unless autocast_adapter_dtype=False (see
+    `LoraLinear`). Raises ValueError if nothing matches (listing the Linear names that exist) and
+    TypeError if a match is not an `nn.Linear` or already carries LoRA; the model is untouched then.
     """
-    _check_lora_args(r, alpha, dropout, init)
+    if not isinstance(model, nn.Module):
+        raise ArgumentTypeError(f"model must be a torch nn.Module, got {type(model).__name__}.")
+    r, alpha, dropout = check_lora_args(r, alpha, dropout, init)
+    check_bool(autocast_adapter_dtype, "autocast_adapter_dtype")
     names = find_targets(model, target_modules)
     if not names:
         linears = _linear_names(model)
@@ -114,13 +129,22 @@ def inject_lora(
             )
         if not isinstance(module, nn.Linear):
             raise TypeError(
-                f"{name!r} matched target_modules={target_modules!r} but is a {type(module).__name__}, not an "
+                f"{name!r} matched target_modules={target_modules!r} but is a {_kind(module)}, not an "
                 "nn.Linear; LoRA here adapts Linear layers only, so name the Linear layers inside it."
             )
-    for name in names:
-        _set_module(
-            model, name, LoraLinear.from_linear(modules[name], r=r, alpha=alpha, dropout=dropout, init=init)
+    new = {
+        name: LoraLinear.from_linear(
+            modules[name],
+            r=r,
+            alpha=alpha,
+            dropout=dropout,
+            init=init,
+            autocast_adapter_dtype=autocast_adapter_dtype,
         )
+        for name in names
+    }
+    for name, layer in new.items():  # every layer is built before the model changes
+        _set_module(model, name, layer)
     return names
 
 
@@ -142,10 +166,18 @@ def mark_only_lora_as_trainable(
     LoRA-adapted layers). modules_to_save: module names (PEFT matching) trained in full, e.g. the
     task head "classifier".
     """
-    if bias not in ("none", "all", "lora_only"):
-        raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {bias!r}.")
+    check_choice(bias, "bias", BIAS_CHOICES)
+    check_bool(train_layer_norms, "train_layer_norms")
+    check_bool(train_embeddings, "train_embeddings")
+    to_save = check_names(modules_to_save, "modules_to_save")
     if not any(True for _ in lora_layers(model)):
         raise ValueError("the model has no LoRA layers; call inject_lora(model, target_modules) first.")
+    for target in to_save:  # all names are checked before any flag changes
+        if not any(n and _name_matches(n, [target]) for n, _ in model.named_modules()):
+            raise ValueError(
+                f"modules_to_save entry {target!r} matches no module; top-level modules are "
+                f"{[n for n, _ in model.named_children()]}."
+            )
     for p in model.parameters():
         p.requires_grad_(False)
     for name, module in model.named_modules():
@@ -163,21 +195,43 @@ def mark_only_lora_as_trainable(
         for name, p in model.named_parameters():
             if name == "bias" or name.endswith(".bias"):
                 p.requires_grad_(True)
-    to_save = list(modules_to_save)
     for target in to_save:
-        hits = [m for n, m in model.named_modules() if n and _name_matches(n, [target])]
-        if not hits:
-            raise ValueError(
-                f"modules_to_save entry {target!r} matches no module; top-level modules are "
-                f"{[n for n, _ in model.named_children()]}."
-            )
-        for m in hits:
+        for m in [m for n, m in model.named_modules() if n and _name_matches(n, [target])]:
             for p in m.parameters():
                 p.requires_grad_(True)
 
 
+def _check_untied(model: nn.Module) -> None:
+    """Refuse to merge into a weight whose storage another parameter or buffer shares (an lm_head tied
+    to the input embedding): the merge would silently change that tensor too."""
+    owners: dict[int, list[str]] = {}
+    for name, t in [
+        *model.named_parameters(remove_duplicate=False),
+        *model.named_buffers(remove_duplicate=False),
+    ]:
+        if t.device.type != "meta":
+            owners.setdefault(t.untyped_storage().data_ptr(), []).append(name)
+    for name, layer in lora_layers(model):
+        if layer.merged:
+            continue
+        others = [
+            n for n in owners.get(layer.weight.untyped_storage().data_ptr(), []) if n != f"{name}.weight"
+        ]
+        if others:
+            raise ValueError(
+                f"cannot merge LoRA into {name}.weight: it shares its storage with {others[:3]} (tied weights, "
+                "e.g. an lm_head tied to the input embedding), which the merge would change too. Keep this layer "
+                f"unmerged, or untie first (model.get_submodule({name!r}).weight = "
+                "torch.nn.Parameter(<that weight>.clone(), requires_grad=False), and config.tie_word_embeddings=False)."
+            )
+
+
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Merge every LoRA update into its frozen weight (idempotent); returns the model."""
+    """Merge every LoRA update into its frozen weight (idempotent); returns the model.
+
+    Refuses (before changing anything) when an adapted weight is tied to another tensor of the model.
+    """
+    _check_untied(model)
     for _, layer in lora_layers(model):
         layer.merge()
     return model
@@ -192,6 +246,7 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
 
 def unload_lora(model: nn.Module) -> nn.Module:
     """Merge, then put plain `nn.Linear` modules back: a stock model with the original state-dict keys."""
+    _check_untied(model)
     for name, layer in list(lora_layers(model)):
         _set_module(model, name, layer.to_linear())
     return model

@@ -25,22 +25,34 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from loralib.checks import check_alpha, check_bool, check_dropout, check_rank
+
 INITS = ("kaiming", "gaussian", "article")
+MERGED_KEY = "lora_merged"  # state-dict entry recording whether `weight` holds the update
 
 
-def _check_lora_args(r: int, alpha: float | None, dropout: float, init: str) -> None:
-    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
-        raise ValueError(
-            f"LoRA rank r must be a positive integer, got r={r!r}; typical values are 4, 8 or 16."
-        )
-    if alpha is not None and (not isinstance(alpha, (int, float)) or alpha <= 0):
-        raise ValueError(
-            f"lora alpha must be a positive number (or None for alpha = r), got alpha={alpha!r}."
-        )
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"LoRA dropout must be in [0, 1), got dropout={dropout!r}.")
-    if init not in INITS:
+def check_lora_args(
+    r: int, alpha: float | None, dropout: float, init: str
+) -> tuple[int, float | None, float]:
+    """Validate LoRA's hyper-parameters once, for every entry point; return (r, alpha, dropout) normalised."""
+    r = check_rank(r)
+    alpha = check_alpha(alpha)
+    dropout = check_dropout(dropout)
+    if not isinstance(init, str) or init not in INITS:
         raise ValueError(f"unknown LoRA init {init!r}; choose one of {INITS}.")
+    return r, alpha, dropout
+
+
+def adapter_dtype(base_dtype: torch.dtype, autocast_adapter_dtype: bool = True) -> torch.dtype:
+    """The dtype A and B are stored in: fp32 when the base is fp16/bf16 (as PEFT does), else the base's.
+
+    Half-precision adapter weights fail in three ways: fp16 + AdamW overflows to inf, a GradScaler
+    refuses to unscale fp16 gradients, and bf16 rounds small updates away. fp32 master copies cost
+    little (A and B are small); the forward casts them to the compute dtype.
+    """
+    if autocast_adapter_dtype and base_dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return base_dtype
 
 
 # Thin products (one side of width r) on CPU: MKL, which torch.mm uses, runs these shapes at about
@@ -168,6 +180,21 @@ class _LoraLinearFn(torch.autograd.Function):
         return dx, dxd, dw, dbias, da, db, None
 
 
+class _MergedTrainingGuard(torch.autograd.Function):
+    """Identity in the forward; its backward raises: training through a merged layer is an error."""
+
+    @staticmethod
+    def forward(ctx, out, lora_A, lora_B):
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        raise RuntimeError(
+            "a merged LoraLinear was trained: its forward uses the merged weight, not lora_A/lora_B, so they "
+            "would get no gradient. Call loralib.unmerge_lora(model) before training (merge again for inference)."
+        )
+
+
 class LoraLinear(nn.Linear):
     """A `nn.Linear` whose frozen weight gets a trainable low-rank update B @ A scaled by alpha / r.
 
@@ -182,6 +209,13 @@ class LoraLinear(nn.Linear):
         dropout: dropout on the input of the LoRA path only (0 disables it and its copy).
         init: "kaiming" (A kaiming-uniform as PEFT and microsoft/LoRA), "gaussian" (A ~ N(0, 1/r^2),
             PEFT's "gaussian"), or "article" (A ~ N(0, 1), unscaled, as in the seed article).
+        autocast_adapter_dtype: keep A and B in fp32 when the base is fp16/bf16 (PEFT's default and
+            name); False stores them in the base dtype. The forward computes in the base's (or
+            autocast's) dtype either way.
+
+    State: `merge()` folds the update into `weight`. A merged layer's state dict says so (an extra
+    `lora_merged` entry), and loading a state dict adopts its merged state, so a merged model's
+    `state_dict()` loaded into an unmerged model is not updated twice.
     """
 
     def __init__(
@@ -195,8 +229,10 @@ class LoraLinear(nn.Linear):
         init: str = "kaiming",
         device=None,
         dtype=None,
+        autocast_adapter_dtype: bool = True,
     ) -> None:
-        _check_lora_args(r, alpha, dropout, init)
+        r, alpha, dropout = check_lora_args(r, alpha, dropout, init)
+        check_bool(autocast_adapter_dtype, "autocast_adapter_dtype")
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.r = r
         self.alpha = float(r if alpha is None else alpha)
@@ -204,8 +240,9 @@ class LoraLinear(nn.Linear):
         self.init = init
         self.lora_dropout_p = float(dropout)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=dtype))
-        self.lora_B = nn.Parameter(torch.empty(out_features, r, device=device, dtype=dtype))
+        ad = adapter_dtype(self.weight.dtype, autocast_adapter_dtype)
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=ad))
+        self.lora_B = nn.Parameter(torch.empty(out_features, r, device=device, dtype=ad))
         self.merged = False
         self.weight.requires_grad_(False)
         if self.bias is not None:
@@ -220,6 +257,7 @@ class LoraLinear(nn.Linear):
         alpha: float | None = None,
         dropout: float = 0.0,
         init: str = "kaiming",
+        autocast_adapter_dtype: bool = True,
     ) -> LoraLinear:
         """Wrap an existing `nn.Linear`: its weight and bias tensors are reused (not copied) and frozen."""
         if isinstance(linear, LoraLinear):
@@ -227,7 +265,9 @@ class LoraLinear(nn.Linear):
                 "this layer already has LoRA; call unload_lora()/unmerge first or adapt another layer."
             )
         if not isinstance(linear, nn.Linear):
-            raise TypeError(f"LoraLinear.from_linear expects an nn.Linear, got {type(linear).__name__}.")
+            raise TypeError(f"LoraLinear.from_linear expects an nn.Linear, got {_kind(linear)}.")
+        r, alpha, dropout = check_lora_args(r, alpha, dropout, init)
+        check_bool(autocast_adapter_dtype, "autocast_adapter_dtype")
         w = linear.weight
         layer = cls(
             linear.in_features,
@@ -239,13 +279,15 @@ class LoraLinear(nn.Linear):
             init=init,
             device="meta",
             dtype=w.dtype,
+            autocast_adapter_dtype=autocast_adapter_dtype,
         )
         # Build on "meta" to avoid allocating a throw-away (out x in) weight, then attach the real tensors.
         layer.weight = nn.Parameter(w.data, requires_grad=False)
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.data, requires_grad=False)
-        layer.lora_A = nn.Parameter(torch.empty(r, linear.in_features, device=w.device, dtype=w.dtype))
-        layer.lora_B = nn.Parameter(torch.empty(linear.out_features, r, device=w.device, dtype=w.dtype))
+        ad = adapter_dtype(w.dtype, autocast_adapter_dtype)
+        layer.lora_A = nn.Parameter(torch.empty(r, linear.in_features, device=w.device, dtype=ad))
+        layer.lora_B = nn.Parameter(torch.empty(linear.out_features, r, device=w.device, dtype=ad))
         layer.reset_lora_parameters()
         layer.train(linear.training)
         return layer
@@ -269,12 +311,22 @@ class LoraLinear(nn.Linear):
             nn.init.zeros_(self.lora_B)
 
     def delta_weight(self) -> torch.Tensor:
-        """The scaled update (alpha / r) * B @ A, shape (out, in)."""
+        """The scaled update (alpha / r) * B @ A, shape (out, in), in the adapter's dtype."""
         return (self.lora_B @ self.lora_A) * self.scaling
+
+    def unmerged_weight(self) -> torch.Tensor:
+        """The frozen weight without the update, whether or not it is merged (a new tensor if merged)."""
+        if not self.merged:
+            return self.weight
+        return self.weight - self.delta_weight().to(self.weight.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the update into `weight` so inference costs the same as a plain Linear. Idempotent."""
+        """Fold the update into `weight` so inference costs the same as a plain Linear. Idempotent.
+
+        `loralib.merge_lora(model)` also refuses weights tied to another parameter (merging would change
+        both); this method cannot see the rest of the model.
+        """
         if not self.merged:
             self.weight.add_(self.delta_weight().to(self.weight.dtype))
             self.merged = True
@@ -296,19 +348,75 @@ class LoraLinear(nn.Linear):
         lin.train(self.training)
         return lin
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
-            return F.linear(x, self.weight, self.bias)
-        xd = self.lora_dropout(x) if (self.lora_dropout_p > 0 and self.training) else None
+    # The merged state travels with the weights: a state dict holds `lora_merged`, and loading one
+    # adopts it, so a merged weight is never updated a second time by an unmerged layer.
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.merged:  # only then: an unmerged layer's state dict is a plain Linear's plus A and B
+            destination[prefix + MERGED_KEY] = torch.tensor(True, device=self.weight.device)
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        key = prefix + MERGED_KEY
+        has_weight = prefix + "weight" in state_dict
+        # New A/B into a merged weight that is not replaced: take the old update out, put the new one in.
+        remerge = (
+            self.merged and not has_weight and any(prefix + k in state_dict for k in ("lora_A", "lora_B"))
+        )
+        if remerge:
+            self.unmerge()
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if key in unexpected_keys:
+            unexpected_keys.remove(key)
+        if key in state_dict:
+            self.merged = bool(state_dict[key])
+        elif has_weight:  # a stock checkpoint, or one saved before the flag existed: an unmerged weight
+            self.merged = False
+        if remerge:
+            self.merge()
+
+    def _compute_operands(self, x: torch.Tensor):
+        """(x, weight, bias, A, B) in the dtype the layer computes in: autocast's if it is on, else the
+        weight's. fp32 adapter weights on a half-precision base are cast here (the cast is part of the
+        graph, so their gradients arrive in fp32)."""
         weight, bias, lora_A, lora_B = self.weight, self.bias, self.lora_A, self.lora_B
         device_type = x.device.type
         if torch.is_autocast_enabled(device_type):
-            # The custom Function bypasses autocast's casting, so cast the operands as autocast would.
             dt = torch.get_autocast_dtype(device_type)
-            x, weight, lora_A, lora_B = x.to(dt), weight.to(dt), lora_A.to(dt), lora_B.to(dt)
+            x, weight = x.to(dt), weight.to(dt)
             bias = bias.to(dt) if bias is not None else None
-            xd = xd.to(dt) if xd is not None else None
-            with torch.autocast(device_type, enabled=False):
+        else:
+            dt = weight.dtype
+        if lora_A.dtype != dt:
+            lora_A, lora_B = lora_A.to(dt), lora_B.to(dt)
+        return x, weight, bias, lora_A, lora_B
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            out = F.linear(x, self.weight, self.bias)
+            if (
+                self.training
+                and torch.is_grad_enabled()
+                and (self.lora_A.requires_grad or self.lora_B.requires_grad)
+            ):
+                # The merged forward never touches A and B, so a backward would leave them without a
+                # gradient and only the rest of the model would train: make that backward fail instead.
+                out = _MergedTrainingGuard.apply(out, self.lora_A, self.lora_B)
+            return out
+        training_dropout = self.lora_dropout_p > 0 and self.training
+        x, weight, bias, lora_A, lora_B = self._compute_operands(x)
+        if torch.compiler.is_compiling():
+            # The custom Function's oneDNN calls and in-place adds do not lower through TorchInductor; the
+            # plain formula compiles to the same math and lets the compiler fuse it.
+            xd = self.lora_dropout(x) if training_dropout else x
+            return F.linear(x, weight, bias) + F.linear(F.linear(xd, lora_A), lora_B) * self.scaling
+        xd = self.lora_dropout(x) if training_dropout else None
+        if torch.is_autocast_enabled(x.device.type):
+            # The operands are cast already; the Function's own products must not be cast again.
+            with torch.autocast(x.device.type, enabled=False):
                 return _LoraLinearFn.apply(x, xd, weight, bias, lora_A, lora_B, self.scaling)
         return _LoraLinearFn.apply(x, xd, weight, bias, lora_A, lora_B, self.scaling)
 
@@ -317,3 +425,15 @@ class LoraLinear(nn.Linear):
             f"{super().extra_repr()}, r={self.r}, alpha={self.alpha:g}, dropout={self.lora_dropout_p:g}, "
             f"init={self.init}, merged={self.merged}"
         )
+
+
+def _kind(module: object) -> str:
+    """The class name, with the way forward for layers that look like Linear but are not."""
+    name = type(module).__name__
+    if name == "Conv1D":
+        return (
+            "Conv1D (a GPT-2 style layer from transformers that stores its weight as (in, out), PEFT's "
+            "fan_in_fan_out=True case); LoraLinear adapts nn.Linear only: use PEFT's "
+            "LoraConfig(fan_in_fan_out=True) for such a model, or target its nn.Linear layers"
+        )
+    return name

@@ -39,7 +39,7 @@ from torch import nn
 
 from loralib.injection import HEAD_NAMES, inject_lora, lora_layers
 from loralib.layers import LoraLinear
-from loralib.utils import atomic_write
+from loralib.utils import atomic_directory
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -249,14 +249,14 @@ def to_peft(
     setting and `modules_to_save`. task_type: "auto" infers SEQ_CLS / QUESTION_ANS / ... from the model
     class (PEFT then also expects the head in the file). save_heads: always save the task heads
     (classifier, qa_outputs) in full, trained or not, because a fresh `from_pretrained` initialises them
-    at random. Both files are written atomically.
+    at random. The directory is written as one atomic unit (`loralib.utils.atomic_directory`).
     """
     tensors, config = peft_state_and_config(model, base_model_name_or_path, task_type, save_heads)
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     text = json.dumps(config, indent=2, sort_keys=True)
-    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text + "\n"))
+    with atomic_directory(directory) as stage:
+        save_file(tensors, str(stage / WEIGHTS_NAME), metadata={"format": "pt"})
+        (stage / CONFIG_NAME).write_text(text + "\n")
     return directory
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -34,6 +33,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from loralib.utils import atomic_directory
 
 # The article's PEFT recipe: all attention and feed-forward linears, plus norms and heads trained in full.
 ARTICLE_TARGETS: tuple[str, ...] = ("query", "key", "value", "intermediate.dense", "output.dense")
@@ -357,6 +358,9 @@ def task_metadata(model: nn.Module, **extra: Any) -> dict[str, Any]:
         "base_model_name_or_path": getattr(peft_config, "base_model_name_or_path", None)
         or getattr(cfg, "_name_or_path", None),
     }
+    from loralib.adapters import check_metadata
+
+    check_metadata(extra, tuple(meta), "save_peft_model")
     meta.update(extra)
     return meta
 
@@ -367,7 +371,7 @@ def save_peft_model(model, directory: str | os.PathLike, **metadata: Any) -> Pat
     PEFT's adapter_config.json does not record the head's size or label names, so
     `AutoPeftModelForSequenceClassification.from_pretrained(directory)` rebuilds a 2-label head and
     fails (or, for 2 labels, silently loses the names). `load_peft_model(directory)` reads the extra
-    file and needs no argument. All files are written to a temporary directory and moved into place.
+    file and needs no argument. The directory is written as one atomic unit (`loralib.utils.atomic_directory`).
     Extra keyword metadata (task name, ...) is stored too. Returns the directory.
     """
     if not hasattr(model, "peft_config"):
@@ -377,15 +381,9 @@ def save_peft_model(model, directory: str | os.PathLike, **metadata: Any) -> Pat
         )
     meta = task_metadata(model, **metadata)
     target = Path(directory)
-    target.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        model.save_pretrained(str(tmp))
-        (tmp / TASK_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
-        for f in tmp.iterdir():
-            os.replace(f, target / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_directory(target) as stage:
+        model.save_pretrained(str(stage))
+        (stage / TASK_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
     return target
 
 

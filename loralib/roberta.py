@@ -57,7 +57,6 @@ import difflib
 import functools
 import hashlib
 import inspect
-import json
 import math
 import os
 import textwrap
@@ -76,8 +75,7 @@ from transformers.models.roberta.modeling_roberta import RobertaSelfAttention, e
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs
 
-from loralib.adapters import CONFIG_NAME, WEIGHTS_NAME, read_adapter
-from loralib.utils import atomic_write
+from loralib.adapters import check_format_version, check_metadata, read_adapter, write_adapter
 
 FORMULATIONS = ("article", "scaled")
 TASK_TYPES = ("glue", "squad_v1", "squad_v2")
@@ -814,17 +812,9 @@ class LoraWrapperRoberta(nn.Module):
     def save_lora(self, directory: str | os.PathLike, **metadata: Any) -> Path:
         """Write the trained tensors and the metadata to `directory` (adapter.safetensors + lora_config.json,
         both atomically, as `loralib.adapters`); extra keyword metadata is stored too. Returns the weights path."""
-        from safetensors.torch import save_file
-
-        cfg = {**metadata, **self.lora_metadata()}
-        text = json.dumps(cfg, indent=2, sort_keys=True, default=str)
-        tensors = {k: v.contiguous().cpu() for k, v in self.trainable_state_dict().items()}
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        weights = directory / WEIGHTS_NAME
-        atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata={"loralib_config": text}))
-        atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text + "\n"))
-        return weights
+        own = self.lora_metadata()
+        check_metadata(metadata, tuple(own), "LoraWrapperRoberta.save_lora")
+        return write_adapter(directory, self.trainable_state_dict(), {**metadata, **own})
 
     @classmethod
     def from_lora(
@@ -844,10 +834,7 @@ class LoraWrapperRoberta(nn.Module):
                 f"{directory} holds a {cfg.get('format')!r} adapter, not a LoraWrapperRoberta one; load it with "
                 "loralib.load_lora(model, dir) instead."
             )
-        if cfg.get("format_version", 0) > WRAPPER_FORMAT_VERSION:
-            raise ValueError(
-                f"{directory} was written by a newer loralib (format_version {cfg['format_version']}); upgrade."
-            )
+        check_format_version(cfg, WRAPPER_FORMAT_VERSION, directory)
         kwargs: dict[str, Any] = dict(
             task_type=cfg["task_type"],
             num_classes=cfg["num_classes"],

@@ -815,7 +815,8 @@ def _save_adapter(cfg: TrainConfig, model, spec, model_id: str, directory: Path)
         save_lora(model, directory, **meta)
         return {"path": ADAPTER_DIR, "format": "loralib", "size_bytes": adapter_size_bytes(directory)}
     if cfg.backend == "article":
-        model.save_lora(directory, **meta)
+        own = model.lora_metadata()  # the wrapper records these itself; metadata may not repeat them
+        model.save_lora(directory, **{k: v for k, v in meta.items() if k not in own})
         return {"path": ADAPTER_DIR, "format": "article", "size_bytes": adapter_size_bytes(directory)}
     from loralib.qlora import save_peft_model
 
