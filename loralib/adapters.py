@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from loralib.checks import check_bool
-from loralib.injection import inject_lora, lora_layers
+from loralib.injection import inject_lora, lora_layers, unchanged_on_failure
 from loralib.utils import atomic_directory
 
 WEIGHTS_NAME = "adapter.safetensors"
@@ -266,35 +266,27 @@ def load_lora(
             "loralib.peft_interop.from_peft."
         )
     _check_config(cfg, path)
-    originals = dict(model.named_modules())
-    injected: list[str] = []
-    try:
+    # A load that fails must leave the model as it was, not half-adapted.
+    with unchanged_on_failure(model, params=tensors):
         if not any(True for _ in lora_layers(model)):
-            _inject_from_config(model, cfg, injected)
+            _inject_from_config(model, cfg)
         _check_fits(model, cfg, tensors, strict)
-    except BaseException:
-        # A load that fails must leave the model as it was, not half-adapted: put the original
-        # Linear modules (their own Parameter objects, requires_grad included) back.
-        for name in injected:
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, originals[name])
-        raise
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for k, v in tensors.items():
-            params[k].copy_(v.to(dtype=params[k].dtype, device=params[k].device))
-    if trainable:
-        for n, p in model.named_parameters():
-            p.requires_grad_(n in tensors)
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for k, v in tensors.items():
+                params[k].copy_(v.to(dtype=params[k].dtype, device=params[k].device))
+        if trainable:
+            for n, p in model.named_parameters():
+                p.requires_grad_(n in tensors)
     return cfg
 
 
-def _inject_from_config(model: nn.Module, cfg: dict[str, Any], injected: list[str]) -> None:
-    """Inject LoRA as the adapter's config describes, appending each adapted name to `injected`."""
+def _inject_from_config(model: nn.Module, cfg: dict[str, Any]) -> None:
+    """Inject LoRA as the adapter's config describes."""
     per_layer = cfg.get("per_layer") or {}
     for name in cfg["target_modules"]:
         spec = per_layer.get(name, {})
-        injected += inject_lora(
+        inject_lora(
             model,
             [name],
             r=int(spec.get("r", cfg["r"])),

@@ -1,6 +1,7 @@
 """Command line for the GLUE / SQuAD benchmarks: `python -m loralib.benchmark --task TASK --profile PROFILE`.
 
-Covers: argument parsing, expanding task groups, running each task through `loralib.training.run_task`
+Covers: argument parsing and validation (every argument is checked before anything is loaded; a bad
+one exits with status 2 and one line), expanding task groups, running each task through `loralib.training.run_task`
 (finished tasks are skipped unless --overwrite) and printing a summary table beside the published
 references. Not here: the training itself (`loralib.training`), reference numbers (`loralib.references`).
 
@@ -17,16 +18,60 @@ versions) and all. SQuAD v1.1 is stored under its hub name "squad".
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line (no usage block, no traceback), exit status 2."""
+
+    def error(self, message: str):  # noqa: D102 - argparse's hook
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _number(kind: type, minimum: float | None = None, positive: bool = False):
+    """An argparse type: `kind` (int or float), finite, > 0 when positive, >= minimum when given."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        if positive and value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+        if minimum is not None and value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum:g}, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def _check_output_dir(out: Path) -> None:
+    """Refuse an output directory that is a file or cannot be written, before any training starts."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output-dir {out} is a file; give a directory (it is created if missing)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise ValueError(
+            f"--output-dir {out} is not writable ({e.strerror or e}); choose another directory"
+        ) from e
 
 
 def build_parser() -> argparse.ArgumentParser:
     from loralib.training import BACKENDS, FORMULATIONS, PROFILES
 
-    ap = argparse.ArgumentParser(
+    ap = _Parser(
         prog="python -m loralib.benchmark",
         description="Fine-tune RoBERTa with LoRA on GLUE / SQuAD tasks and compare with published numbers.",
         epilog="Profiles: "
@@ -41,17 +86,19 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--overwrite", action="store_true", help="rerun tasks that already have results.json")
     ap.add_argument("--backend", choices=BACKENDS, default=None, help="LoRA implementation (default loralib)")
     ap.add_argument("--formulation", choices=FORMULATIONS, default=None, help="LoRA init/scaling")
-    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--seed", type=_number(int, minimum=0), default=None)
     ap.add_argument("--model-id", default=None, help="hub id or local directory of the base model")
     ap.add_argument("--data-dir", default=None, help="'bundled' (offline mini data) or a local dataset dir")
-    ap.add_argument("--learning-rate", type=float, default=None)
-    ap.add_argument("--epochs", type=int, default=None)
-    ap.add_argument("--warmup-epochs", type=float, default=None)
-    ap.add_argument("--batch-size", type=int, default=None, help="effective batch (all processes)")
-    ap.add_argument("--gradient-accumulation-steps", type=int, default=None)
-    ap.add_argument("--rank", dest="r", type=int, default=None, help="LoRA rank r")
-    ap.add_argument("--max-train-samples", type=int, default=None)
-    ap.add_argument("--max-eval-samples", type=int, default=None)
+    ap.add_argument("--learning-rate", type=_number(float, positive=True), default=None)
+    ap.add_argument("--epochs", type=_number(int, minimum=1), default=None)
+    ap.add_argument("--warmup-epochs", type=_number(float, minimum=0), default=None)
+    ap.add_argument(
+        "--batch-size", type=_number(int, minimum=1), default=None, help="effective batch (all processes)"
+    )
+    ap.add_argument("--gradient-accumulation-steps", type=_number(int, minimum=1), default=None)
+    ap.add_argument("--rank", dest="r", type=_number(int, minimum=1), default=None, help="LoRA rank r")
+    ap.add_argument("--max-train-samples", type=_number(int, minimum=1), default=None)
+    ap.add_argument("--max-eval-samples", type=_number(int, minimum=1), default=None)
     ap.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return ap
 
@@ -76,18 +123,26 @@ OVERRIDE_ARGS = (
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 2 bad arguments or a conflicting finished run)."""
     from loralib.references import format_table, results_table
-    from loralib.training import ResultsExistError, default_output_dir, resolve_tasks, run_task
+    from loralib.training import ResultsExistError, default_output_dir, make_config, resolve_tasks, run_task
 
     ap = build_parser()
     args = ap.parse_args(argv)
-    try:
-        tasks = resolve_tasks(args.task)
-    except ValueError as e:
-        ap.error(str(e))
     overrides = {k: getattr(args, k) for k in OVERRIDE_ARGS if getattr(args, k) is not None}
     if args.no_progress:
         overrides["progress"] = False
-    out = Path(args.output_dir) if args.output_dir else default_output_dir(args.profile)
+    # Every argument is checked before any model or dataset is loaded: a bad value costs no training.
+    try:
+        tasks = resolve_tasks(args.task)
+        for task in tasks:
+            make_config(task, args.profile, **overrides)  # cross-field rules (warm-up < epochs, ...)
+        if args.data_dir not in (None, "bundled") and not Path(args.data_dir).is_dir():
+            raise ValueError(
+                f"--data-dir {args.data_dir!r} is not a directory; give 'bundled' or a local dataset dir"
+            )
+        out = Path(args.output_dir) if args.output_dir else default_output_dir(args.profile)
+        _check_output_dir(out)
+    except (ValueError, TypeError) as e:
+        ap.error(str(e).splitlines()[0])
     rank0 = int(os.environ.get("RANK", "0")) == 0
     timings = []
     for task in tasks:

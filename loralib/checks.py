@@ -30,12 +30,18 @@ def _given(value: Any) -> str:
 
 def check_int(value: Any, name: str, minimum: int | None = 1, hint: str = "") -> int:
     """`value` as an int >= `minimum` (None: no bound); bools and floats are refused, not truncated."""
+    what = (
+        "a positive integer"
+        if minimum == 1
+        else "an integer"
+        if minimum is None
+        else f"an integer >= {minimum}"
+    )
+    tail = f" {hint}" if hint else ""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ArgumentTypeError(
-            f"{name} must be an integer, got {_given(value)}.{' ' + hint if hint else ''}"
-        )
+        raise ArgumentTypeError(f"{name} must be {what}, got {_given(value)}.{tail}")
     if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}.{' ' + hint if hint else ''}")
+        raise ValueError(f"{name} must be {what}, got {value!r}.{tail}")
     return value
 
 
@@ -103,7 +109,7 @@ def check_names(value: Any, name: str, allow_empty: bool = True) -> list[str]:
 
 def check_rank(r: Any, name: str = "r") -> int:
     """LoRA's rank: a positive integer."""
-    return check_int(r, name, 1, hint="LoRA's rank is a positive integer; typical values are 4, 8 or 16.")
+    return check_int(r, name, 1, hint="Typical ranks are 4, 8 or 16.")
 
 
 def check_alpha(alpha: Any, name: str = "alpha") -> float | None:

@@ -2,15 +2,18 @@
 
 Covers: `inject_lora` (PEFT-style name matching, regex, "all-linear"), `mark_only_lora_as_trainable`
 (PEFT's `bias` vocabulary plus layer norms, embeddings and `modules_to_save`), `merge_lora`,
-`unmerge_lora`, `unload_lora`, and `lora_layers` to iterate over adapted layers. Not here: the
+`unmerge_lora`, `unload_lora`, `lora_layers` to iterate over adapted layers, and `unchanged_on_failure`
+(the rollback every loader uses: a failed call leaves the model as it was). Not here: the
 layer itself (`loralib.layers`) and saving adapters (`loralib.adapters`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterable, Iterator, Sequence
 
+import torch
 from torch import nn
 
 from loralib.checks import ArgumentTypeError, check_bool, check_choice, check_names
@@ -250,3 +253,36 @@ def unload_lora(model: nn.Module) -> nn.Module:
     for name, layer in list(lora_layers(model)):
         _set_module(model, name, layer.to_linear())
     return model
+
+
+@contextlib.contextmanager
+def unchanged_on_failure(model: nn.Module, params: Iterable[str] = ()) -> Iterator[None]:
+    """Run a block that changes `model`; if it raises, put the model back exactly as it was.
+
+    Restored: which module sits where (injected layers are swapped back out), every parameter's
+    requires_grad, every LoRA layer's alpha, scaling and merged flag, and the values of `params`
+    (the parameter names the block may overwrite; only those are copied, so the cost is the adapter's
+    size, not the model's).
+    """
+    modules = dict(model.named_modules())
+    children = {name: dict(m.named_children()) for name, m in modules.items()}
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    scalars = {layer: (layer.alpha, layer.scaling, layer.merged) for _, layer in lora_layers(model)}
+    named = dict(model.named_parameters())
+    saved = {named[n]: named[n].detach().clone() for n in params if n in named}
+    try:
+        yield
+    except BaseException:
+        for name, kids in children.items():
+            module = modules[name]
+            for child_name, child in kids.items():
+                if module._modules.get(child_name) is not child:
+                    setattr(module, child_name, child)
+        with torch.no_grad():
+            for p, value in saved.items():
+                p.copy_(value)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for layer, (alpha, scaling, merged) in scalars.items():
+            layer.alpha, layer.scaling, layer.merged = alpha, scaling, merged
+        raise

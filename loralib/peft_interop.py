@@ -37,7 +37,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from loralib.injection import HEAD_NAMES, inject_lora, lora_layers
+from loralib.injection import HEAD_NAMES, inject_lora, lora_layers, unchanged_on_failure
 from loralib.layers import LoraLinear
 from loralib.utils import atomic_directory
 
@@ -402,31 +402,34 @@ def from_peft(model: nn.Module, directory: str | os.PathLike, trainable: bool = 
             "base, a different head shape another num_labels (load the base with the adapter's head size)."
         )
 
-    dropout = float(config.get("lora_dropout") or 0.0)
-    if not have:
-        for name in lora:
-            inject_lora(model, [name], r=ranks[name], alpha=alpha_for(name), dropout=dropout)
-        have = dict(lora_layers(model))
-    else:
-        for name in lora:  # same rank already checked; take the adapter's scaling
-            layer = have[name]
-            layer.alpha = alpha_for(name)
-            layer.scaling = layer.alpha / layer.r
     merged = [n for n, layer in have.items() if layer.merged]
     if merged:
         raise ValueError(
             f"LoRA layers {merged[:3]} are merged; call unmerge_lora(model) before loading an adapter."
         )
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, ab in lora.items():
-            layer: LoraLinear = have[name]
-            layer.lora_A.copy_(ab["lora_A"].to(layer.lora_A.dtype))
-            layer.lora_B.copy_(ab["lora_B"].to(layer.lora_B.dtype))
-        for key, value in other.items():
-            params[key].copy_(value.to(dtype=params[key].dtype, device=params[key].device))
-    if trainable:
-        keep = {f"{n}.lora_A" for n in lora} | {f"{n}.lora_B" for n in lora} | set(other)
-        for n, p in model.named_parameters():
-            p.requires_grad_(n in keep)
+    dropout = float(config.get("lora_dropout") or 0.0)
+    # Everything is checked; a failure from here on (an exotic dtype, a device error) still leaves the
+    # model as it was.
+    with unchanged_on_failure(model, params=[*(f"{n}.lora_{ab}" for n in lora for ab in "AB"), *other]):
+        if not have:
+            for name in lora:
+                inject_lora(model, [name], r=ranks[name], alpha=alpha_for(name), dropout=dropout)
+            have = dict(lora_layers(model))
+        else:
+            for name in lora:  # same rank already checked; take the adapter's scaling
+                layer = have[name]
+                layer.alpha = alpha_for(name)
+                layer.scaling = layer.alpha / layer.r
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, ab in lora.items():
+                layer: LoraLinear = have[name]
+                layer.lora_A.copy_(ab["lora_A"].to(layer.lora_A.dtype))
+                layer.lora_B.copy_(ab["lora_B"].to(layer.lora_B.dtype))
+            for key, value in other.items():
+                params[key].copy_(value.to(dtype=params[key].dtype, device=params[key].device))
+        if trainable:
+            keep = {f"{n}.lora_A" for n in lora} | {f"{n}.lora_B" for n in lora} | set(other)
+            for n, p in model.named_parameters():
+                p.requires_grad_(n in keep)
     return config

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from loralib.checks import check_bool, check_choice, check_dropout, check_names, check_number, check_rank
 from loralib.utils import atomic_directory
 
 # The article's PEFT recipe: all attention and feed-forward linears, plus norms and heads trained in full.
@@ -266,8 +267,15 @@ def build_peft_model(
     """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    if bias not in ("none", "all", "lora_only"):
-        raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {bias!r}.")
+    check_bool(quantize, "quantize")
+    check_rank(r)
+    check_number(lora_alpha, "lora_alpha", positive=True)
+    check_dropout(lora_dropout, "lora_dropout")
+    check_choice(bias, "bias", ("none", "all", "lora_only"))
+    if not isinstance(target_modules, str):
+        check_names(target_modules, "target_modules", allow_empty=False)
+    if modules_to_save is not None:
+        check_names(modules_to_save, "modules_to_save")
     base = load_base_model(
         model_id, task_kind, num_labels, quantize=quantize, id2label=id2label, device=device, dtype=dtype
     )
@@ -298,8 +306,10 @@ def make_optimizer(
     (the Trainer's convention). adam_kwargs: betas, eps. AdamW8bit keeps its two moments in 8 bits
     (blockwise-quantised) for tensors of at least 4096 elements and in fp32 for smaller ones.
     """
-    if lr <= 0:
-        raise ValueError(f"learning rate must be positive, got lr={lr!r}.")
+    check_number(lr, "lr", positive=True, hint="A learning rate such as 2e-4.")
+    check_number(weight_decay, "weight_decay", minimum=0.0)
+    if eight_bit is not None:
+        check_bool(eight_bit, "eight_bit")
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:

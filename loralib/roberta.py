@@ -76,6 +76,7 @@ from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs
 
 from loralib.adapters import check_format_version, check_metadata, read_adapter, write_adapter
+from loralib.checks import check_alpha, check_dropout, check_rank
 
 FORMULATIONS = ("article", "scaled")
 TASK_TYPES = ("glue", "squad_v1", "squad_v2")
@@ -140,23 +141,19 @@ def _warn_if_transformers_changed() -> None:
 
 
 def _check_lora_args(r: int, formulation: str, lora_alpha: float | None, lora_dropout: float) -> None:
-    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
-        raise ValueError(f"LoRA rank must be a positive integer, got {r!r}; the article uses 8.")
+    check_rank(r)
     if formulation not in FORMULATIONS:
         raise ValueError(
             f"unknown formulation {formulation!r}; choose 'article' (A ~ N(0,1), no scaling, lr ~4e-5) or "
             "'scaled' (kaiming-uniform A, update times lora_alpha / r, lr ~5e-4)."
         )
-    if lora_alpha is not None:
-        if formulation == "article":
-            raise ValueError(
-                "formulation='article' has no scaling (the article's code multiplies by nothing); leave "
-                "lora_alpha=None, or use formulation='scaled' to scale the update by lora_alpha / r."
-            )
-        if not isinstance(lora_alpha, (int, float)) or isinstance(lora_alpha, bool) or lora_alpha <= 0:
-            raise ValueError(f"lora_alpha must be a positive number or None (alpha = r), got {lora_alpha!r}.")
-    if not isinstance(lora_dropout, (int, float)) or not 0.0 <= lora_dropout < 1.0:
-        raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}.")
+    if lora_alpha is not None and formulation == "article":
+        raise ValueError(
+            "formulation='article' has no scaling (the article's code multiplies by nothing); leave "
+            "lora_alpha=None, or use formulation='scaled' to scale the update by lora_alpha / r."
+        )
+    check_alpha(lora_alpha, "lora_alpha")
+    check_dropout(lora_dropout, "lora_dropout")
 
 
 class LoraRobertaSelfAttention(RobertaSelfAttention):
@@ -610,8 +607,7 @@ class LoraWrapperRoberta(nn.Module):
                 )
             num_classes = 2
         _check_lora_args(lora_rank, formulation, lora_alpha, lora_dropout)
-        if not 0.0 <= dropout_rate < 1.0:
-            raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate!r}.")
+        check_dropout(dropout_rate, "dropout_rate")
         if regression_range is not None:
             low, high = (float(v) for v in regression_range)
             if not low < high:

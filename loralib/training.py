@@ -65,6 +65,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from loralib.checks import (
+    check_alpha,
+    check_bool,
+    check_dropout,
+    check_int,
+    check_names,
+    check_number,
+    check_rank,
+)
 from loralib.utils import atomic_write
 
 BACKENDS = ("loralib", "article", "peft", "qlora")
@@ -123,7 +132,7 @@ class TrainConfig:
     num_threads: int | None = None
 
     def __post_init__(self) -> None:
-        self.target_modules = tuple(self.target_modules)
+        self.target_modules = tuple(check_names(self.target_modules, "target_modules", allow_empty=False))
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; choose one of {BACKENDS}.")
         if self.formulation is None:
@@ -135,10 +144,25 @@ class TrainConfig:
             )
         if self.learning_rate is None:
             self.learning_rate = DEFAULT_LR[self.formulation]
-        for name in ("r", "batch_size", "eval_batch_size", "gradient_accumulation_steps", "epochs"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        check_rank(self.r)
+        for name in ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "epochs"):
+            check_int(getattr(self, name), name, 1)
+        check_alpha(self.alpha)
+        check_dropout(self.lora_dropout, "lora_dropout")
+        for name in (
+            "learning_rate",
+            "weight_decay",
+            "adam_beta1",
+            "adam_beta2",
+            "adam_epsilon",
+            "warmup_epochs",
+        ):
+            check_number(getattr(self, name), name)
+        check_number(self.learning_rate, "learning_rate", positive=True)
+        check_number(self.weight_decay, "weight_decay", minimum=0.0)
+        for name in ("train_biases", "train_layer_norms", "progress"):
+            check_bool(getattr(self, name), name)
+        check_int(self.seed, "seed", None)
         if not 0 <= self.warmup_epochs < self.epochs:
             raise ValueError(
                 f"warmup_epochs={self.warmup_epochs} must be in [0, epochs={self.epochs}): the learning rate "
