@@ -37,6 +37,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from loralib.checks import check_alpha, check_bool
 from loralib.injection import HEAD_NAMES, inject_lora, lora_layers, unchanged_on_failure
 from loralib.layers import LoraLinear
 from loralib.utils import atomic_directory
@@ -311,6 +312,7 @@ def from_peft(model: nn.Module, directory: str | os.PathLike, trainable: bool = 
     trainable: leave exactly the adapter's tensors trainable (what PEFT trains), everything else frozen.
     Mismatches (targets, rank, shapes of another base or head size) raise ValueError naming them.
     """
+    check_bool(trainable, "trainable")
     config, tensors = read_peft_adapter(directory)
     _check_supported(config, directory)
     base_name = config.get("base_model_name_or_path")
@@ -369,7 +371,11 @@ def from_peft(model: nn.Module, directory: str | os.PathLike, trainable: bool = 
     def alpha_for(name: str) -> float:
         pattern = config.get("alpha_pattern") or {}
         key = next((k for k in pattern if _pattern_match(name, k)), None)
-        alpha = float(pattern[key] if key is not None else config["lora_alpha"])
+        alpha = check_alpha(pattern[key] if key is not None else config.get("lora_alpha"), "lora_alpha")
+        if alpha is None:
+            raise ValueError(
+                f"{directory}/{CONFIG_NAME} has no lora_alpha; it is not a complete PEFT adapter."
+            )
         if config.get("use_rslora"):  # PEFT scales by alpha / sqrt(r); ours is alpha / r
             alpha *= math.sqrt(ranks[name])
         return alpha
@@ -408,17 +414,18 @@ def from_peft(model: nn.Module, directory: str | os.PathLike, trainable: bool = 
             f"LoRA layers {merged[:3]} are merged; call unmerge_lora(model) before loading an adapter."
         )
     dropout = float(config.get("lora_dropout") or 0.0)
+    alphas = {name: alpha_for(name) for name in lora}  # a NaN or missing alpha fails here, not half-way
     # Everything is checked; a failure from here on (an exotic dtype, a device error) still leaves the
     # model as it was.
     with unchanged_on_failure(model, params=[*(f"{n}.lora_{ab}" for n in lora for ab in "AB"), *other]):
         if not have:
             for name in lora:
-                inject_lora(model, [name], r=ranks[name], alpha=alpha_for(name), dropout=dropout)
+                inject_lora(model, [name], r=ranks[name], alpha=alphas[name], dropout=dropout)
             have = dict(lora_layers(model))
         else:
             for name in lora:  # same rank already checked; take the adapter's scaling
                 layer = have[name]
-                layer.alpha = alpha_for(name)
+                layer.alpha = alphas[name]
                 layer.scaling = layer.alpha / layer.r
         params = dict(model.named_parameters())
         with torch.no_grad():

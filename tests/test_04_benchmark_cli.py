@@ -232,3 +232,46 @@ def test_final_metric_reads_one_number(bench):
     )
     with pytest.raises(KeyError, match="accuracy"):
         final_metric(stsb, "accuracy")
+
+
+@pytest.mark.parametrize(
+    "extra, named",
+    [
+        (["--epochs", "0"], "--epochs"),
+        (["--epochs", "two"], "--epochs"),
+        (["--rank", "0"], "--rank"),
+        (["--rank", "2.5"], "--rank"),
+        (["--learning-rate", "-1e-4"], "--learning-rate"),
+        (["--learning-rate", "nan"], "--learning-rate"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--max-train-samples", "0"], "--max-train-samples"),
+        (["--max-eval-samples", "-3"], "--max-eval-samples"),
+        (["--warmup-epochs", "-1"], "--warmup-epochs"),
+        (["--epochs", "2", "--warmup-epochs", "3"], "warmup_epochs"),
+        (["--data-dir", "/no/such/dir"], "--data-dir"),
+        (["--output-dir", "FILE"], "is a file"),
+        (["--output-dir", "FILE/sub"], "not writable"),
+    ],
+    ids=str,
+)
+def test_bad_arguments_exit_2_with_one_line_before_anything_loads(
+    tmp_path, capsys, monkeypatch, extra, named
+):
+    import loralib.training as training
+
+    (tmp_path / "FILE").write_text("not a directory")
+    extra = [str(tmp_path / a) if a.startswith("FILE") else a for a in extra]
+
+    def no_training(*a, **k):  # the check must come before any model or dataset is touched
+        raise AssertionError("run_task was called")
+
+    monkeypatch.setattr(training, "run_task", no_training)
+    monkeypatch.setattr(training, "build_model", no_training)
+    args = ["--task", "sst2", "--output-dir", str(tmp_path / "out"), *extra]
+    with pytest.raises(SystemExit) as err:
+        main(args)
+    assert err.value.code == 2
+    msg = capsys.readouterr().err
+    assert named in msg and "Traceback" not in msg
+    assert len(msg.strip().splitlines()) == 1, msg
+    assert (tmp_path / "FILE").read_text() == "not a directory"

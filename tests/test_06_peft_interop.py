@@ -345,3 +345,59 @@ def test_to_peft_errors(tiny_model_dir, tmp_path):
     model.roberta.encoder.layer[0].attention.self.query.bias.requires_grad_(True)  # one LoRA bias only
     with pytest.raises(ValueError, match="bias"):
         to_peft(model, tmp_path, base_model_name_or_path=tiny_model_dir)
+
+
+def test_from_peft_on_a_merged_model_fails_without_touching_it(tiny_model_dir, peft_dir):
+    """The adapter's alpha (8) differs from the model's (4): a load that wrote it before failing would make
+    a later unmerge subtract the wrong update from the frozen weight."""
+    from loralib.injection import merge_lora, unmerge_lora
+
+    model = _seq_cls(tiny_model_dir)
+    inject_lora(model, ["query", "value"], r=8, alpha=4)
+    _perturb_trainables(model)
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    merge_lora(model)
+    before = {n: (m.alpha, m.scaling, m.merged) for n, m in lora_layers(model)}
+    with pytest.raises(ValueError, match="merged; call unmerge_lora"):
+        from_peft(model, peft_dir)
+    assert {n: (m.alpha, m.scaling, m.merged) for n, m in lora_layers(model)} == before
+    unmerge_lora(model)
+    for n, p in model.named_parameters():  # W0 back up to float rounding, A/B/head untouched
+        torch.testing.assert_close(p.detach(), original[n], atol=1e-6, rtol=0)
+
+
+def test_from_peft_failing_late_rolls_everything_back(tiny_model_dir, peft_dir, monkeypatch):
+    """A fault after all checks (here: while copying tensors) still leaves the model as it was."""
+    import loralib.peft_interop as interop
+
+    model = _seq_cls(tiny_model_dir)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    classes = {n: type(m) for n, m in model.named_modules()}
+    calls = {"n": 0}
+    original_inject = interop.inject_lora
+
+    def inject_then_fail(*args, **kwargs):
+        calls["n"] += 1
+        out = original_inject(*args, **kwargs)
+        if calls["n"] == 3:
+            raise RuntimeError("device lost")
+        return out
+
+    monkeypatch.setattr(interop, "inject_lora", inject_then_fail)
+    with pytest.raises(RuntimeError, match="device lost"):
+        from_peft(model, peft_dir)
+    assert {n: type(m) for n, m in model.named_modules()} == classes
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_from_peft_refuses_a_nan_alpha(tiny_model_dir, peft_dir):
+    cfg = json.loads((peft_dir / "adapter_config.json").read_text())
+    cfg["lora_alpha"] = float("nan")
+    (peft_dir / "adapter_config.json").write_text(json.dumps(cfg))
+    model = _seq_cls(tiny_model_dir)
+    with pytest.raises(ValueError, match="finite"):
+        from_peft(model, peft_dir)
+    assert not list(lora_layers(model))
