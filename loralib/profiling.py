@@ -817,7 +817,13 @@ def plot_benchmark(results: Mapping[str, Any], path: str | os.PathLike | None = 
     ]
     ax.set_xticks(range(len(layers)), labels, fontsize=8)
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
-    ax.axhline(1.15, color="tab:red", lw=0.8, ls=":", label="target 1.15x")
+    targets = results.get("target_values", {})
+    for key, style in (("layer", ":"), ("layer_dropout", "-.")):
+        if key in targets:
+            what = "with dropout" if key.endswith("dropout") else "no dropout"
+            ax.axhline(
+                targets[key], color="tab:red", lw=0.8, ls=style, label=f"target {targets[key]:g}x ({what})"
+            )
     top = max([v for row in layers for v in row["ratio"].values()] + [1.2])
     ax.set_ylim(0, top * 1.25)
     ax.set_ylabel("forward + backward time / frozen nn.Linear")
@@ -829,7 +835,9 @@ def plot_benchmark(results: Mapping[str, Any], path: str | os.PathLike | None = 
         ref = step["full_ft"]["median_s"] if "full_ft" in step else step[names[0]]["median_s"]
         bars = ax.bar(names, [step[n]["median_s"] / ref for n in names], color="tab:purple")
         ax.bar_label(bars, fmt="%.3f", fontsize=7, padding=1)
-        ax.axhline(0.70, color="tab:red", lw=0.8, ls=":", label="target 0.70x")
+        if "step" in targets:
+            ax.axhline(targets["step"], color="tab:red", lw=0.8, ls=":", label=f"target {targets['step']:g}x")
+        ax.tick_params(axis="x", labelrotation=30, labelsize=7)
         ax.axhline(2 / 3, color="grey", lw=0.8, ls="--", label="floor 2/3")
         ax.set_ylim(0, 1.25)
         ax.legend(fontsize=7, loc="upper right")

@@ -13,11 +13,10 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from scipy import stats
 from torch import nn
 
-from loralib.layers import LoraLinear
+from loralib.layers import LoraLinear, dropout_mask
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-12, atol=1e-12)}
 
@@ -200,11 +199,12 @@ def test_dropout_train_is_random_and_still_trains_eval_is_deterministic():
     layer.train()
     assert not torch.equal(layer(x), layer(x)), "dropout in train mode must change the LoRA path"
 
-    # Same seed -> same mask, so the layer matches the formula with an explicit dropout mask.
+    # Same seed -> same mask (the layer's CPU mask generator, `dropout_mask`), so the layer matches the
+    # formula with an explicit inverted-dropout mask.
     torch.manual_seed(123)
     y = layer(x)
     torch.manual_seed(123)
-    mask = F.dropout(torch.ones_like(x), p=p, training=True)
+    mask = dropout_mask(x.shape, p).float() / (1 - p)
     ref = explicit(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling, mask)
     torch.testing.assert_close(y, ref, **TOL[torch.float32])
 
@@ -230,7 +230,7 @@ def test_dropout_input_gradient_flows_through_the_mask():
     torch.manual_seed(5)
     layer(x).sum().backward()
     torch.manual_seed(5)
-    mask = F.dropout(torch.ones(7, 12, dtype=torch.float64), p=0.3, training=True)
+    mask = dropout_mask((7, 12), 0.3).double() / 0.7
     x_ref = x.detach().clone().requires_grad_(True)
     explicit(
         x_ref, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling, mask

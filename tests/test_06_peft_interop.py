@@ -19,11 +19,22 @@ from transformers import (  # noqa: E402
 )
 
 from loralib.injection import inject_lora, lora_layers, mark_only_lora_as_trainable  # noqa: E402
-from loralib.layers import LoraLinear  # noqa: E402
+from loralib.layers import LoraLinear, dropout_mask  # noqa: E402
 from loralib.peft_interop import from_peft, read_peft_adapter, to_peft  # noqa: E402
 from loralib.utils import count_parameters, set_seed  # noqa: E402
 
 ATOL = 1e-5
+
+
+class _FixedMask(nn.Module):
+    """Inverted dropout with a given mask (0 or 1 / (1 - p) per element)."""
+
+    def __init__(self, keep: torch.Tensor) -> None:
+        super().__init__()
+        self.keep = keep
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.keep
 
 
 # ---------------------------------------------------------------- one layer
@@ -56,9 +67,12 @@ def test_layer_parity_outputs_and_gradients(r, alpha, bias, dropout):
     ours.train(), theirs.train()
     x1 = torch.randn(3, 5, 24, requires_grad=True)
     x2 = x1.detach().clone().requires_grad_(True)
-    torch.manual_seed(1)  # both draw one dropout mask of x's shape, so the masks coincide
-    y1 = ours(x1)
+    if dropout:  # PEFT gets the mask our layer draws (loralib's CPU generator, not torch's dropout)
+        torch.manual_seed(1)
+        keep = dropout_mask(x1.shape, dropout).float() / (1 - dropout)
+        theirs.lora_dropout["default"] = _FixedMask(keep)
     torch.manual_seed(1)
+    y1 = ours(x1)
     y2 = theirs(x2)
     torch.testing.assert_close(y1, y2, atol=ATOL, rtol=1e-5)
     assert (y1 - base(x1)).abs().max() > 0.1  # the low-rank path really contributes
