@@ -850,6 +850,7 @@ def plot_benchmark(results: Mapping[str, Any], path: str | os.PathLike | None = 
         ax.bar(names, state, label="params + optimizer state")
         ax.bar(names, extra, bottom=state, label="peak during step")
         ax.legend(fontsize=7)
+        ax.tick_params(axis="x", labelrotation=30, labelsize=7)
     ax.set_ylabel("MiB")
     ax.set_title("peak memory per training step")
     fig.tight_layout()

@@ -77,6 +77,7 @@ from transformers.utils import TransformersKwargs
 
 from loralib.adapters import check_format_version, check_metadata, read_adapter, write_adapter
 from loralib.checks import check_alpha, check_dropout, check_rank
+from loralib.layers import adapter_dtype
 
 FORMULATIONS = ("article", "scaled")
 TASK_TYPES = ("glue", "squad_v1", "squad_v2")
@@ -225,6 +226,9 @@ class LoraRobertaSelfAttention(RobertaSelfAttention):
         )
         w = module.query.weight
         new.to(device=w.device, dtype=w.dtype)
+        keep = adapter_dtype(w.dtype)  # fp32 A and B on a half-precision base, as LoraLinear
+        for name in LORA_PARAM_NAMES:
+            getattr(new, name).data = getattr(new, name).data.to(keep)
         result = new.load_state_dict(module.state_dict(), strict=False)
         if result.unexpected_keys or sorted(result.missing_keys) != sorted(LORA_PARAM_NAMES):
             raise RuntimeError(
@@ -248,6 +252,8 @@ class LoraRobertaSelfAttention(RobertaSelfAttention):
 
     def _lora_update(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         # (x A^T) B^T: two thin matmuls, O(n d r), instead of forming the (d x d) matrix B @ A per call.
+        if a.dtype != x.dtype:  # fp32 adapter weights on a half-precision base compute in its dtype
+            a, b = a.to(x.dtype), b.to(x.dtype)
         xa = F.linear(self.lora_dropout(x), a)
         if self.lora_scaling != 1.0:
             xa = xa * self.lora_scaling  # scale the (n x r) intermediate, the cheapest place

@@ -484,3 +484,20 @@ def test_merge_on_a_half_precision_base_adds_the_fp32_update_rounded_once():
     layer.merge()
     expected = w0 + (layer.scaling * layer.lora_B.detach() @ layer.lora_A.detach()).to(torch.bfloat16)
     assert torch.equal(layer.weight.detach(), expected)
+
+
+def test_the_articles_attention_on_a_bf16_base_keeps_fp32_adapters(tiny_model_dir):
+    from transformers import RobertaModel
+
+    from loralib.roberta import lora_attention_layers, replace_self_attention
+
+    torch.manual_seed(0)
+    base = RobertaModel.from_pretrained(tiny_model_dir).to(torch.bfloat16)
+    replace_self_attention(base, r=4)
+    layers = list(lora_attention_layers(base))
+    assert layers and all(m.lora_query_matrix_A.dtype == torch.float32 for _, m in layers)
+    assert all(m.query.weight.dtype == torch.bfloat16 for _, m in layers)
+    out = base(input_ids=torch.tensor([[0, 11, 25, 2]])).last_hidden_state
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert all(m.lora_query_matrix_A.grad.dtype == torch.float32 for _, m in layers)
