@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from loralib.checks import check_bool
+from loralib.checks import check_bool, check_module
 from loralib.injection import inject_lora, lora_layers, unchanged_on_failure
 from loralib.utils import atomic_directory
 
@@ -128,6 +128,7 @@ def save_lora(model: nn.Module, path: str | os.PathLike, **metadata: Any) -> Pat
     The directory is written as a whole (see `loralib.utils.atomic_directory`); metadata keys that
     collide with the computed ones (RESERVED_KEYS) are refused before anything is written.
     """
+    check_module(model)
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a directory path (str or os.PathLike), got {type(path).__name__}.")
     return write_adapter(path, lora_state_dict(model), lora_config(model, **metadata))
@@ -256,6 +257,7 @@ def load_lora(
     trainable and everything else is frozen (what was trained; saving again writes the same set);
     False leaves every requires_grad flag as it was.
     """
+    check_module(model)
     check_bool(strict, "strict")
     check_bool(trainable, "trainable")
     cfg, tensors = read_adapter(path)

@@ -5,8 +5,9 @@ the argument, shows what was given and says what would work. `ArgumentTypeError`
 wrong kind of value (a string where a number belongs, None for a list), `ValueError` for a value of the
 right kind that is out of range.
 
-Covers: LoRA's own hyper-parameters (`check_rank`, `check_alpha`, `check_dropout`) and the generic
-checks behind them (integers, finite numbers, booleans, choices, lists of names). Not here: checks that
+Covers: LoRA's own hyper-parameters (`check_rank`, `check_alpha`, `check_dropout`), the generic
+checks behind them (integers, finite numbers, booleans, choices, lists of names, modules) and reading
+a JSON file with an error that names it. Not here: checks that
 need a model (target names, shapes: `loralib.injection`, `loralib.adapters`) or a file's schema
 (`loralib.adapters`).
 """
@@ -105,6 +106,31 @@ def check_names(value: Any, name: str, allow_empty: bool = True) -> list[str]:
     if not names and not allow_empty:
         raise ValueError(f"{name} must name at least one module, got {names!r}.")
     return names
+
+
+def check_module(model: Any, name: str = "model") -> Any:
+    """`model` if it is a torch `nn.Module` (a path or a config given by mistake is named as such)."""
+    from torch import nn
+
+    if not isinstance(model, nn.Module):
+        raise ArgumentTypeError(
+            f"{name} must be a torch nn.Module (e.g. AutoModelForSequenceClassification.from_pretrained(...)), "
+            f"got {_given(model)}."
+        )
+    return model
+
+
+def read_json(path: Any, what: str) -> Any:
+    """Parse the JSON file `path`; a damaged file is named, with what it should be."""
+    import json
+    from pathlib import Path
+
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); it should be {what}: re-save it.") from e
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not a text file; it should be {what}: re-save it.") from e
 
 
 def check_rank(r: Any, name: str = "r") -> int:

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from loralib.checks import ArgumentTypeError, check_bool, check_choice, check_names
+from loralib.checks import check_bool, check_choice, check_module, check_names
 from loralib.layers import LoraLinear, _kind, check_lora_args
 
 # Task heads stay full-precision, fully trained modules: "all-linear" never adapts them (as PEFT).
@@ -110,8 +110,7 @@ def inject_lora(
     `LoraLinear`). Raises ValueError if nothing matches (listing the Linear names that exist) and
     TypeError if a match is not an `nn.Linear` or already carries LoRA; the model is untouched then.
     """
-    if not isinstance(model, nn.Module):
-        raise ArgumentTypeError(f"model must be a torch nn.Module, got {type(model).__name__}.")
+    check_module(model)
     r, alpha, dropout = check_lora_args(r, alpha, dropout, init)
     check_bool(autocast_adapter_dtype, "autocast_adapter_dtype")
     names = find_targets(model, target_modules)
@@ -169,6 +168,7 @@ def mark_only_lora_as_trainable(
     LoRA-adapted layers). modules_to_save: module names (PEFT matching) trained in full, e.g. the
     task head "classifier".
     """
+    check_module(model)
     check_choice(bias, "bias", BIAS_CHOICES)
     check_bool(train_layer_norms, "train_layer_norms")
     check_bool(train_embeddings, "train_embeddings")
@@ -234,6 +234,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
     Refuses (before changing anything) when an adapted weight is tied to another tensor of the model.
     """
+    check_module(model)
     _check_untied(model)
     for _, layer in lora_layers(model):
         layer.merge()

@@ -37,7 +37,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from loralib.checks import check_alpha, check_bool
+from loralib.checks import check_alpha, check_bool, check_choice, check_module, read_json
 from loralib.injection import HEAD_NAMES, inject_lora, lora_layers, unchanged_on_failure
 from loralib.layers import LoraLinear
 from loralib.utils import atomic_directory
@@ -252,6 +252,12 @@ def to_peft(
     (classifier, qa_outputs) in full, trained or not, because a fresh `from_pretrained` initialises them
     at random. The directory is written as one atomic unit (`loralib.utils.atomic_directory`).
     """
+    check_module(model)
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"directory must be a path (str or os.PathLike), got {type(directory).__name__}.")
+    if task_type is not None and task_type != "auto":
+        check_choice(task_type, "task_type", ("auto", *dict.fromkeys(t for _, t in _TASK_TYPES)))
+    check_bool(save_heads, "save_heads")
     tensors, config = peft_state_and_config(model, base_model_name_or_path, task_type, save_heads)
     directory = Path(directory)
     text = json.dumps(config, indent=2, sort_keys=True)
@@ -282,7 +288,9 @@ def read_peft_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], dic
                 else "."
             )
         )
-    config = json.loads(cfg_path.read_text())
+    config = read_json(cfg_path, "a PEFT adapter_config.json")
+    if not isinstance(config, dict):
+        raise ValueError(f"{cfg_path} is not a JSON object; it should be a PEFT adapter_config.json.")
     tensors = {k.removeprefix(PREFIX): v for k, v in load_file(str(w_path)).items()}
     return config, tensors
 
@@ -312,6 +320,7 @@ def from_peft(model: nn.Module, directory: str | os.PathLike, trainable: bool = 
     trainable: leave exactly the adapter's tensors trainable (what PEFT trains), everything else frozen.
     Mismatches (targets, rank, shapes of another base or head size) raise ValueError naming them.
     """
+    check_module(model)
     check_bool(trainable, "trainable")
     config, tensors = read_peft_adapter(directory)
     _check_supported(config, directory)

@@ -34,7 +34,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from loralib.checks import check_bool, check_choice, check_dropout, check_names, check_number, check_rank
+from loralib.checks import (
+    check_bool,
+    check_choice,
+    check_dropout,
+    check_names,
+    check_number,
+    check_rank,
+    read_json,
+)
 from loralib.utils import atomic_directory
 
 # The article's PEFT recipe: all attention and feed-forward linears, plus norms and heads trained in full.
@@ -407,7 +415,11 @@ def read_task_metadata(directory: str | os.PathLike) -> dict[str, Any]:
             f"{path} is missing: {directory} is {what}. Save with loralib.qlora.save_peft_model(), or load "
             "it with AutoPeftModelForSequenceClassification.from_pretrained(directory, num_labels=N)."
         )
-    meta = json.loads(path.read_text())
+    meta = read_json(path, "loralib's task file (save_peft_model writes it)")
+    if not isinstance(meta, dict) or "task_kind" not in meta:
+        raise ValueError(
+            f"{path} lacks 'task_kind'; re-save the adapter with loralib.qlora.save_peft_model()."
+        )
     if meta.get("id2label"):
         meta["id2label"] = {int(k): v for k, v in meta["id2label"].items()}
     return meta
@@ -431,6 +443,10 @@ def load_peft_model(
     """
     from peft import PeftModel
 
+    if quantize is not None:
+        check_bool(quantize, "quantize")
+    check_bool(is_trainable, "is_trainable")
+    check_bool(dequantize, "dequantize")
     meta = read_task_metadata(directory)
     base_id = base_model_name_or_path or meta.get("base_model_name_or_path")
     if not base_id:

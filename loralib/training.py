@@ -73,6 +73,7 @@ from loralib.checks import (
     check_names,
     check_number,
     check_rank,
+    read_json,
 )
 from loralib.utils import atomic_write
 
@@ -771,7 +772,7 @@ def read_results(path: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(
             f"no {RESULTS_NAME} at {p}; run `python -m loralib.benchmark --task ...` first."
         )
-    return json.loads(p.read_text())
+    return read_json(p, "a results.json written by run_task")
 
 
 def final_metric(results: dict[str, Any], metric: str | None = None, split: str | None = None) -> float:

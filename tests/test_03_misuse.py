@@ -501,3 +501,30 @@ def test_the_articles_attention_on_a_bf16_base_keeps_fp32_adapters(tiny_model_di
     assert out.dtype == torch.bfloat16
     out.float().sum().backward()
     assert all(m.lora_query_matrix_A.grad.dtype == torch.float32 for _, m in layers)
+
+
+@pytest.mark.parametrize("call", ["inject", "mark", "merge", "save", "load", "to_peft", "from_peft"])
+def test_a_path_where_the_model_belongs_is_named(call, tmp_path):
+    from loralib.peft_interop import from_peft, to_peft
+
+    calls = {
+        "inject": lambda: inject_lora("roberta-base", ["query"]),
+        "mark": lambda: mark_only_lora_as_trainable("roberta-base"),
+        "merge": lambda: merge_lora("roberta-base"),
+        "save": lambda: save_lora("roberta-base", tmp_path / "a"),
+        "load": lambda: load_lora("roberta-base", tmp_path / "a"),
+        "to_peft": lambda: to_peft("roberta-base", tmp_path / "p"),
+        "from_peft": lambda: from_peft("roberta-base", tmp_path / "p"),
+    }
+    with pytest.raises(TypeError, match="model must be a torch nn.Module.*got 'roberta-base' \\(str\\)"):
+        calls[call]()
+
+
+def test_a_damaged_peft_config_is_named(model, tmp_path):
+    from loralib.peft_interop import from_peft, to_peft
+
+    inject_lora(model, ["query"], r=2)
+    to_peft(model, tmp_path / "p", base_model_name_or_path="tiny")
+    (tmp_path / "p" / "adapter_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="adapter_config.json is not valid JSON"):
+        from_peft(model, tmp_path / "p")
