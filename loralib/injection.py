@@ -117,10 +117,17 @@ def inject_lora(
     if not names:
         linears = _linear_names(model)
         shown = ", ".join(linears[:40]) + (" ..." if len(linears) > 40 else "")
+        conv1d = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
+        hint = (
+            f" It has GPT-2 style Conv1D layers ({', '.join(conv1d[:4])}...), which LoraLinear does not adapt: "
+            "use PEFT's LoraConfig(fan_in_fan_out=True) for such a model."
+            if conv1d
+            else ""
+        )
         raise ValueError(
             f"target_modules={target_modules!r} matched no module. Names match exactly or by their last "
             f"dotted parts (e.g. 'query' matches 'encoder.layer.0.attention.self.query'). "
-            f"Linear modules in this model: {shown or '(none)'}"
+            f"Linear modules in this model: {shown or '(none)'}.{hint}"
         )
     modules = dict(model.named_modules())
     for name in names:

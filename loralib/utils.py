@@ -150,6 +150,8 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     renamed aside and the new one into place, and the old one is deleted only after that.
     """
     path = Path(path)
+    if path.is_symlink():  # write where the link points; swapping would replace the link itself
+        path = path.resolve()
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"{path} exists and is a file; choose a directory path for the save.")
     path.parent.mkdir(parents=True, exist_ok=True)

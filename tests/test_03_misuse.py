@@ -528,3 +528,41 @@ def test_a_damaged_peft_config_is_named(model, tmp_path):
     (tmp_path / "p" / "adapter_config.json").write_text("{not json")
     with pytest.raises(ValueError, match="adapter_config.json is not valid JSON"):
         from_peft(model, tmp_path / "p")
+
+
+def test_all_linear_on_a_gpt2_style_model_points_at_fan_in_fan_out():
+    from transformers.pytorch_utils import Conv1D
+
+    net = nn.Sequential()
+    net.add_module("c_attn", Conv1D(12, 4))
+    with pytest.raises(ValueError, match="matched no module.*Conv1D.*fan_in_fan_out=True"):
+        inject_lora(net, "all-linear", r=2)
+
+
+def test_saving_through_a_symlink_updates_its_target(model, tmp_path):
+    inject_lora(model, ["query"], r=2)
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    save_lora(model, tmp_path / "link", task="t")
+    assert (tmp_path / "link").is_symlink() and read_adapter(tmp_path / "real")[0]["task"] == "t"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+
+
+def test_gradient_checkpointing_recomputes_the_same_dropout_mask():
+    """torch.utils.checkpoint restores torch's RNG state for the recomputation; the mask is seeded from
+    it, so gradients equal those of the same call without checkpointing."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    layer = LoraLinear(16, 8, r=2, dropout=0.3).train()
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(12, 16, requires_grad=True)
+    torch.manual_seed(5)
+    layer(x).square().sum().backward()
+    plain = layer.lora_A.grad.clone(), x.grad.clone()
+    layer.zero_grad(set_to_none=True)
+    x.grad = None
+    torch.manual_seed(5)
+    checkpoint(layer, x, use_reentrant=False).square().sum().backward()
+    torch.testing.assert_close(layer.lora_A.grad, plain[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(x.grad, plain[1], atol=1e-6, rtol=0)
