@@ -70,9 +70,14 @@ def _auto_class(task_kind: str):
 
 
 def compute_dtype(device: str | torch.device | None = None) -> torch.dtype:
-    """The dtype 4-bit layers compute in: bf16 on CUDA, fp32 on CPU (bf16 matmuls are far slower there)."""
+    """The dtype 4-bit layers compute in: bf16 on GPUs with native bf16, fp16 on other GPUs (a T4
+    emulates bf16, slowly), fp32 on CPU (bf16 matmuls are far slower there)."""
+    from loralib.utils import native_bf16
+
     dev = torch.device(device) if device is not None else _default_device()
-    return torch.bfloat16 if dev.type == "cuda" else torch.float32
+    if dev.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if native_bf16(dev) else torch.float16
 
 
 def _default_device() -> torch.device:

@@ -93,7 +93,8 @@ class TrainConfig:
 
     None means "decided by something else": model_id by the profile, formulation by the backend
     ("article" for the article backend, "scaled" otherwise), learning_rate by the formulation
-    (DEFAULT_LR), alpha = r, bf16 = "on CUDA when supported", num_threads = torch's setting (CPU
+    (DEFAULT_LR), alpha = r, bf16 = "on GPUs with native bf16, fp16 with gradient scaling on other
+    GPUs (a T4), fp32 on CPU" (False: fp32 everywhere), num_threads = torch's setting (CPU
     intra-op threads during the run; the smoke profile uses 1).
     """
 
@@ -679,8 +680,12 @@ def build_trainer(
     spec = task_spec(cfg.task)
     world = _world_size()
     per_device = per_device_batch_size(cfg, world)
+    from loralib.utils import mixed_precision
+
     cuda = torch.cuda.is_available()
-    bf16 = cfg.bf16 if cfg.bf16 is not None else bool(cuda and torch.cuda.is_bf16_supported())
+    # Native bf16 only: a T4 reports bf16 "supported" through slow emulation; it gets fp16 + scaling.
+    precision = mixed_precision() if cfg.bf16 is None else ("bf16" if cfg.bf16 else "fp32")
+    bf16, fp16 = precision == "bf16", precision == "fp16"
     if bf16 and not cuda:
         raise ValueError("bf16=True needs a CUDA GPU here; on CPU leave bf16=None (fp32).")
     args = TrainingArguments(
@@ -702,6 +707,7 @@ def build_trainer(
         seed=cfg.seed,
         data_seed=cfg.seed,
         bf16=bf16,
+        fp16=fp16,
         use_cpu=not cuda,
         dataloader_num_workers=cfg.num_workers,
         disable_tqdm=not cfg.progress,
@@ -941,6 +947,7 @@ def run_task(
         "peak_memory": _peak_memory(),
         "world_size": trainer.args.world_size,
         "device": str(trainer.args.device),
+        "precision": "bf16" if trainer.args.bf16 else ("fp16" if trainer.args.fp16 else "fp32"),
         "versions": versions(),
     }
     if trainer.is_world_process_zero():

@@ -64,6 +64,30 @@ def print_versions() -> None:
         print(f"{k:>13}: {v}")
 
 
+def native_bf16(device: torch.device | str | None = None) -> bool:
+    """True where bf16 runs natively: a CUDA GPU with bf16 units (Ampere and later), not emulated.
+
+    `torch.cuda.is_bf16_supported()` also says True on a T4 (Turing), where bf16 is emulated and slow;
+    there fp16 with gradient scaling is the right mixed precision. False on CPU: see `loralib.qlora`.
+    """
+    dev = torch.device(device) if device is not None else default_device()
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        return False
+    try:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:  # torch < 2.4 has no including_emulation: ask for compute capability >= 8
+        return torch.cuda.get_device_capability(dev)[0] >= 8
+
+
+def mixed_precision(device: torch.device | str | None = None) -> str:
+    """The training precision for `device`: "bf16" (native bf16 GPUs), "fp16" (other GPUs: autocast
+    with gradient scaling; LoRA's fp32 adapter weights make the scaler work) or "fp32" (CPU)."""
+    dev = torch.device(device) if device is not None else default_device()
+    if dev.type != "cuda":
+        return "fp32"
+    return "bf16" if native_bf16(dev) else "fp16"
+
+
 def default_device() -> torch.device:
     """CUDA when available, else CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -221,3 +221,33 @@ def test_every_backend_trains_saves_and_reloads(tmp_path, backend):
     assert np.mean(np.array(preds) == np.array(enc["labels"])) == pytest.approx(
         res["metrics"]["accuracy"], abs=1e-9
     )
+
+
+@pytest.mark.parametrize(
+    "native, expected, qlora_dtype",
+    [(True, "bf16", "bfloat16"), (False, "fp16", "float16")],
+    ids=["A100-like", "T4-like"],
+)
+def test_precision_uses_native_bf16_only(monkeypatch, native, expected, qlora_dtype):
+    """A T4 answers is_bf16_supported() == True through emulation; only the native answer counts."""
+    import torch
+
+    from loralib import qlora, utils
+
+    calls = []
+
+    def is_bf16_supported(including_emulation=True):
+        calls.append(including_emulation)
+        return native or including_emulation  # emulation always "works"
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    assert utils.mixed_precision("cuda") == expected
+    assert qlora.compute_dtype("cuda") == getattr(torch, qlora_dtype)
+    assert calls and not any(calls)  # always asked with including_emulation=False
+    assert utils.mixed_precision("cpu") == "fp32" and qlora.compute_dtype("cpu") == torch.float32
+
+
+def test_results_record_the_precision(tmp_path):
+    res = run_task("sst2", "smoke", output_dir=tmp_path, epochs=1, warmup_epochs=0.5, progress=False)
+    assert res["precision"] == "fp32" and res["device"] == "cpu"
