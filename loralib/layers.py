@@ -168,11 +168,11 @@ class _LoraLinearFn(torch.autograd.Function):
     `lanes` and `threshold`, random int16 lanes of x's shape whose keep-mask is lanes < threshold
     (CPU), in which case `scaling` already includes 1 / (1 - p) and xd = x * mask is formed for the
     forward product only and formed again in the backward: the saved state is x (the no-dropout path
-    keeps it too) plus two bytes per element. With neither, xd
-    is x: no copy, and the two input gradients share one buffer. Only the gradients autograd asks for
-    are computed, so a frozen W costs no (out x in) weight gradient, and only the tensors those
-    gradients need are saved: the input (for dA, or dW when W trains), xa = xd A^T (kept as (r x n),
-    for dB), B^T (r x out) and the parameters. Nothing of size (out x in).
+    keeps it too) plus two bytes per element. With neither, xd is x: no copy, and the two input
+    gradients share one buffer. Only the gradients autograd asks for are computed, so a frozen W costs
+    no (out x in) weight gradient, and only the tensors those gradients need are saved: the input (for
+    dA, or dW when W trains), xa = xd A^T (kept as (r x n), for dB), B^T (r x out) and the parameters.
+    Nothing of size (out x in).
 
     Layouts matter more than flops here. The six thin products add ~3% to the flops of the two big
     matmuls, but each streams an (n x d) matrix through memory, and their speed depends on the
@@ -436,8 +436,8 @@ class LoraLinear(nn.Linear):
         lin.train(self.training)
         return lin
 
-    # The merged state travels with the weights: a state dict holds `lora_merged`, and loading one
-    # adopts it, so a merged weight is never updated a second time by an unmerged layer.
+    # The merged state travels with the weights: a merged layer's state dict holds `lora_merged`, and
+    # loading one adopts it, so a merged weight is never updated a second time by an unmerged layer.
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.merged:  # only then: an unmerged layer's state dict is a plain Linear's plus A and B
