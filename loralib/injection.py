@@ -220,13 +220,13 @@ def _check_untied(model: nn.Module) -> None:
         *model.named_buffers(remove_duplicate=False),
     ]:
         if t.device.type != "meta":
-            owners.setdefault(t.untyped_storage().data_ptr(), []).append(name)
+            # The tensor's own address, not its storage's: a loader may place many parameters as views
+            # of one flat buffer, and those are not tied.
+            owners.setdefault(t.data_ptr(), []).append(name)
     for name, layer in lora_layers(model):
         if layer.merged:
             continue
-        others = [
-            n for n in owners.get(layer.weight.untyped_storage().data_ptr(), []) if n != f"{name}.weight"
-        ]
+        others = [n for n in owners.get(layer.weight.data_ptr(), []) if n != f"{name}.weight"]
         if others:
             raise ValueError(
                 f"cannot merge LoRA into {name}.weight: it shares its storage with {others[:3]} (tied weights, "

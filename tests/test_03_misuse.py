@@ -566,3 +566,14 @@ def test_gradient_checkpointing_recomputes_the_same_dropout_mask():
     checkpoint(layer, x, use_reentrant=False).square().sum().backward()
     torch.testing.assert_close(layer.lora_A.grad, plain[0], atol=1e-6, rtol=0)
     torch.testing.assert_close(x.grad, plain[1], atol=1e-6, rtol=0)
+
+
+def test_parameters_that_are_views_of_one_buffer_are_not_taken_for_tied():
+    flat = torch.randn(2 * 6 * 4)
+    net = nn.Sequential(nn.Linear(4, 6, bias=False), nn.Linear(4, 6, bias=False))
+    net[0].weight = nn.Parameter(flat[:24].view(6, 4))
+    net[1].weight = nn.Parameter(flat[24:].view(6, 4))
+    inject_lora(net, ["0"], r=2)
+    _randomize_b(net)
+    merge_lora(net)  # no false "tied weights" error
+    assert net[0].merged
