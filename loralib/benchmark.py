@@ -123,7 +123,14 @@ OVERRIDE_ARGS = (
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 2 bad arguments or a conflicting finished run)."""
     from loralib.references import format_table, results_table
-    from loralib.training import ResultsExistError, default_output_dir, make_config, resolve_tasks, run_task
+    from loralib.training import (
+        ResultsExistError,
+        default_output_dir,
+        make_config,
+        per_device_batch_size,
+        resolve_tasks,
+        run_task,
+    )
 
     ap = build_parser()
     args = ap.parse_args(argv)
@@ -133,8 +140,17 @@ def main(argv: list[str] | None = None) -> int:
     # Every argument is checked before any model or dataset is loaded: a bad value costs no training.
     try:
         tasks = resolve_tasks(args.task)
-        for task in tasks:
-            make_config(task, args.profile, **overrides)  # cross-field rules (warm-up < epochs, ...)
+        for task in tasks:  # cross-field rules: warm-up < epochs, batch divisible by processes x steps
+            per_device_batch_size(make_config(task, args.profile, **overrides))
+        model_path = os.path.expanduser(args.model_id or "")
+        if (
+            args.model_id
+            and args.model_id.startswith(("/", "./", "../", "~"))
+            and not os.path.isdir(model_path)
+        ):
+            raise ValueError(
+                f"--model-id {args.model_id!r} is not a directory; give a local model dir or a hub id"
+            )
         if args.data_dir not in (None, "bundled") and not Path(args.data_dir).is_dir():
             raise ValueError(
                 f"--data-dir {args.data_dir!r} is not a directory; give 'bundled' or a local dataset dir"

@@ -251,6 +251,8 @@ def test_final_metric_reads_one_number(bench):
         (["--data-dir", "/no/such/dir"], "--data-dir"),
         (["--output-dir", "FILE"], "is a file"),
         (["--output-dir", "FILE/sub"], "not writable"),
+        (["--batch-size", "6", "--gradient-accumulation-steps", "4"], "not divisible"),
+        (["--model-id", "./no/such/model"], "--model-id"),
     ],
     ids=str,
 )
