@@ -10,7 +10,7 @@ formulation, full fine-tuning) at several widths and ranks; a training step of a
 roberta-base-sized classifier (full fine-tuning, loralib, PEFT; LoRA r = 8 on query/value, AdamW);
 inference of the stock model vs the same model with a merged (and an unmerged) loralib adapter. Every
 group is timed interleaved (round-robin) in one process and reported as medians and ratios, with peak
-memory per case (see `loralib.profiling.peak_memory` for how CPU memory is measured).
+memory per case (see `loralib.memory.peak_memory` for how CPU memory is measured).
 
 Writes <output-dir>/bench_speed.json (results, versions, machine, threads, command),
 bench_speed.png (figure) and bench_speed.md (the README table). Not here: correctness (tests/), and
@@ -23,10 +23,13 @@ import argparse
 import datetime as dt
 import json
 import os
+import platform
 import shlex
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -34,19 +37,16 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 import torch  # noqa: E402
 
-from loralib.profiling import (  # noqa: E402
-    LAYER_METHODS,
-    machine_info,
+from loralib.measure.layer import LAYER_METHODS, measure_layer  # noqa: E402
+from loralib.measure.steps import (  # noqa: E402
     measure_inference,
-    measure_layer,
     measure_train_steps,
-    plot_benchmark,
     random_batch,
-    ratios,
     roberta_config,
     roberta_inference_builders,
     roberta_step_builders,
 )
+from loralib.measure.timing import ratios  # noqa: E402
 from loralib.utils import atomic_write, versions  # noqa: E402
 
 MIB = 2**20
@@ -64,6 +64,97 @@ QUICK_LAYERS = [(768, 8, 0.0, 12, 2), (768, 8, 0.1, 12, 2), (1024, 8, 0.0, 8, 1)
 # with LoRA dropout 0.1; step = loralib / full fine-tuning; inference = merged / stock.
 TARGETS = {"layer": 1.15, "layer_dropout": 1.25, "step": 0.70, "step_dropout": 0.70, "inference": 1.02}
 STEP_DROPOUTS = (0.0, 0.1)
+
+
+def plot_benchmark(results: Mapping[str, Any], path: str | os.PathLike | None = None):
+    """The speed suite's figure from its results dict: layer ratios, model-step ratios, peak memory."""
+    import matplotlib.pyplot as plt
+
+    layers = results.get("layer", [])
+    step = results.get("model_step", {}).get("cases", {})
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), gridspec_kw={"width_ratios": [2.2, 1, 1]})
+    ax = axes[0]
+    methods = [m for m in LAYER_METHODS if any(m in row["ratio"] for row in layers)]
+    w = 0.8 / max(len(methods), 1)
+    for j, m in enumerate(methods):
+        vals = [row["ratio"].get(m, float("nan")) for row in layers]
+        bars = ax.bar([i + (j - (len(methods) - 1) / 2) * w for i in range(len(layers))], vals, w, label=m)
+        ax.bar_label(bars, fmt="%.2f", fontsize=6, padding=1)
+    labels = [
+        f"d={row['d']}\nr={row['r']}" + (f"\np={row['dropout']:g}" if row["dropout"] else "")
+        for row in layers
+    ]
+    ax.set_xticks(range(len(layers)), labels, fontsize=8)
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    targets = results.get("target_values", {})
+    for key, style in (("layer", ":"), ("layer_dropout", "-.")):
+        if key in targets:
+            what = "with dropout" if key.endswith("dropout") else "no dropout"
+            ax.axhline(
+                targets[key], color="tab:red", lw=0.8, ls=style, label=f"target {targets[key]:g}x ({what})"
+            )
+    top = max([v for row in layers for v in row["ratio"].values()] + [1.2])
+    ax.set_ylim(0, top * 1.25)
+    ax.set_ylabel("forward + backward time / frozen nn.Linear")
+    ax.set_title(f"one linear layer, {layers[0]['tokens'] if layers else '?'} tokens")
+    ax.legend(fontsize=7, ncol=3, loc="upper left")
+    ax = axes[1]
+    names = list(step)
+    if names:
+        ref = step["full_ft"]["median_s"] if "full_ft" in step else step[names[0]]["median_s"]
+        bars = ax.bar(names, [step[n]["median_s"] / ref for n in names], color="tab:purple")
+        ax.bar_label(bars, fmt="%.3f", fontsize=7, padding=1)
+        if "step" in targets:
+            ax.axhline(targets["step"], color="tab:red", lw=0.8, ls=":", label=f"target {targets['step']:g}x")
+        ax.tick_params(axis="x", labelrotation=30, labelsize=7)
+        ax.axhline(2 / 3, color="grey", lw=0.8, ls="--", label="floor 2/3")
+        ax.set_ylim(0, 1.25)
+        ax.legend(fontsize=7, loc="upper right")
+    ax.set_ylabel("training step time / full fine-tuning")
+    ax.set_title("RoBERTa training step")
+    ax = axes[2]
+    if names and step[names[0]].get("peak_bytes") is not None:
+        state = [step[n]["state_bytes"] / 2**20 for n in names]
+        extra = [step[n]["peak_extra_bytes"] / 2**20 for n in names]
+        ax.bar(names, state, label="params + optimizer state")
+        ax.bar(names, extra, bottom=state, label="peak during step")
+        ax.legend(fontsize=7)
+        ax.tick_params(axis="x", labelrotation=30, labelsize=7)
+    ax.set_ylabel("MiB")
+    ax.set_title("peak memory per training step")
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def machine_info() -> dict[str, Any]:
+    """Where a measurement ran: OS, CPU model, cores, torch threads, load average, memory, GPU."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    try:
+        info["loadavg"] = [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        info["loadavg"] = None
+    try:
+        info["memory_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        info["memory_gib"] = None
+    return info
 
 
 def run_layers(layers, tokens: int, log) -> list[dict]:

@@ -14,8 +14,9 @@ The names exported here are the public API. Each submodule holds one concept:
     metrics       GLUE and SQuAD v1/v2 metrics, offline
     training      the Trainer-based benchmark pipeline; benchmark is its CLI; references the cited numbers
     peft_interop  to_peft / from_peft (PEFT's adapter format)
-    qlora         PEFT + bitsandbytes 4-bit QLoRA
-    profiling     speed and memory measurement (benchmarks/)
+    peft_backend  building and reloading PEFT / QLoRA models (bitsandbytes 4-bit)
+    qlora         what 4-bit storage does to an adapter: merging, rounding
+    measure/      speed and memory measurement (benchmarks/, notebooks 03 and 06)
 
 Heavy modules (transformers, datasets, peft) are imported lazily, on first use of their names.
 """
@@ -75,9 +76,9 @@ _LAZY = {
     "to_peft": "loralib.peft_interop",
     "from_peft": "loralib.peft_interop",
     "read_peft_adapter": "loralib.peft_interop",
-    "build_peft_model": "loralib.qlora",
-    "save_peft_model": "loralib.qlora",
-    "load_peft_model": "loralib.qlora",
+    "build_peft_model": "loralib.peft_backend",
+    "save_peft_model": "loralib.peft_backend",
+    "load_peft_model": "loralib.peft_backend",
     "merge_adapter": "loralib.qlora",
 }
 

@@ -18,7 +18,7 @@ Neither direction imports `peft`: the format is JSON plus safetensors, so a lora
 without installing it (the tests use PEFT itself as the reference). Not supported, with a clear error:
 DoRA, rsLoRA on export, bias on lora_B (`lora_bias`), `fan_in_fan_out` (GPT-2's Conv1D), LoRA on
 embeddings or convolutions. Not here: loralib's own format (`loralib.adapters`), PEFT training and QLoRA
-(`loralib.qlora`).
+(`loralib.peft_backend`).
 """
 
 from __future__ import annotations

@@ -74,14 +74,6 @@ def generate_toy_sentiment(templates_path: str | Path | None = None) -> dict[str
     return out
 
 
-def write_toy_sentiment(directory: str | Path | None = None) -> None:
-    """Regenerate train.jsonl and validation.jsonl from the templates (used once to build the data)."""
-    directory = Path(directory or toy_dir())
-    for split, rows in generate_toy_sentiment().items():
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-        (directory / f"{split}.jsonl").write_text(text)
-
-
 def load_toy_sentiment(split: str = "train") -> list[dict[str, Any]]:
     """The shipped split as a list of {"text": str, "label": 0 | 1} (1 = positive)."""
     _check_split(split)

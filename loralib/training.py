@@ -483,7 +483,7 @@ def build_model(cfg: TrainConfig, model_id: str | None = None) -> torch.nn.Modul
             )
         except OSError as exc:
             raise _load_error(model_id, exc) from exc
-    from loralib.qlora import build_peft_model
+    from loralib.peft_backend import build_peft_model
 
     # The same trainable set as the loralib backend (targets, biases, norms, head), so backends compare.
     kind = "question_answering" if qa else ("regression" if spec.is_regression else "classification")
@@ -727,7 +727,7 @@ def build_trainer(
     model = build_model(cfg, model_id)
     optimizers = (None, None)  # the Trainer's AdamW (no decay on biases and norms) and our schedule
     if cfg.backend == "qlora":
-        from loralib.qlora import make_optimizer
+        from loralib.peft_backend import make_optimizer
 
         adam = dict(betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
         optimizers = (
@@ -849,7 +849,7 @@ def _save_adapter(cfg: TrainConfig, model, spec, model_id: str, directory: Path)
         own = model.lora_metadata()  # the wrapper records these itself; metadata may not repeat them
         model.save_lora(directory, **{k: v for k, v in meta.items() if k not in own})
         return {"path": ADAPTER_DIR, "format": "article", "size_bytes": adapter_size_bytes(directory)}
-    from loralib.qlora import save_peft_model
+    from loralib.peft_backend import save_peft_model
 
     save_peft_model(
         model, directory, **{k: v for k, v in meta.items() if k in ("task", "backend", "formulation")}
@@ -981,7 +981,7 @@ def load_trained_model(task_dir: str | os.PathLike) -> tuple[torch.nn.Module, An
     """(model, tokenizer, results) rebuilt from a finished run's directory: base model + saved adapter.
 
     Works for every backend (loralib: stock model + `load_lora`; article: `LoraWrapperRoberta.from_lora`;
-    peft / qlora: `loralib.qlora.load_peft_model`); the model is returned in eval mode.
+    peft / qlora: `loralib.peft_backend.load_peft_model`); the model is returned in eval mode.
     """
     from transformers import AutoTokenizer
 
@@ -992,7 +992,7 @@ def load_trained_model(task_dir: str | os.PathLike) -> tuple[torch.nn.Module, An
     model_id = resolve_model_id(cfg)
     fmt = results["adapter"]["format"]
     if fmt == "peft":
-        from loralib.qlora import load_peft_model
+        from loralib.peft_backend import load_peft_model
 
         model = load_peft_model(adapter, device="cpu", base_model_name_or_path=model_id)
     elif fmt == "article":

@@ -68,7 +68,7 @@ def native_bf16(device: torch.device | str | None = None) -> bool:
     """True where bf16 runs natively: a CUDA GPU with bf16 units (Ampere and later), not emulated.
 
     `torch.cuda.is_bf16_supported()` also says True on a T4 (Turing), where bf16 is emulated and slow;
-    there fp16 with gradient scaling is the right mixed precision. False on CPU: see `loralib.qlora`.
+    there fp16 with gradient scaling is the right mixed precision. False on CPU: see `loralib.peft_backend`.
     """
     dev = torch.device(device) if device is not None else default_device()
     if dev.type != "cuda" or not torch.cuda.is_available():

@@ -15,24 +15,22 @@ from torch import nn
 
 from loralib import layers
 from loralib.layers import LoraLinear, dropout_mask
-from loralib.profiling import (
+from loralib.measure.layer import (  # noqa: E402
     article_lora_linear,
     compare_forward_costs,
     layer_cases,
     layer_variants,
-    measure_train_steps,
     naive_lora_forward,
-    peak_memory,
+)
+from loralib.measure.memory import peak_memory, saved_tensor_bytes, tensor_bytes  # noqa: E402
+from loralib.measure.steps import (  # noqa: E402
+    measure_train_steps,
     random_batch,
-    ratios,
     roberta_config,
     roberta_inference_builders,
     roberta_step_builders,
-    saved_tensor_bytes,
-    tensor_bytes,
-    time_interleaved,
-    time_interleaved_samples,
 )
+from loralib.measure.timing import ratios, time_interleaved, time_interleaved_samples  # noqa: E402
 
 peft_lora = pytest.importorskip("peft.tuners.lora")
 from peft import LoraConfig  # noqa: E402

@@ -232,7 +232,7 @@ def test_precision_uses_native_bf16_only(monkeypatch, native, expected, qlora_dt
     """A T4 answers is_bf16_supported() == True through emulation; only the native answer counts."""
     import torch
 
-    from loralib import qlora, utils
+    from loralib import peft_backend, utils
 
     calls = []
 
@@ -243,9 +243,9 @@ def test_precision_uses_native_bf16_only(monkeypatch, native, expected, qlora_dt
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
     assert utils.mixed_precision("cuda") == expected
-    assert qlora.compute_dtype("cuda") == getattr(torch, qlora_dtype)
+    assert peft_backend.compute_dtype("cuda") == getattr(torch, qlora_dtype)
     assert calls and not any(calls)  # always asked with including_emulation=False
-    assert utils.mixed_precision("cpu") == "fp32" and qlora.compute_dtype("cpu") == torch.float32
+    assert utils.mixed_precision("cpu") == "fp32" and peft_backend.compute_dtype("cpu") == torch.float32
 
 
 def test_results_record_the_precision(tmp_path):

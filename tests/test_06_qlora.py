@@ -12,7 +12,8 @@ bnb = pytest.importorskip("bitsandbytes")
 from peft import AutoPeftModelForSequenceClassification  # noqa: E402
 from transformers import AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
 
-from loralib import qlora  # noqa: E402
+from loralib import peft_backend, qlora  # noqa: E402
+from loralib.measure import qlora_memory, steps  # noqa: E402
 from loralib.utils import set_seed  # noqa: E402
 
 ATTENTION = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense")
@@ -49,10 +50,10 @@ def _batch(d):
 def _expected_trainable(model_dir, task_kind, num_labels, r):
     """Count by hand: r*(in+out) per adapted linear, plus every LayerNorm and the head in full."""
     set_seed(0)
-    stock = qlora.load_base_model(model_dir, task_kind, num_labels, quantize=False)
+    stock = peft_backend.load_base_model(model_dir, task_kind, num_labels, quantize=False)
     n = 0
     for name, m in stock.named_modules():
-        if isinstance(m, nn.Linear) and any(name.endswith(t) for t in qlora.ARTICLE_TARGETS):
+        if isinstance(m, nn.Linear) and any(name.endswith(t) for t in peft_backend.ARTICLE_TARGETS):
             n += r * (m.in_features + m.out_features)
         if name.endswith("LayerNorm") or name in ("classifier", "qa_outputs"):
             n += sum(p.numel() for p in m.parameters())
@@ -69,8 +70,8 @@ def _expected_trainable(model_dir, task_kind, num_labels, r):
 )
 def test_build_qlora_quantizes_the_encoder_not_the_head(tiny_model_dir, task_kind, num_labels, head):
     set_seed(0)
-    model = qlora.build_peft_model(tiny_model_dir, task_kind, num_labels, quantize=True, r=4)
-    layers = qlora.quantized_linears(model)
+    model = peft_backend.build_peft_model(tiny_model_dir, task_kind, num_labels, quantize=True, r=4)
+    layers = peft_backend.quantized_linears(model)
     for i in range(2):
         for part in ATTENTION + ("intermediate.dense", "output.dense"):
             info = layers[f"base_model.model.roberta.encoder.layer.{i}.{part}"]
@@ -80,7 +81,7 @@ def test_build_qlora_quantizes_the_encoder_not_the_head(tiny_model_dir, task_kin
     assert heads and all(
         v["class"] == "Linear" and v["storage_dtype"] == torch.float32 for v in heads.values()
     )
-    assert qlora.is_quantized(model)
+    assert peft_backend.is_quantized(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert trainable == _expected_trainable(tiny_model_dir, task_kind, num_labels, r=4)
     assert not any(p.requires_grad for p in model.parameters() if type(p).__name__ == "Params4bit")
@@ -88,8 +89,8 @@ def test_build_qlora_quantizes_the_encoder_not_the_head(tiny_model_dir, task_kin
 
 def test_make_optimizer_picks_8bit_adamw_for_quantized(tiny_model_dir):
     set_seed(0)
-    q = qlora.build_peft_model(tiny_model_dir, "classification", 2, quantize=True, r=64)
-    opt = qlora.make_optimizer(q, 1e-3, weight_decay=0.1)
+    q = peft_backend.build_peft_model(tiny_model_dir, "classification", 2, quantize=True, r=64)
+    opt = peft_backend.make_optimizer(q, 1e-3, weight_decay=0.1)
     assert isinstance(opt, bnb.optim.AdamW8bit)
     decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     for name, p in q.named_parameters():
@@ -100,9 +101,9 @@ def test_make_optimizer_picks_8bit_adamw_for_quantized(tiny_model_dir):
     opt.step()
     assert opt.state[big]["state1"].dtype == torch.uint8  # 8-bit moments for tensors >= 4096 elements
     set_seed(0)
-    f = qlora.build_peft_model(tiny_model_dir, "classification", 2, quantize=False)
-    assert type(qlora.make_optimizer(f, 1e-3)) is torch.optim.AdamW
-    assert isinstance(qlora.make_optimizer(f, 1e-3, eight_bit=True), bnb.optim.AdamW8bit)
+    f = peft_backend.build_peft_model(tiny_model_dir, "classification", 2, quantize=False)
+    assert type(peft_backend.make_optimizer(f, 1e-3)) is torch.optim.AdamW
+    assert isinstance(peft_backend.make_optimizer(f, 1e-3, eight_bit=True), bnb.optim.AdamW8bit)
 
 
 def test_qlora_trains_under_the_hf_trainer_on_cpu(tiny_model_dir, tmp_path):
@@ -114,7 +115,7 @@ def test_qlora_trains_under_the_hf_trainer_on_cpu(tiny_model_dir, tmp_path):
     labels = [2, 0, 1, 2, 0, 1] * 4
     ds = Dataset.from_dict(dict(tok(texts)) | {"labels": labels})
     set_seed(0)
-    model = qlora.build_peft_model(tiny_model_dir, "classification", 3, quantize=True, id2label=LABELS)
+    model = peft_backend.build_peft_model(tiny_model_dir, "classification", 3, quantize=True, id2label=LABELS)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     args = TrainingArguments(
         output_dir=str(tmp_path), per_device_train_batch_size=8, num_train_epochs=6, logging_steps=1,
@@ -126,7 +127,7 @@ def test_qlora_trains_under_the_hf_trainer_on_cpu(tiny_model_dir, tmp_path):
         train_dataset=ds,
         eval_dataset=ds,
         data_collator=DataCollatorWithPadding(tok),
-        optimizers=(qlora.make_optimizer(model, 2e-2), None),
+        optimizers=(peft_backend.make_optimizer(model, 2e-2), None),
     )
     before = trainer.evaluate()["eval_loss"]  # eval mode: no dropout noise, so the drop is the learning
     trainer.train()
@@ -149,20 +150,20 @@ def test_qlora_trains_under_the_hf_trainer_on_cpu(tiny_model_dir, tmp_path):
 )
 def test_save_and_reload_needs_no_arguments(tiny_model_dir, tmp_path, task_kind, num_labels, quantize):
     set_seed(0)
-    model = qlora.build_peft_model(
+    model = peft_backend.build_peft_model(
         tiny_model_dir, task_kind, num_labels, quantize=quantize, id2label=LABELS if num_labels == 3 else None
     )
     with torch.no_grad():  # as if trained: B and the head away from their initial values
         for _, p in model.named_parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.05)
-    qlora.save_peft_model(model, tmp_path, task="demo")
+    peft_backend.save_peft_model(model, tmp_path, task="demo")
     set_seed(123)  # a different head init on reload: the head must come from the file
-    back = qlora.load_peft_model(tmp_path)
+    back = peft_backend.load_peft_model(tmp_path)
     batch = _batch(tiny_model_dir)
     assert torch.equal(qlora.model_outputs(back, batch), qlora.model_outputs(model, batch))
-    assert qlora.is_quantized(back) == quantize
-    meta = qlora.read_task_metadata(tmp_path)
+    assert peft_backend.is_quantized(back) == quantize
+    meta = peft_backend.read_task_metadata(tmp_path)
     assert meta["task_kind"] == task_kind and meta["task"] == "demo"
     if num_labels == 3:
         assert back.config.id2label == LABELS and back.config.num_labels == 3
@@ -171,23 +172,23 @@ def test_save_and_reload_needs_no_arguments(tiny_model_dir, tmp_path, task_kind,
 def test_autopeft_reload_loses_num_labels(tiny_model_dir, tmp_path):
     """The pitfall: PEFT's files do not record the head size, so a stock reload builds 2 labels."""
     set_seed(0)
-    model = qlora.build_peft_model(tiny_model_dir, "classification", 3, quantize=False)
-    qlora.save_peft_model(model, tmp_path)
+    model = peft_backend.build_peft_model(tiny_model_dir, "classification", 3, quantize=False)
+    peft_backend.save_peft_model(model, tmp_path)
     with pytest.raises(RuntimeError, match=r"size mismatch.*out_proj"):
         AutoPeftModelForSequenceClassification.from_pretrained(str(tmp_path))
     model.save_pretrained(str(tmp_path / "plain"))  # PEFT's files only: our loader says what is missing
     with pytest.raises(FileNotFoundError, match="num_labels"):
-        qlora.load_peft_model(tmp_path / "plain")
+        peft_backend.load_peft_model(tmp_path / "plain")
 
 
 def test_merge_onto_4bit_full_and_dequantized(tiny_model_dir, tmp_path):
     set_seed(0)
-    model = qlora.build_peft_model(tiny_model_dir, "classification", 3, quantize=True)
+    model = peft_backend.build_peft_model(tiny_model_dir, "classification", 3, quantize=True)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.02)
-    qlora.save_peft_model(model, tmp_path)
+    peft_backend.save_peft_model(model, tmp_path)
     batch = _batch(tiny_model_dir)
     diffs = {}
     for onto in qlora.MERGE_BASES:
@@ -223,13 +224,13 @@ def test_merge_onto_4bit_full_and_dequantized(tiny_model_dir, tmp_path):
 )
 def test_bad_task_arguments(tiny_model_dir, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        qlora.build_peft_model(tiny_model_dir, quantize=False, **kwargs)
+        peft_backend.build_peft_model(tiny_model_dir, quantize=False, **kwargs)
 
 
 @pytest.mark.parametrize("scale, kept_range", [(1e-4, (-0.5, 0.3)), (0.5, (0.9, 1.1))])
 def test_merge_rounding_predicts_what_merge_and_unload_keeps(tiny_model_dir, scale, kept_range):
     set_seed(0)
-    model = qlora.build_peft_model(tiny_model_dir, "classification", 2, quantize=True)
+    model = peft_backend.build_peft_model(tiny_model_dir, "classification", 2, quantize=True)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -256,25 +257,25 @@ def test_merge_rounding_predicts_what_merge_and_unload_keeps(tiny_model_dir, sca
 
 def test_dequantized_base_is_the_4bit_model_in_fp32(tiny_model_dir):
     set_seed(0)
-    q = qlora.load_base_model(tiny_model_dir, "classification", 2, quantize=True)
+    q = peft_backend.load_base_model(tiny_model_dir, "classification", 2, quantize=True)
     set_seed(0)
-    d = qlora.load_base_model(tiny_model_dir, "classification", 2, quantize=True, dequantize=True)
-    assert not qlora.is_quantized(d) and qlora.is_quantized(q)
+    d = peft_backend.load_base_model(tiny_model_dir, "classification", 2, quantize=True, dequantize=True)
+    assert not peft_backend.is_quantized(d) and peft_backend.is_quantized(q)
     assert all(
         v["class"] == "Linear" and v["storage_dtype"] == torch.float32
-        for v in qlora.quantized_linears(d).values()
+        for v in peft_backend.quantized_linears(d).values()
     )
     batch = _batch(tiny_model_dir)
     assert qlora.output_difference(q, d, batch)["max_abs"] < 1e-5
     with pytest.raises(ValueError, match="needs quantize=True"):
-        qlora.load_base_model(tiny_model_dir, "classification", 2, dequantize=True)
+        peft_backend.load_base_model(tiny_model_dir, "classification", 2, dequantize=True)
 
 
 def test_quantized_parameter_accounting(tiny_model_dir):
     set_seed(0)
-    q = qlora.build_peft_model(tiny_model_dir, "classification", 2, quantize=True)
+    q = peft_backend.build_peft_model(tiny_model_dir, "classification", 2, quantize=True)
     set_seed(0)
-    f = qlora.build_peft_model(tiny_model_dir, "classification", 2, quantize=False)
+    f = peft_backend.build_peft_model(tiny_model_dir, "classification", 2, quantize=False)
     # Reference: the same model in full precision, counted by PEFT itself.
     assert qlora.logical_parameter_count(q) == f.get_nb_trainable_parameters()[1]
     assert qlora.logical_parameter_count(q) > sum(
@@ -289,20 +290,18 @@ def test_quantized_parameter_accounting(tiny_model_dir):
 
 
 def test_compare_training_memory_on_a_small_config():
-    from loralib import profiling
-
-    config = profiling.roberta_config(
+    config = steps.roberta_config(
         hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=1000
     )
-    res = qlora.compare_training_memory(config, batch_size=2, seq_len=16, device="cpu")
+    res = qlora_memory.compare_training_memory(config, batch_size=2, seq_len=16, device="cpu")
     c = res["cases"]
-    assert list(c) == list(qlora.MEMORY_CASES)
+    assert list(c) == list(qlora_memory.MEMORY_CASES)
     assert c["full_ft"].trainable_params == c["full_ft"].total_params
     assert c["loralib"].trainable_params == c["peft"].trainable_params == c["qlora"].trainable_params
     assert c["qlora"].total_params == c["peft"].total_params  # weights, not packed storage elements
     assert c["qlora"].state_bytes < c["peft"].state_bytes < c["full_ft"].state_bytes
     assert all(s.peak_bytes == s.state_bytes + s.peak_extra_bytes for s in c.values())
-    assert "QLoRA" in qlora.memory_table(res)
+    assert "QLoRA" in qlora_memory.memory_table(res)
 
 
 def test_every_quantised_model_the_project_builds_keeps_one_cpu_path(
@@ -312,15 +311,15 @@ def test_every_quantised_model_the_project_builds_keeps_one_cpu_path(
     off (bitsandbytes' default on an AVX512-BF16 CPU, simulated here, would be True)."""
     set_seed(0)
     raw = AutoModelForSequenceClassification.from_pretrained(
-        tiny_model_dir, num_labels=2, quantization_config=qlora.bnb_config(), device_map={"": "cpu"}
+        tiny_model_dir, num_labels=2, quantization_config=peft_backend.bnb_config(), device_map={"": "cpu"}
     )
     assert set(_linear4bit_flags(raw).values()) == {True}  # what the fix has to undo
     set_seed(0)
-    built = qlora.build_peft_model(tiny_model_dir, "classification", 2, quantize=True)
-    base = qlora.load_base_model(tiny_model_dir, "classification", 2, quantize=True)
-    qlora.save_peft_model(built, tmp_path)
-    reloaded = qlora.load_peft_model(tmp_path)
-    trainable = qlora.load_peft_model(tmp_path, is_trainable=True)
+    built = peft_backend.build_peft_model(tiny_model_dir, "classification", 2, quantize=True)
+    base = peft_backend.load_base_model(tiny_model_dir, "classification", 2, quantize=True)
+    peft_backend.save_peft_model(built, tmp_path)
+    reloaded = peft_backend.load_peft_model(tmp_path)
+    trainable = peft_backend.load_peft_model(tmp_path, is_trainable=True)
     merged = qlora.merge_adapter(tmp_path, onto="4bit")
     for model in (built, base, reloaded, trainable, merged):
         flags = _linear4bit_flags(model)
@@ -330,22 +329,24 @@ def test_every_quantised_model_the_project_builds_keeps_one_cpu_path(
 def test_a_repacked_model_is_refused_with_the_way_out(avx512_bf16_cpu, tiny_model_dir):
     set_seed(0)
     raw = AutoModelForSequenceClassification.from_pretrained(
-        tiny_model_dir, num_labels=2, quantization_config=qlora.bnb_config(), device_map={"": "cpu"}
+        tiny_model_dir, num_labels=2, quantization_config=peft_backend.bnb_config(), device_map={"": "cpu"}
     ).eval()
     with torch.no_grad():
         raw(**_batch(tiny_model_dir))  # bitsandbytes repacks every Linear4bit here
-    with pytest.raises(RuntimeError, match="repacked.*build or reload the model with loralib.qlora"):
-        qlora.pin_cpu_4bit_path(raw)
+    with pytest.raises(RuntimeError, match="repacked.*build or reload the model with loralib.peft_backend"):
+        peft_backend.pin_cpu_4bit_path(raw)
 
 
 def test_qlora_eval_train_eval_merge_on_an_avx512_bf16_cpu(avx512_bf16_cpu, tiny_model_dir, tmp_path):
     """The Trainer's order of calls: evaluate (eval, no grad), train, evaluate, then merge. Without the fix
     this fails at the first training step after an evaluation on such CPUs."""
     set_seed(0)
-    model = qlora.build_peft_model(tiny_model_dir, "classification", 2, quantize=True, lora_dropout=0.0)
+    model = peft_backend.build_peft_model(
+        tiny_model_dir, "classification", 2, quantize=True, lora_dropout=0.0
+    )
     batch = _batch(tiny_model_dir)
     labels = torch.tensor([1, 0, 1])
-    opt = qlora.make_optimizer(model, 1e-2)
+    opt = peft_backend.make_optimizer(model, 1e-2)
     ce = torch.nn.functional.cross_entropy
     before = qlora.model_outputs(model, batch)  # eval + no_grad: where the repacking happened
     model.train()
@@ -358,6 +359,6 @@ def test_qlora_eval_train_eval_merge_on_an_avx512_bf16_cpu(avx512_bf16_cpu, tiny
     assert set(_linear4bit_flags(model).values()) == {False}
     # Evaluation stayed on the nf4 path computing in fp32: it equals the merge onto the dequantised
     # fp32 base (plain nn.Linear, no bitsandbytes kernels); the bf16 layout would differ by ~1e-2.
-    qlora.save_peft_model(model, tmp_path)
+    peft_backend.save_peft_model(model, tmp_path)
     merged = qlora.merge_adapter(tmp_path, onto="dequantized")
     assert qlora.output_difference(model, merged, batch)["max_abs"] < 1e-5

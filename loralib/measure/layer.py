@@ -1,0 +1,332 @@
+"""One linear layer, computed every way the speed suite compares, and notebook 03's cost demo.
+
+Covers: the seed article's formulation (`article_lora_linear`, `naive_lora_forward`: W + s B @ A
+materialised on every call), `layer_variants` / `layer_cases` (frozen nn.Linear, loralib, PEFT,
+article, full fine-tuning, all from the same weights), `measure_layer` (interleaved timing and peak
+memory of one shape), and `compare_forward_costs` / `plot_forward_costs` (notebook 03). Not here:
+whole training steps (`loralib.measure.steps`), the layer itself (`loralib.layers`).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import statistics
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loralib.layers import LoraLinear
+from loralib.measure.memory import peak_memory, saved_tensor_bytes
+from loralib.measure.timing import ratios, time_interleaved, time_interleaved_samples
+
+LAYER_METHODS = ("frozen", "loralib", "peft", "article", "full_ft")
+
+
+def article_lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    """The seed article's LoRA linear: build W + s * B @ A (out x in) on every call, then one matmul.
+
+    Autograd through it computes the full (out x in) gradient of that matrix and only then projects
+    it onto A and B, which is why it trains at about the cost of full fine-tuning.
+    """
+    return F.linear(x, weight + scaling * (lora_B @ lora_A), bias)
+
+
+def naive_lora_forward(layer: LoraLinear, x: torch.Tensor) -> torch.Tensor:
+    """`article_lora_linear` applied to a `LoraLinear`'s own tensors (no dropout; for comparisons)."""
+    if not isinstance(layer, LoraLinear):
+        raise TypeError(f"naive_lora_forward expects a LoraLinear, got {type(layer).__name__}.")
+    if layer.merged:
+        raise ValueError(
+            "the layer is merged: its weight already contains B @ A; call layer.unmerge() first."
+        )
+    return article_lora_linear(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling)
+
+
+def _peft_linear(base: nn.Linear, r: int, alpha: float, dropout: float) -> nn.Module:
+    from peft import LoraConfig
+    from peft.tuners.lora import Linear as PeftLoraLinear
+
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout)
+    return PeftLoraLinear(base, "default", config=config, r=r, lora_alpha=alpha)
+
+
+def peft_available() -> bool:
+    """Whether PEFT is importable (its cases are skipped, not failed, without it)."""
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@dataclass
+class LayerVariant:
+    """One way of computing the layer: `forward(x)` and the parameters it trains."""
+
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    params: list[torch.Tensor]
+
+
+def layer_variants(
+    d: int = 768,
+    r: int = 8,
+    d_out: int | None = None,
+    alpha: float | None = None,
+    dropout: float = 0.0,
+    methods: Iterable[str] = LAYER_METHODS,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> dict[str, LayerVariant]:
+    """The layer (d -> d_out) in each method, all built from the same frozen W, b and the same A, B.
+
+    Methods: "frozen" (nn.Linear with frozen weight and bias), "loralib" (`LoraLinear`), "peft"
+    (peft.tuners.lora.Linear, left out when PEFT is missing), "article" (`article_lora_linear`) and
+    "full_ft" (nn.Linear with everything trainable). B is non-zero, so the LoRA variants compute
+    the same function as each other (and differ from "frozen"). Modules are in training mode.
+    """
+    d_out = d if d_out is None else d_out
+    alpha = float(r if alpha is None else alpha)
+    methods = list(methods)
+    unknown = set(methods) - set(LAYER_METHODS)
+    if unknown:
+        raise ValueError(f"unknown layer methods {sorted(unknown)}; choose from {LAYER_METHODS}.")
+    methods = [m for m in methods if m != "peft" or peft_available()]
+    g = torch.Generator().manual_seed(seed)
+    base = nn.Linear(d, d_out)
+    with torch.no_grad():
+        base.weight.copy_(torch.randn(d_out, d, generator=g) / math.sqrt(d))
+        base.bias.copy_(torch.randn(d_out, generator=g) * 0.01)
+    base = base.to(device=device, dtype=dtype).requires_grad_(False)
+    A = (torch.randn(r, d, generator=g) / math.sqrt(d)).to(device=device, dtype=dtype)
+    B = (torch.randn(d_out, r, generator=g) / math.sqrt(r)).to(device=device, dtype=dtype)
+    out: dict[str, LayerVariant] = {}
+    for method in methods:
+        if method == "frozen":
+            out[method] = LayerVariant(base, [])
+        elif method == "loralib":
+            layer = LoraLinear.from_linear(copy.deepcopy(base), r=r, alpha=alpha, dropout=dropout).train()
+            with torch.no_grad():
+                layer.lora_A.copy_(A)
+                layer.lora_B.copy_(B)
+            out[method] = LayerVariant(layer, [layer.lora_A, layer.lora_B])
+        elif method == "peft":
+            layer = (
+                _peft_linear(copy.deepcopy(base), r, alpha, dropout).to(device=device, dtype=dtype).train()
+            )
+            pa, pb = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+            with torch.no_grad():
+                pa.copy_(A)
+                pb.copy_(B)
+            out[method] = LayerVariant(layer, [pa, pb])
+        elif method == "article":
+            lora_A, lora_B = nn.Parameter(A.clone()), nn.Parameter(B.clone())
+            w, b, s = base.weight, base.bias, alpha / r
+
+            def article(t, w=w, b=b, a=lora_A, bb=lora_B, s=s):
+                return article_lora_linear(t, w, b, a, bb, s)
+
+            out[method] = LayerVariant(article, [lora_A, lora_B])
+        else:  # full_ft
+            full = copy.deepcopy(base).requires_grad_(True)
+            out[method] = LayerVariant(full, [full.weight, full.bias])
+    return out
+
+
+def layer_cases(
+    d: int = 768,
+    r: int = 8,
+    tokens: int = 2048,
+    d_out: int | None = None,
+    alpha: float | None = None,
+    dropout: float = 0.0,
+    methods: Iterable[str] = LAYER_METHODS,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> dict[str, Callable[[], None]]:
+    """Forward + backward closures over `layer_variants` for a (tokens x d) input, one per method.
+
+    The input requires grad (as inside a model), the upstream gradient is fixed, and each call sets
+    the gradients back to None, as a training step would, so every call does the same work.
+    """
+    variants = layer_variants(d, r, d_out, alpha, dropout, methods, device, dtype, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(tokens, d, generator=g).to(device=device, dtype=dtype).requires_grad_(True)
+    dy = torch.randn(tokens, d if d_out is None else d_out, generator=g).to(device=device, dtype=dtype)
+
+    def closure(v: LayerVariant) -> Callable[[], None]:
+        def run() -> None:
+            v.forward(x).backward(dy)
+            x.grad = None
+            for p in v.params:
+                p.grad = None
+
+        return run
+
+    return {name: closure(v) for name, v in variants.items()}
+
+
+@dataclass
+class LayerResult:
+    """One layer configuration, per method: median seconds, ratio to the frozen linear (or the first
+    method), every timed sample, and the peak bytes allocated during one forward + backward."""
+
+    d: int
+    d_out: int
+    r: int
+    tokens: int
+    dropout: float
+    repeats: int
+    median_s: dict[str, float]
+    ratio: dict[str, float]
+    peak_bytes: dict[str, int]
+    samples_s: dict[str, list[float]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def measure_layer(
+    d: int = 768,
+    r: int = 8,
+    tokens: int = 2048,
+    d_out: int | None = None,
+    dropout: float = 0.0,
+    methods: Iterable[str] = LAYER_METHODS,
+    repeats: int = 20,
+    warmup: int = 3,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    memory: bool = True,
+) -> LayerResult:
+    """Time (interleaved) and measure peak memory of every `layer_cases` method for one shape."""
+    cases = layer_cases(
+        d, r, tokens, d_out=d_out, dropout=dropout, methods=methods, device=device, dtype=dtype
+    )
+    samples = time_interleaved_samples(cases, repeats=repeats, warmup=warmup, device=device)
+    med = {name: statistics.median(ts) for name, ts in samples.items()}
+    ref = "frozen" if "frozen" in med else next(iter(med))
+    peaks = {name: peak_memory(fn, device) for name, fn in cases.items()} if memory else {}
+    return LayerResult(
+        d=d,
+        d_out=d if d_out is None else d_out,
+        r=r,
+        tokens=tokens,
+        dropout=dropout,
+        repeats=repeats,
+        median_s=med,
+        ratio=ratios(med, ref),
+        peak_bytes=peaks,
+        samples_s=samples,
+    )
+
+
+def compare_forward_costs(
+    d: int = 768, r: int = 8, tokens: int = 2048, repeats: int = 5, warmup: int = 1, seed: int = 0
+) -> dict[str, Any]:
+    """Naive (materialise B @ A every call) vs efficient (`LoraLinear`) LoRA against the frozen linear.
+
+    Returns a dict with, per method ("frozen", "naive", "efficient"): `forward_s` (no-grad forward
+    medians), `train_s` (forward + backward medians, input requiring grad), the ratios of both to
+    "frozen", `forward_flops` (multiply-adds x 2 of the forward), `saved_bytes` (activations autograd
+    keeps for backward, parameters excluded), plus `max_abs_diff` between the naive and efficient
+    outputs and the settings (d, r, tokens, threads, device). CPU, fp32; a few seconds at the defaults.
+    """
+    torch.manual_seed(seed)
+    base = nn.Linear(d, d).requires_grad_(False)
+    layer = LoraLinear.from_linear(copy.deepcopy(base), r=r)
+    with torch.no_grad():
+        layer.lora_B.normal_(0.0, 1.0 / math.sqrt(r))
+    x = torch.randn(tokens, d, requires_grad=True)
+    dy = torch.randn(tokens, d)
+    forwards = {"frozen": base, "naive": lambda t: naive_lora_forward(layer, t), "efficient": layer}
+    params = [layer.lora_A, layer.lora_B]
+
+    def no_grad(f):
+        def run():
+            with torch.no_grad():
+                f(x)
+
+        return run
+
+    def train(f):
+        def run():
+            f(x).backward(dy)
+            x.grad = None
+            for p in params:
+                p.grad = None
+
+        return run
+
+    fwd = time_interleaved({k: no_grad(f) for k, f in forwards.items()}, repeats=repeats, warmup=warmup)
+    trn = time_interleaved({k: train(f) for k, f in forwards.items()}, repeats=repeats, warmup=warmup)
+    exclude = [base.weight, base.bias, layer.weight, layer.bias, *params, x]
+    saved = {k: saved_tensor_bytes(lambda f=f: f(x), exclude=exclude) for k, f in forwards.items()}
+    with torch.no_grad():
+        diff = (naive_lora_forward(layer, x) - layer(x)).abs().max().item()
+    base_flops = 2 * tokens * d * d
+    return {
+        "d": d,
+        "r": r,
+        "tokens": tokens,
+        "threads": torch.get_num_threads(),
+        "device": "cpu",
+        "methods": list(forwards),
+        "forward_s": fwd,
+        "forward_ratio": ratios(fwd, "frozen"),
+        "train_s": trn,
+        "train_ratio": ratios(trn, "frozen"),
+        "forward_flops": {
+            "frozen": base_flops,
+            "naive": base_flops + 2 * d * r * d + d * d,
+            "efficient": base_flops + 2 * tokens * r * (d + d) + tokens * d,
+        },
+        "saved_bytes": saved,
+        "max_abs_diff": diff,
+    }
+
+
+def plot_forward_costs(costs: Mapping[str, Any], path: str | os.PathLike | None = None):
+    """Bar charts of `compare_forward_costs`: time ratios (forward, forward + backward) and saved memory."""
+    import matplotlib.pyplot as plt
+
+    methods = costs["methods"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    xs = range(len(methods))
+    w = 0.38
+    ax = axes[0]
+    bars = ax.bar([i - w / 2 for i in xs], [costs["forward_ratio"][m] for m in methods], w, label="forward")
+    ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    bars = ax.bar(
+        [i + w / 2 for i in xs], [costs["train_ratio"][m] for m in methods], w, label="forward + backward"
+    )
+    ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_xticks(list(xs), methods)
+    ax.set_ylabel("time / frozen linear")
+    ax.set_title(f"d={costs['d']}, r={costs['r']}, {costs['tokens']} tokens")
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    bars = ax.bar(list(xs), [costs["saved_bytes"][m] / 2**20 for m in methods], color="tab:green")
+    ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.set_xticks(list(xs), methods)
+    ax.set_ylabel("MiB saved for backward")
+    ax.set_title("activations kept by autograd")
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
