@@ -1,18 +1,20 @@
 """loralib: LoRA from scratch for RoBERTa, with GLUE/SQuAD benchmarks and PEFT/QLoRA interop.
 
-The names exported here are the public API. Each submodule holds one concept:
+The names exported here are the core a reader of notebook 03 needs; everything else is reached by
+its module. One module (or folder) per concept:
 
-    layers        LoraLinear (the layer, merge/unmerge)
-    injection     inject_lora, mark_only_lora_as_trainable, merge/unmerge/unload
-    adapters      save_lora / load_lora (safetensors + JSON, atomic)
-    utils         seeding, versions, parameter counts, output folders
-    tiny          the offline tiny RoBERTa
+    layers        LoraLinear: the layer, its initialisations, merge/unmerge, LoRA dropout
+    injection     inject_lora, mark_only_lora_as_trainable, merge/unmerge/unload, rollback on failure
+    adapters      save_lora / load_lora (safetensors + JSON, one atomic directory)
+    checks        argument validation, one wording for every entry point
+    utils         seeding, versions, devices and precision, parameter counts, atomic writes, output folders
+    tiny          the offline tiny RoBERTa (and the default model of the notebooks)
     toy           the bundled toy sentiment task and a minimal teaching loop
     plots         figures for notebooks 01 and 03
-    roberta       the article's hand-written LoraRobertaSelfAttention / LoraWrapperRoberta
+    article/      the seed article's hand-written LoraRobertaSelfAttention / LoraWrapperRoberta (notebook 02)
     data, qa      GLUE / SQuAD loading (hub or local), tokenisation, sliding windows, post-processing
     metrics       GLUE and SQuAD v1/v2 metrics, offline
-    training      the Trainer-based benchmark pipeline; benchmark is its CLI; references the cited numbers
+    benchmark/    the Trainer-based GLUE / SQuAD benchmark, its results and references (notebooks 04, 05)
     peft_interop  to_peft / from_peft (PEFT's adapter format)
     peft_backend  building and reloading PEFT / QLoRA models (bitsandbytes 4-bit)
     qlora         what 4-bit storage does to an adapter: merging, rounding
@@ -23,14 +25,7 @@ Heavy modules (transformers, datasets, peft) are imported lazily, on first use o
 
 from importlib import import_module
 
-from loralib.adapters import (
-    adapter_size_bytes,
-    load_lora,
-    lora_config,
-    lora_state_dict,
-    read_adapter,
-    save_lora,
-)
+from loralib.adapters import load_lora, lora_state_dict, save_lora
 from loralib.injection import (
     find_targets,
     inject_lora,
@@ -41,45 +36,14 @@ from loralib.injection import (
     unmerge_lora,
 )
 from loralib.layers import LoraLinear
-from loralib.utils import count_parameters, default_model_id, output_dir, print_versions, set_seed, versions
+from loralib.utils import count_parameters, output_dir, print_versions, set_seed
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "tiny_roberta": "loralib.tiny",
-    "load_toy_sentiment": "loralib.toy",
-    "toy_batches": "loralib.toy",
-    "train_steps": "loralib.toy",
-    "evaluate_accuracy": "loralib.toy",
-    "LoraRobertaSelfAttention": "loralib.roberta",
-    "LoraWrapperRoberta": "loralib.roberta",
-    "replace_self_attention": "loralib.roberta",
-    "squad_null_decision": "loralib.roberta",
-    "TaskSpec": "loralib.data",
-    "GLUE_TASKS": "loralib.data",
-    "SQUAD_TASKS": "loralib.data",
-    "ALL_TASKS": "loralib.data",
-    "DataUnavailableError": "loralib.data",
-    "bundled_data_dir": "loralib.data",
-    "load_glue": "loralib.data",
-    "load_squad": "loralib.data",
-    "load_task": "loralib.data",
-    "tokenize_glue": "loralib.data",
-    "glue_metrics": "loralib.metrics",
-    "squad_metrics": "loralib.metrics",
-    "prepare_train_features": "loralib.qa",
-    "prepare_eval_features": "loralib.qa",
-    "postprocess_qa_predictions": "loralib.qa",
-    "TrainConfig": "loralib.training",
-    "run_task": "loralib.training",
-    "run_benchmark": "loralib.training",
+    "default_model_id": "loralib.tiny",
     "to_peft": "loralib.peft_interop",
     "from_peft": "loralib.peft_interop",
-    "read_peft_adapter": "loralib.peft_interop",
-    "build_peft_model": "loralib.peft_backend",
-    "save_peft_model": "loralib.peft_backend",
-    "load_peft_model": "loralib.peft_backend",
-    "merge_adapter": "loralib.qlora",
 }
 
 
@@ -97,24 +61,19 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "LoraLinear",
-    "adapter_size_bytes",
     "count_parameters",
-    "default_model_id",
     "find_targets",
     "inject_lora",
     "load_lora",
-    "lora_config",
     "lora_layers",
     "lora_state_dict",
     "mark_only_lora_as_trainable",
     "merge_lora",
     "output_dir",
     "print_versions",
-    "read_adapter",
     "save_lora",
     "set_seed",
     "unload_lora",
     "unmerge_lora",
-    "versions",
     *_LAZY,
 ]

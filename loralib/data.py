@@ -11,7 +11,7 @@ samples of the real data): they exist so that the pipeline runs offline. Numbers
 say nothing about a model's quality.
 
 Not here: metric formulas (`loralib.metrics`), SQuAD's sliding windows and answer post-processing
-(`loralib.qa`), training (`loralib.training`).
+(`loralib.qa`), training (`loralib.benchmark`).
 """
 
 from __future__ import annotations

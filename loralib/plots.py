@@ -3,7 +3,7 @@
 Every helper draws on a new Figure (or on `ax` when given) and returns the Figure; none calls
 `plt.show()`, so notebooks display it inline and save it with `fig.savefig(...)`. The helpers only
 draw: the numbers come from the caller (a notebook computes them with torch and asserts them).
-Not here: benchmark tables and reference-comparison plots (`loralib.references`).
+Not here: benchmark tables and reference-comparison plots (`loralib.benchmark.references`).
 """
 
 from __future__ import annotations

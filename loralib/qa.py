@@ -14,16 +14,17 @@ answer is lost to truncation (the article truncated contexts instead). This foll
   logits, valid spans only) and, for v2, the "no answer" decision against the smallest null score.
 
 Not here: the scores (`loralib.metrics.squad_metrics`), data loading (`loralib.data.load_squad`),
-training (`loralib.training`).
+training (`loralib.benchmark`).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
 CLS_INDEX = 0  # <s>: the "no answer" position of RoBERTa-style QA heads
 
@@ -240,3 +241,128 @@ def postprocess_qa_predictions(
         answer = contexts[e][best[1] : best[2]]
         predictions[qid] = "" if version_2 and diff > null_score_diff_threshold else answer
     return predictions, null_diffs
+
+
+def predict_qa(
+    model: torch.nn.Module,
+    tokenizer,
+    examples,
+    max_length: int = 384,
+    stride: int = 128,
+    batch_size: int = 32,
+) -> tuple[Any, np.ndarray, np.ndarray]:
+    """(windows, start_logits, end_logits) of a QA model on SQuAD rows, ready for
+    `loralib.qa.postprocess_qa_predictions` (windows from `loralib.qa.prepare_eval_features`)."""
+    feats = examples.map(
+        lambda b: prepare_eval_features(b, tokenizer, max_length=max_length, stride=stride),
+        batched=True,
+        remove_columns=examples.column_names,
+    )
+    device = next(model.parameters()).device
+    starts, ends = [], []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for i in range(0, len(feats), batch_size):
+                rows = feats[i : i + batch_size]
+                batch = tokenizer.pad(
+                    {"input_ids": rows["input_ids"], "attention_mask": rows["attention_mask"]},
+                    padding="max_length",
+                    max_length=max_length,
+                    return_tensors="pt",
+                )
+                out = model(**{k: v.to(device) for k, v in batch.items()})
+                starts.append(out.start_logits.float().cpu().numpy())
+                ends.append(out.end_logits.float().cpu().numpy())
+    finally:
+        model.train(was_training)
+    return feats, np.concatenate(starts), np.concatenate(ends)
+
+
+def no_answer_sweep(
+    examples,
+    features,
+    start_logits: np.ndarray,
+    end_logits: np.ndarray,
+    thresholds: Iterable[float],
+    n_best_size: int = 20,
+    max_answer_length: int = 30,
+) -> list[dict[str, Any]]:
+    """SQuAD v2 scores as the no-answer threshold varies: one row per threshold with threshold,
+    no_answer_rate (share of questions answered "") and the `squad_metrics` v2 keys.
+
+    A question is answered "" when its null score minus its best span score exceeds the threshold:
+    a low threshold abstains often (good on unanswerable questions), a high one never abstains.
+    """
+    from loralib.metrics import squad_metrics
+
+    rows = []
+    for t in thresholds:
+        preds, diffs = postprocess_qa_predictions(
+            examples,
+            features,
+            start_logits,
+            end_logits,
+            version_2=True,
+            n_best_size=n_best_size,
+            max_answer_length=max_answer_length,
+            null_score_diff_threshold=float(t),
+        )
+        metrics = squad_metrics(
+            preds, examples, version_2=True, no_answer_probs=diffs, no_answer_threshold=float(t)
+        )
+        rate = sum(p == "" for p in preds.values()) / len(preds)
+        rows.append(
+            {"threshold": float(t), "no_answer_rate": rate, **{k: float(v) for k, v in metrics.items()}}
+        )
+    return rows
+
+
+def squad_null_decision(
+    start_logits: torch.Tensor,
+    end_logits: torch.Tensor,
+    context_mask: torch.Tensor | None = None,
+    max_answer_length: int = 30,
+    null_score_diff_threshold: float = 0.0,
+) -> dict[str, torch.Tensor]:
+    """SQuAD v2 decision for one window per row: best span vs the null (<s>) span.
+
+    start_logits, end_logits: (batch, seq). context_mask: (batch, seq) bool, True where an answer may
+    lie (context tokens); None allows every position but 0. The best non-null span maximises
+    start[i] + end[j] with i <= j < i + max_answer_length inside the context; the null score is
+    start[0] + end[0]. Returns start, end (the span; (0, 0) where no answer is predicted), span_score,
+    null_score, score_diff = null - span, and no_answer = score_diff > null_score_diff_threshold.
+    """
+    if start_logits.shape != end_logits.shape or start_logits.dim() != 2:
+        raise ValueError(
+            f"start/end logits must both be (batch, seq), got {tuple(start_logits.shape)} and "
+            f"{tuple(end_logits.shape)}."
+        )
+    if max_answer_length < 1:
+        raise ValueError(f"max_answer_length must be >= 1, got {max_answer_length}.")
+    b, n = start_logits.shape
+    start_logits, end_logits = start_logits.float(), end_logits.float()
+    if context_mask is None:
+        context_mask = torch.ones(b, n, dtype=torch.bool, device=start_logits.device)
+        context_mask[:, 0] = False
+    context_mask = context_mask.bool()
+    i = torch.arange(n, device=start_logits.device)
+    band = (i[None, :] >= i[:, None]) & (i[None, :] < i[:, None] + max_answer_length)  # (start, end)
+    allowed = band[None] & context_mask[:, :, None] & context_mask[:, None, :]
+    scores = start_logits[:, :, None] + end_logits[:, None, :]
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    span_score, flat = scores.view(b, -1).max(dim=1)
+    start, end = flat // n, flat % n
+    null_score = start_logits[:, 0] + end_logits[:, 0]
+    score_diff = null_score - span_score  # +inf where the window has no valid span
+    no_answer = score_diff > null_score_diff_threshold
+    zero = torch.zeros_like(start)
+    return {
+        "start": torch.where(no_answer, zero, start),
+        "end": torch.where(no_answer, zero, end),
+        "span_score": span_score,
+        "null_score": null_score,
+        "score_diff": score_diff,
+        "no_answer": no_answer,
+    }

@@ -5,7 +5,9 @@ tokenizer files) that `from_pretrained(dir)` loads with `HF_HUB_OFFLINE=1`. It i
 the notebooks' default profile and the smoke benchmarks use instead of `FacebookAI/roberta-base`.
 It has roberta-base's architecture and vocabulary conventions (ids of <s>, <pad>, </s>, <unk>,
 <mask>; position offset; 514 positions), only much smaller. Its weights are random: anything
-trained on it is a smoke test, never a benchmark number.
+trained on it is a smoke test, never a benchmark number. `default_model_id()` is the model the
+notebooks use: $LORALIB_MODEL_ID (a hub id or directory), else this one. Not here: the toy data
+(`loralib.toy`) and the bundled GLUE/SQuAD data (`loralib.data`).
 """
 
 from __future__ import annotations
@@ -124,3 +126,11 @@ def tiny_roberta(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return str(target)
+
+
+def default_model_id() -> str:
+    """The model the notebooks use: $LORALIB_MODEL_ID (a hub id or directory), else the offline tiny RoBERTa."""
+    env = os.environ.get("LORALIB_MODEL_ID")
+    if env:
+        return env
+    return tiny_roberta()

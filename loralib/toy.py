@@ -5,11 +5,11 @@ was great." -> 1, "I thought the hotel was awful." -> 0). They are expanded dete
 `resources/toy/templates.json` by `generate_toy_sentiment()` and shipped as `train.jsonl` (200) and
 `validation.jsonl` (64), balanced, with no sentence in both splits. On the random tiny RoBERTa a few
 seconds of LoRA training take validation accuracy well above chance: enough to show that the
-plumbing learns, not a benchmark (GLUE lives in `loralib.training`).
+plumbing learns, not a benchmark (GLUE lives in `loralib.benchmark`).
 
 Covers: loading the splits, turning them into padded batches, `train_steps` (a plain teaching loop:
 forward, loss, backward, step) and `evaluate_accuracy`. Not here: schedulers, mixed precision,
-checkpointing or metrics beyond accuracy (see `loralib.training`).
+checkpointing or metrics beyond accuracy (see `loralib.benchmark`).
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
-"""Small helpers every notebook uses: seeding, package versions, and parameter counts.
+"""Small helpers every module uses: seeding, package versions, devices and mixed precision, parameter
+counts, atomic file and directory writes, output folders.
 
-Not here: anything LoRA-specific beyond counting (see `loralib.layers` / `loralib.injection`).
+Not here: anything LoRA-specific beyond counting (see `loralib.layers` / `loralib.injection`), the
+default model (`loralib.tiny.default_model_id`).
 """
 
 from __future__ import annotations
@@ -274,13 +276,3 @@ def output_dir(*parts: str) -> Path:
     path = root.joinpath(*parts)
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def default_model_id() -> str:
-    """The model the notebooks use: $LORALIB_MODEL_ID (a hub id or directory), else the offline tiny RoBERTa."""
-    env = os.environ.get("LORALIB_MODEL_ID")
-    if env:
-        return env
-    from loralib.tiny import tiny_roberta
-
-    return tiny_roberta()

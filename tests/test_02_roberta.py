@@ -1,4 +1,4 @@
-"""The article's hand-written RoBERTa LoRA (loralib.roberta) against stock transformers, LoraLinear and math."""
+"""The article's hand-written RoBERTa LoRA (loralib.article) against stock transformers, LoraLinear and math."""
 
 from __future__ import annotations
 
@@ -9,18 +9,18 @@ import pytest
 import torch
 from transformers import AutoTokenizer, RobertaConfig, RobertaModel
 
-from loralib.injection import inject_lora
-from loralib.layers import LoraLinear
-from loralib.roberta import (
+from loralib.article.attention import (
     LORA_PARAM_NAMES,
     LoraRobertaSelfAttention,
-    LoraWrapperRoberta,
-    first_update_norm,
     forward_source_diff,
     lora_attention_layers,
     replace_self_attention,
-    squad_null_decision,
 )
+from loralib.article.lr_experiment import first_update_norm
+from loralib.article.wrapper import LoraWrapperRoberta
+from loralib.injection import inject_lora
+from loralib.layers import LoraLinear
+from loralib.qa import squad_null_decision
 from loralib.utils import count_parameters
 
 # ---------------------------------------------------------------- helpers
@@ -116,7 +116,7 @@ def test_decoder_cache_path_matches_stock_and_full_sequence():
 
 def test_forward_is_the_installed_stock_forward_with_two_lines_changed():
     # Version guard: if transformers' RobertaSelfAttention.forward changes, this diff grows and the copy in
-    # loralib.roberta must be refreshed (the output comparisons above check that it still computes the same).
+    # loralib.article.attention must be refreshed (the output comparisons above check that it still computes the same).
     changed = [
         line
         for line in forward_source_diff().splitlines()

@@ -471,7 +471,7 @@ def test_fp16_training_with_a_grad_scaler_works_on_fp32_adapters():
         scaler.step(opt)
         scaler.update()
         opt.zero_grad()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
     assert torch.isfinite(layer.lora_A).all() and torch.isfinite(layer.lora_B).all()
 
@@ -489,7 +489,7 @@ def test_merge_on_a_half_precision_base_adds_the_fp32_update_rounded_once():
 def test_the_articles_attention_on_a_bf16_base_keeps_fp32_adapters(tiny_model_dir):
     from transformers import RobertaModel
 
-    from loralib.roberta import lora_attention_layers, replace_self_attention
+    from loralib.article.attention import lora_attention_layers, replace_self_attention
 
     torch.manual_seed(0)
     base = RobertaModel.from_pretrained(tiny_model_dir).to(torch.bfloat16)

@@ -20,8 +20,9 @@ import pytest
 import torch
 from scipy.stats import pearsonr
 
-from loralib.benchmark import main
-from loralib.training import RESULTS_NAME, load_trained_model
+from loralib.benchmark.backends import load_trained_model
+from loralib.benchmark.cli import main
+from loralib.benchmark.results import RESULTS_NAME
 
 TASKS = ["sst2", "stsb", "mnli", "squad_v2"]
 RESULT_KEYS = {
@@ -98,7 +99,7 @@ def test_metric_keys_and_splits_per_task(bench):
     assert set(_results(out, "sst2")["metrics"]) == {"accuracy"}
     assert set(_results(out, "stsb")["metrics"]) == {"pearson", "spearmanr"}
     mnli = _results(out, "mnli")
-    # MNLI: both splits, nested by split name (documented in loralib.training).
+    # MNLI: both splits, nested by split name (documented in loralib.benchmark.results).
     assert set(mnli["metrics"]) == {"validation_matched", "validation_mismatched"}
     assert all("accuracy" in m for m in mnli["metrics"].values())
     v2 = _results(out, "squad_v2")["metrics"]
@@ -216,7 +217,7 @@ def test_ddp_two_cpu_processes(tmp_path, tiny_model_dir):
 
 
 def test_final_metric_reads_one_number(bench):
-    from loralib.training import final_metric
+    from loralib.benchmark.results import final_metric
 
     out, _ = bench
     mnli = _results(out, "mnli")
@@ -259,7 +260,7 @@ def test_final_metric_reads_one_number(bench):
 def test_bad_arguments_exit_2_with_one_line_before_anything_loads(
     tmp_path, capsys, monkeypatch, extra, named
 ):
-    import loralib.training as training
+    from loralib.benchmark import backends, run, trainer
 
     (tmp_path / "FILE").write_text("not a directory")
     extra = [str(tmp_path / a) if a.startswith("FILE") else a for a in extra]
@@ -267,8 +268,9 @@ def test_bad_arguments_exit_2_with_one_line_before_anything_loads(
     def no_training(*a, **k):  # the check must come before any model or dataset is touched
         raise AssertionError("run_task was called")
 
-    monkeypatch.setattr(training, "run_task", no_training)
-    monkeypatch.setattr(training, "build_model", no_training)
+    monkeypatch.setattr(run, "run_task", no_training)
+    monkeypatch.setattr(backends, "build_model", no_training)
+    monkeypatch.setattr(trainer, "build_model", no_training)
     args = ["--task", "sst2", "--output-dir", str(tmp_path / "out"), *extra]
     with pytest.raises(SystemExit) as err:
         main(args)

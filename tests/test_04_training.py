@@ -1,4 +1,4 @@
-"""loralib.training: the recipe's defaults, the learning-rate schedule, task names, offline errors, references.
+"""loralib.benchmark: the recipe's defaults, the learning-rate schedule, task names, offline errors, references.
 
 The end-to-end runs through the command line (GLUE, STS-B, MNLI, SQuAD v2, DDP) are in
 test_04_benchmark_cli.py.
@@ -10,16 +10,10 @@ import math
 
 import pytest
 
-from loralib.references import ARTICLE, LORA_PAPER, format_table, references_for
-from loralib.training import (
-    PROFILES,
-    TrainConfig,
-    build_trainer,
-    make_config,
-    per_device_batch_size,
-    resolve_tasks,
-    run_task,
-)
+from loralib.benchmark.config import PROFILES, TrainConfig, make_config, per_device_batch_size, resolve_tasks
+from loralib.benchmark.references import ARTICLE, LORA_PAPER, format_table, references_for
+from loralib.benchmark.run import run_task
+from loralib.benchmark.trainer import build_trainer
 
 GLUE = ["cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli"]
 
@@ -194,8 +188,9 @@ def test_every_backend_trains_saves_and_reloads(tmp_path, backend):
     import numpy as np
     import torch
 
+    from loralib.benchmark.backends import load_trained_model
+    from loralib.benchmark.trainer import eval_rows
     from loralib.data import tokenize_glue
-    from loralib.training import eval_rows, load_trained_model
 
     res = run_task(
         "sst2", "smoke", output_dir=tmp_path, backend=backend, epochs=2, warmup_epochs=0.5, progress=False

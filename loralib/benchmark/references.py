@@ -3,7 +3,7 @@
 Covers: `ARTICLE` (the seed article's own run), `LORA_PAPER` (Hu et al. 2021, Table 2), `references_for`,
 `results_table` / `format_table` (a run directory -> rows -> markdown), and the plots of notebooks 04
 and 05: `plot_vs_references`, `plot_epoch_curves`, `plot_no_answer_sweep`. Not here: training
-(`loralib.training`) or computing metrics (`loralib.metrics`).
+(`loralib.benchmark.run`) or computing metrics (`loralib.metrics`).
 
 Every figure is stored on the scale `loralib.metrics` returns, under its metric key, so a run's
 results.json and a reference compare directly: GLUE as fractions (0.938, not 93.8), SQuAD as percentages
@@ -95,7 +95,7 @@ def _task_dirs(results_dir: str | os.PathLike) -> list[Path]:
 
 def load_all_results(results_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
     """{task: results dict} for every OUTPUT_DIR/<task>/results.json, in GLUE-then-SQuAD order."""
-    from loralib.training import read_results
+    from loralib.benchmark.results import read_results
 
     return {p.name: read_results(p) for p in _task_dirs(results_dir)}
 
@@ -246,7 +246,7 @@ def plot_epoch_curves(results_dir: str | os.PathLike):
 
 def plot_no_answer_sweep(rows: list[dict[str, Any]], smoke: bool, default_threshold: float = 0.0):
     """SQuAD v2 exact / F1 (all, answerable, unanswerable) and the abstention rate against the no-answer
-    threshold (rows from `loralib.training.no_answer_sweep`). Returns the Figure."""
+    threshold (rows from `loralib.qa.no_answer_sweep`). Returns the Figure."""
     import matplotlib.pyplot as plt
 
     t = [r["threshold"] for r in rows]

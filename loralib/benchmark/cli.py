@@ -1,9 +1,10 @@
 """Command line for the GLUE / SQuAD benchmarks: `python -m loralib.benchmark --task TASK --profile PROFILE`.
 
 Covers: argument parsing and validation (every argument is checked before anything is loaded; a bad
-one exits with status 2 and one line), expanding task groups, running each task through `loralib.training.run_task`
+one exits with status 2 and one line), expanding task groups, running each task through `loralib.benchmark.run.run_task`
 (finished tasks are skipped unless --overwrite) and printing a summary table beside the published
-references. Not here: the training itself (`loralib.training`), reference numbers (`loralib.references`).
+references. Not here: the training itself (`loralib.benchmark.run`), reference numbers
+(`loralib.benchmark.references`).
 
 Examples:
     python -m loralib.benchmark --task sst2 --profile smoke --output-dir /tmp/bench      # offline, seconds
@@ -69,7 +70,7 @@ def _check_output_dir(out: Path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from loralib.training import BACKENDS, FORMULATIONS, PROFILES
+    from loralib.benchmark.config import BACKENDS, FORMULATIONS, PROFILES
 
     ap = _Parser(
         prog="python -m loralib.benchmark",
@@ -122,15 +123,10 @@ OVERRIDE_ARGS = (
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 2 bad arguments or a conflicting finished run)."""
-    from loralib.references import format_table, results_table
-    from loralib.training import (
-        ResultsExistError,
-        default_output_dir,
-        make_config,
-        per_device_batch_size,
-        resolve_tasks,
-        run_task,
-    )
+    from loralib.benchmark import run
+    from loralib.benchmark.config import make_config, per_device_batch_size, resolve_tasks
+    from loralib.benchmark.references import format_table, results_table
+    from loralib.benchmark.results import ResultsExistError, default_output_dir
 
     ap = build_parser()
     args = ap.parse_args(argv)
@@ -166,7 +162,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n=== {task} ({args.profile} profile) -> {out / task}", flush=True)
         t0 = time.perf_counter()
         try:
-            res = run_task(task, profile=args.profile, output_dir=out, overwrite=args.overwrite, **overrides)
+            res = run.run_task(
+                task, profile=args.profile, output_dir=out, overwrite=args.overwrite, **overrides
+            )
         except ResultsExistError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -178,7 +176,3 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{task:<11} {status:<8} {secs:8.1f}")
         print(f"\nresults: {out}/<task>/results.json")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,313 @@
+"""What one benchmark run depends on: `TrainConfig`, the profiles, the backends and the task names.
+
+Covers: `TrainConfig` (the article's recipe as defaults, validated where it is built), `Profile` /
+`PROFILES` ("smoke", "cpu", "gpu"), `make_config` (a profile plus overrides), `BACKENDS`,
+`FORMULATIONS` / `DEFAULT_LR`, task names and groups (`task_spec`, `is_qa`, `resolve_tasks`), and the
+per-device batch size. Not here: building models (`loralib.benchmark.backends`), the Trainer
+(`loralib.benchmark.trainer`), the run loop (`loralib.benchmark.run`).
+
+The recipe (defaults of `TrainConfig`, from the article's training script and the LoRA paper):
+rank 8 on query and value; biases, layer norms and the task head also train; batch 16 (the effective
+batch: per-device batch = batch_size / (processes x gradient_accumulation_steps), so the schedule is the
+same on 1 or 8 GPUs); 6 epochs; the learning rate warms up linearly for 2 epochs, then decays linearly to 0;
+AdamW with betas (0.9, 0.98), eps 1e-6, weight decay 0.1; max length 128 (GLUE), 384 with stride 128
+(SQuAD). The learning rate depends on the LoRA formulation: 5e-4 for "scaled" (A kaiming-uniform, update
+times alpha/r with alpha = r, as PEFT and the LoRA paper's RoBERTa-base runs) and 4e-5 for "article" (A ~
+N(0, 1), unscaled, as the article's script). One difference from the article's hand-written loop: the
+Trainer does not decay biases and layer norms (the article decayed every trained tensor).
+
+Training runs on `transformers.Trainer`, so bf16 on CUDA (fp32 on CPU), gradient accumulation and
+multi-process DDP (`torchrun --nproc_per_node N -m loralib.benchmark ...` or `accelerate launch`) need no
+code of their own here. Only process 0 writes files.
+
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from loralib.article.attention import DEFAULT_LR, FORMULATIONS
+from loralib.checks import (
+    check_alpha,
+    check_bool,
+    check_dropout,
+    check_int,
+    check_names,
+    check_number,
+    check_rank,
+)
+
+BACKENDS = ("loralib", "article", "peft", "qlora")
+
+
+TASK_GROUPS = ("glue", "squad", "all")
+
+
+@dataclass
+class TrainConfig:
+    """Everything one fine-tuning run depends on; the defaults are the article's recipe on roberta-base.
+
+    None means "decided by something else": model_id by the profile, formulation by the backend
+    ("article" for the article backend, "scaled" otherwise), learning_rate by the formulation
+    (DEFAULT_LR), alpha = r, bf16 = "on GPUs with native bf16, fp16 with gradient scaling on other
+    GPUs (a T4), fp32 on CPU" (False: fp32 everywhere), num_threads = torch's setting (CPU
+    intra-op threads during the run; the smoke profile uses 1).
+    """
+
+    task: str = "sst2"
+    backend: str = "loralib"
+    model_id: str | None = None
+    formulation: str | None = None
+    r: int = 8
+    alpha: float | None = None
+    lora_dropout: float = 0.1
+    target_modules: tuple[str, ...] = ("query", "value")
+    train_biases: bool = True
+    train_layer_norms: bool = True
+    learning_rate: float | None = None
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.98
+    adam_epsilon: float = 1e-6
+    batch_size: int = 16
+    eval_batch_size: int = 64
+    gradient_accumulation_steps: int = 1
+    epochs: int = 6
+    warmup_epochs: float = 2.0
+    seed: int = 0
+    max_length: int = 128
+    qa_max_length: int = 384
+    qa_stride: int = 128
+    n_best_size: int = 20
+    max_answer_length: int = 30
+    null_score_diff_threshold: float = 0.0
+    data_dir: str | None = None
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    bf16: bool | None = None
+    progress: bool = True
+    num_workers: int = 0
+    num_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        self.target_modules = tuple(check_names(self.target_modules, "target_modules", allow_empty=False))
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}; choose one of {BACKENDS}.")
+        if self.formulation is None:
+            self.formulation = "article" if self.backend == "article" else "scaled"
+        if self.formulation not in FORMULATIONS:
+            raise ValueError(
+                f"unknown formulation {self.formulation!r}; choose 'scaled' (kaiming A, alpha/r, lr 5e-4) "
+                "or 'article' (A ~ N(0,1), unscaled, lr 4e-5)."
+            )
+        if self.learning_rate is None:
+            self.learning_rate = DEFAULT_LR[self.formulation]
+        check_rank(self.r)
+        for name in ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "epochs"):
+            check_int(getattr(self, name), name, 1)
+        check_alpha(self.alpha)
+        check_dropout(self.lora_dropout, "lora_dropout")
+        for name in (
+            "learning_rate",
+            "weight_decay",
+            "adam_beta1",
+            "adam_beta2",
+            "adam_epsilon",
+            "warmup_epochs",
+        ):
+            check_number(getattr(self, name), name)
+        check_number(self.learning_rate, "learning_rate", positive=True)
+        check_number(self.weight_decay, "weight_decay", minimum=0.0)
+        for name in ("train_biases", "train_layer_norms", "progress"):
+            check_bool(getattr(self, name), name)
+        check_int(self.seed, "seed", None)
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise ValueError(
+                f"warmup_epochs={self.warmup_epochs} must be in [0, epochs={self.epochs}): the learning rate "
+                "warms up for warmup_epochs, then decays linearly to 0 over the remaining epochs."
+            )
+        if self.num_threads is not None and (not isinstance(self.num_threads, int) or self.num_threads <= 0):
+            raise ValueError(
+                f"num_threads must be a positive integer or None (torch's default), got {self.num_threads!r}."
+            )
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}.")
+        for name in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise ValueError(f"{name} must be a positive integer or None (all rows), got {value!r}.")
+        if self.qa_stride >= self.qa_max_length:
+            raise ValueError(
+                f"qa_stride={self.qa_stride} must be smaller than qa_max_length={self.qa_max_length}: it is "
+                "the overlap between consecutive windows of a long context."
+            )
+
+    @property
+    def warmup_fraction(self) -> float:
+        """Share of all optimizer steps spent warming up (2/6 by default)."""
+        return self.warmup_epochs / self.epochs
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["target_modules"] = list(self.target_modules)
+        return d
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A named set of defaults: which model, which data, how much of it, and whether results are smoke."""
+
+    name: str
+    description: str
+    model_id: str | None  # None: the offline tiny RoBERTa
+    smoke: bool
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+PROFILES: dict[str, Profile] = {
+    "smoke": Profile(
+        "smoke",
+        "tiny random RoBERTa (loralib.tiny) on the bundled synthetic mini datasets, 2 epochs: checks the "
+        "pipeline offline in seconds per task. NOT benchmark numbers.",
+        model_id=None,
+        smoke=True,
+        overrides=dict(
+            data_dir="bundled",
+            epochs=2,
+            warmup_epochs=2 / 3,  # the article's 1:2 warm-up:decay shape, in 2 epochs
+            max_train_samples=64,
+            max_eval_samples=48,
+            qa_max_length=192,
+            qa_stride=64,
+            eval_batch_size=32,
+            # The tiny model gains nothing from intra-op threads, and on a busy CPU one thread is
+            # several times faster than two fighting over the cores.
+            num_threads=1,
+        ),
+    ),
+    "cpu": Profile(
+        "cpu",
+        "distilroberta-base (82M, hub) on subsets of the real datasets (2000 train / 500 eval rows), "
+        "3 epochs (1 warm-up): real learning on a laptop CPU in minutes per task; needs the internet. "
+        "Not comparable to the references (smaller model, less data).",
+        model_id="distilbert/distilroberta-base",
+        smoke=False,
+        overrides=dict(epochs=3, warmup_epochs=1.0, max_train_samples=2000, max_eval_samples=500),
+    ),
+    "gpu": Profile(
+        "gpu",
+        "the article's setup: FacebookAI/roberta-base, full datasets from the hub, 6 epochs (2 warm-up), "
+        "batch 16, rank 8 on query/value; bf16 on CUDA. Hours per large task (QQP, MNLI, SQuAD).",
+        model_id="FacebookAI/roberta-base",
+        smoke=False,
+        overrides={},
+    ),
+}
+
+
+def _task_tables() -> tuple[dict, dict]:
+    from loralib.data import GLUE_TASKS, SQUAD_TASKS
+
+    return GLUE_TASKS, SQUAD_TASKS
+
+
+def task_spec(task: str):
+    """The `loralib.data.TaskSpec` of `task`; a clear error lists the valid names."""
+    glue, squad = _task_tables()
+    if task in glue:
+        return glue[task]
+    if task in squad:
+        return squad[task]
+    raise ValueError(
+        f"unknown task {task!r}. Valid tasks: {', '.join([*glue, *squad])}; "
+        f"or the groups {', '.join(TASK_GROUPS)} (glue = the nine GLUE tasks; on the command line squad = squad "
+        "and squad_v2, squad_v1 = SQuAD v1.1 alone)."
+    )
+
+
+def is_qa(task: str) -> bool:
+    """True for the SQuAD tasks (extractive question answering)."""
+    return task in _task_tables()[1]
+
+
+def resolve_tasks(names: str | Iterable[str]) -> list[str]:
+    """Expand task names and groups into hub config names, in order, each once.
+
+    Groups: "glue" (the nine GLUE tasks), "squad" (squad and squad_v2), "all". Because "squad" names the
+    group here, SQuAD v1.1 alone is "squad_v1" (its runs are still stored under the hub name "squad").
+    """
+    glue, squad = _task_tables()
+    names = [names] if isinstance(names, str) else list(names)
+    if not names:
+        raise ValueError(
+            f"no task given; choose from {', '.join([*glue, *squad])} or {', '.join(TASK_GROUPS)}."
+        )
+    out: list[str] = []
+    for name in names:
+        key = str(name).strip().lower().replace("-", "_")
+        if key == "glue":
+            expanded = list(glue)
+        elif key == "squad":
+            expanded = list(squad)
+        elif key == "all":
+            expanded = [*glue, *squad]
+        elif key == "squad_v1":
+            expanded = ["squad"]
+        else:
+            task_spec(key)  # raises, listing the valid names
+            expanded = [key]
+        out.extend(t for t in expanded if t not in out)
+    return out
+
+
+def make_config(task: str, profile: str = "smoke", **overrides: Any) -> TrainConfig:
+    """TrainConfig for `task` under `profile`, then `overrides` (any TrainConfig field) on top.
+
+    An override given as None is applied as None (data_dir=None means the hub, max_train_samples=None all
+    rows), except model_id=None, which keeps the profile's model.
+    """
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}.")
+    task_spec(task)
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise TypeError(f"unknown TrainConfig field(s) {unknown}; valid fields: {', '.join(sorted(known))}.")
+    prof = PROFILES[profile]
+    # Explicit overrides win, None included (data_dir=None: the hub; max_train_samples=None: all rows),
+    # except model_id=None, which means "the profile's model".
+    values: dict[str, Any] = {**prof.overrides, **overrides}
+    values["task"] = task
+    if values.get("model_id") is None:
+        values["model_id"] = prof.model_id
+    return TrainConfig(**values)
+
+
+def resolve_model_id(cfg: TrainConfig) -> str:
+    """cfg.model_id, or the offline tiny RoBERTa's directory when it is None (the smoke profile)."""
+    if cfg.model_id:
+        return cfg.model_id
+    from loralib.tiny import tiny_roberta
+
+    return tiny_roberta()
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def per_device_batch_size(cfg: TrainConfig, world_size: int | None = None) -> int:
+    """Per-process micro-batch giving the effective batch `cfg.batch_size` (processes x accumulation)."""
+    world = world_size or _world_size()
+    denom = world * cfg.gradient_accumulation_steps
+    if cfg.batch_size % denom:
+        raise ValueError(
+            f"batch_size={cfg.batch_size} (the effective batch) is not divisible by processes ({world}) x "
+            f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}); choose values whose product "
+            "divides it (e.g. batch 16 = 2 processes x 2 steps x 4 per device)."
+        )
+    return cfg.batch_size // denom

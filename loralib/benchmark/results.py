@@ -1,0 +1,147 @@
+"""The results file of a benchmark run: its layout, writing it atomically, reading it back.
+
+Results layout: OUTPUT_DIR/<task>/results.json and OUTPUT_DIR/<task>/adapter/ (loralib's adapter format
+for the loralib backend, the wrapper's `save_lora` for "article", PEFT's format plus loralib_task.json for
+"peft"/"qlora"; `load_trained_model` reads all three). results.json holds: task, profile, backend, smoke
+(True only for the smoke profile: a tiny random model on bundled synthetic data, never benchmark numbers),
+note, model_id, seed, main_metric, metrics, metrics_by_split, epochs (one record per epoch: epoch, step,
+learning_rate (the rate of the epoch's last optimizer step), train_loss (mean over the epoch), metrics
+{split: {...}}, eval_loss {split: loss} (GLUE only)), config (every TrainConfig field), trainable_parameters,
+total_parameters, train_examples (SQuAD: windows), train_time_s, wall_time_s, peak_memory {device, kind,
+bytes} (CUDA: max allocated; CPU: the process's peak RSS), world_size, device, versions
+(`loralib.versions()`), adapter {path, format, size_bytes}, finished_at. Non-finite numbers (e.g. the
+Pearson correlation of constant predictions) are written as null, so the file is strict JSON. A task whose
+results.json exists is skipped on a rerun unless overwrite=True (CLI --overwrite); a finished run with
+another profile, backend, seed or model in the same directory is an error rather than a silent skip.
+
+`metrics` holds the final epoch's metrics with the exact key names `loralib.metrics` returns (fractions for
+GLUE: accuracy, f1, matthews_correlation, pearson, spearmanr; percentages for SQuAD: exact_match/f1, or
+exact/f1/HasAns_exact/... for v2). For a task with one evaluation split it is that flat dict. MNLI has two
+(validation_matched and validation_mismatched): then `metrics` is nested by split name,
+{"validation_matched": {"accuracy": ...}, "validation_mismatched": {"accuracy": ...}}. `metrics_by_split` is
+always nested that way, for code that wants one shape for every task; `final_metric(results)` reads one
+number.
+
+Covers: `read_results`, `final_metric`, the per-epoch records, peak memory, `ResultsExistError` and the
+check that a rerun into the same directory has the same settings. Not here: producing the numbers
+(`loralib.benchmark.run`), tables and plots beside the references (`loralib.benchmark.references`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loralib.checks import (
+    read_json,
+)
+from loralib.utils import atomic_write
+
+RESULTS_NAME = "results.json"
+
+
+ADAPTER_DIR = "adapter"
+
+
+def _json_safe(obj: Any) -> Any:
+    """NaN / inf (e.g. Pearson of constant predictions) become null: results.json stays strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def _atomic_write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(_json_safe(obj), indent=2, sort_keys=False, default=str, allow_nan=False) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def read_results(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a results.json (give the file or its task directory)."""
+    p = Path(path)
+    p = p / RESULTS_NAME if p.is_dir() else p
+    if not p.exists():
+        raise FileNotFoundError(
+            f"no {RESULTS_NAME} at {p}; run `python -m loralib.benchmark --task ...` first."
+        )
+    return read_json(p, "a results.json written by run_task")
+
+
+def final_metric(results: dict[str, Any], metric: str | None = None, split: str | None = None) -> float:
+    """One number from a results dict: `metric` (default: the task's main metric) on `split` (default: the
+    first evaluation split, e.g. validation_matched for MNLI)."""
+    by_split = results["metrics_by_split"]
+    split = split or next(iter(by_split))
+    if split not in by_split:
+        raise KeyError(f"split {split!r} not in the results; it has {list(by_split)}.")
+    metric = metric or results["main_metric"]
+    if metric not in by_split[split]:
+        raise KeyError(f"metric {metric!r} not in the results; {split} has {list(by_split[split])}.")
+    return by_split[split][metric]
+
+
+def _peak_memory() -> dict[str, Any]:
+    if torch.cuda.is_available():
+        return {
+            "device": torch.cuda.get_device_name(0),
+            "kind": "cuda_max_memory_allocated",
+            "bytes": int(torch.cuda.max_memory_allocated()),
+        }
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports KiB, macOS bytes.
+    return {
+        "device": "cpu",
+        "kind": "process_max_rss",
+        "bytes": int(rss if sys.platform == "darwin" else rss * 1024),
+    }
+
+
+def _epoch_records(trainer) -> list[dict[str, Any]]:
+    train_logs = {round(e["epoch"]): e for e in trainer.state.log_history if "loss" in e and "epoch" in e}
+    out = []
+    for rec in trainer.eval_records:
+        log = train_logs.get(rec["epoch"], {})
+        out.append(
+            {
+                "epoch": rec["epoch"],
+                "step": rec["step"],
+                "learning_rate": log.get("learning_rate"),
+                "train_loss": log.get("loss"),
+                "metrics": rec["metrics"],
+                "eval_loss": rec["eval_loss"],
+            }
+        )
+    return out
+
+
+class ResultsExistError(ValueError):
+    """The output directory already holds a finished run made with other settings."""
+
+
+def _check_compatible(existing: dict[str, Any], cfg, profile: str, path: Path) -> None:
+    mine = {"profile": profile, "backend": cfg.backend, "seed": cfg.seed, "model_id": cfg.model_id}
+    theirs = {k: existing.get(k) for k in ("profile", "backend", "seed")}
+    theirs["model_id"] = existing.get("config", {}).get("model_id")
+    if mine != theirs:
+        raise ResultsExistError(
+            f"{path} holds a finished run with {theirs}, not {mine}; pass overwrite=True (CLI --overwrite) "
+            "to replace it, or choose another output directory."
+        )
+
+
+def default_output_dir(profile: str) -> Path:
+    """Where runs go without --output-dir: loralib.output_dir("benchmark", profile)."""
+    from loralib.utils import output_dir
+
+    return output_dir("benchmark", profile)

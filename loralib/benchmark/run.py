@@ -1,0 +1,131 @@
+"""Run the benchmark: fine-tune and evaluate one task (`run_task`) or several (`run_benchmark`).
+
+A task whose results.json exists is skipped unless overwrite=True; only process 0 writes files. Not here:
+the configuration (`loralib.benchmark.config`), the Trainer (`loralib.benchmark.trainer`), the command
+line (`loralib.benchmark.cli`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loralib.benchmark.backends import _save_adapter
+from loralib.benchmark.config import PROFILES, make_config, resolve_tasks, task_spec
+from loralib.benchmark.results import (
+    ADAPTER_DIR,
+    RESULTS_NAME,
+    _atomic_write_json,
+    _check_compatible,
+    _epoch_records,
+    _json_safe,
+    _peak_memory,
+    default_output_dir,
+    read_results,
+)
+from loralib.benchmark.trainer import build_trainer
+
+
+def run_task(
+    task: str,
+    profile: str = "smoke",
+    output_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    callbacks: Sequence[Any] = (),
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Fine-tune and evaluate one task; write OUTPUT_DIR/<task>/results.json and the adapter; return the results.
+
+    A task whose results.json already exists is skipped (its stored results are returned, with
+    "skipped": True) unless overwrite=True. overrides: any TrainConfig field (learning_rate, epochs,
+    backend, model_id, data_dir, max_train_samples, ...).
+    """
+    t0 = time.perf_counter()
+    cfg = make_config(task, profile, **overrides)
+    spec = task_spec(task)
+    root = Path(output_dir) if output_dir is not None else default_output_dir(profile)
+    task_dir = root / task
+    results_path = task_dir / RESULTS_NAME
+    if results_path.exists() and not overwrite:
+        existing = read_results(results_path)
+        _check_compatible(existing, cfg, profile, results_path)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"[skip] {task}: finished run in {results_path} (overwrite=True / --overwrite to rerun)")
+        return {**existing, "skipped": True}
+    from loralib.utils import count_parameters, versions
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    threads = torch.get_num_threads()
+    try:
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        with tempfile.TemporaryDirectory(prefix="trainer-") as scratch:
+            trainer, model, _tok, model_id = build_trainer(cfg, scratch, callbacks)
+            params = count_parameters(model)
+            t_train = time.perf_counter()
+            trainer.train()
+            train_time = time.perf_counter() - t_train
+    finally:
+        torch.set_num_threads(threads)
+    epochs = _epoch_records(trainer)
+    if not epochs:
+        raise RuntimeError(f"{task}: training finished without an evaluation; this is a bug in run_task.")
+    by_split = epochs[-1]["metrics"]
+    metrics = by_split if len(by_split) > 1 else next(iter(by_split.values()))
+    results: dict[str, Any] = {
+        "task": task,
+        "profile": profile,
+        "backend": cfg.backend,
+        "smoke": PROFILES[profile].smoke,
+        "note": PROFILES[profile].description,
+        "model_id": model_id if cfg.model_id else "loralib.tiny.tiny_roberta()",
+        "seed": cfg.seed,
+        "main_metric": spec.main_metric,
+        "metrics": metrics,
+        "metrics_by_split": by_split,
+        "epochs": epochs,
+        "config": cfg.to_dict(),
+        "trainable_parameters": params.trainable,
+        "total_parameters": params.total,
+        "train_examples": len(trainer.train_dataset),
+        "train_time_s": round(train_time, 3),
+        "peak_memory": _peak_memory(),
+        "world_size": trainer.args.world_size,
+        "device": str(trainer.args.device),
+        "precision": "bf16" if trainer.args.bf16 else ("fp16" if trainer.args.fp16 else "fp32"),
+        "versions": versions(),
+    }
+    if trainer.is_world_process_zero():
+        task_dir.mkdir(parents=True, exist_ok=True)
+        adapter_dir = task_dir / ADAPTER_DIR
+        if adapter_dir.exists():  # an overwritten run of another backend must not leave its files behind
+            shutil.rmtree(adapter_dir)
+        results["adapter"] = _save_adapter(cfg, trainer.model, spec, model_id, adapter_dir)
+        results["wall_time_s"] = round(time.perf_counter() - t0, 3)
+        results["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        _atomic_write_json(results_path, results)
+    trainer.accelerator.wait_for_everyone()
+    return _json_safe(results)  # the same values the file holds (NaN -> None)
+
+
+def run_benchmark(
+    tasks: str | Iterable[str],
+    profile: str = "smoke",
+    output_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    **overrides: Any,
+) -> dict[str, dict[str, Any]]:
+    """`run_task` for each task (names or the groups glue / squad / all), in order; {task: results}."""
+    out = {}
+    for task in resolve_tasks(tasks):
+        out[task] = run_task(task, profile=profile, output_dir=output_dir, overwrite=overwrite, **overrides)
+    return out

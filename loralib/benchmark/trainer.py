@@ -1,0 +1,325 @@
+"""The Hugging Face `Trainer` of a benchmark run: the run's data, tokenisation and per-epoch evaluation.
+
+Covers: `load_raw_data` (the task's splits, subset by max_train/eval_samples) and `eval_rows` (the exact
+rows a finished run was scored on), tokenisation for GLUE and SQuAD, the Trainer subclass (epoch-based
+warm-up and decay; GLUE metrics via `loralib.metrics.glue_metrics`, SQuAD via `loralib.qa`
+post-processing and `loralib.metrics.squad_metrics`), and `build_trainer`. Precision: bf16 on GPUs with
+native bf16, fp16 with gradient scaling on other GPUs, fp32 on CPU; gradient accumulation and DDP are the
+Trainer's. Not here: the models (`loralib.benchmark.backends`), the results file (`loralib.benchmark.results`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from loralib.benchmark.backends import _load_error, build_model
+from loralib.benchmark.config import (
+    TrainConfig,
+    _world_size,
+    is_qa,
+    per_device_batch_size,
+    resolve_model_id,
+    task_spec,
+)
+
+# Metrics the Trainer adds to every evaluation; they are run statistics, not task metrics.
+_TRAINER_EVAL_STATS = ("loss", "runtime", "samples_per_second", "steps_per_second", "model_preparation_time")
+
+
+def _data_error(task: str, cfg: TrainConfig, exc: Exception) -> RuntimeError:
+    where = "the Hugging Face Hub" if cfg.data_dir in (None, "") else repr(cfg.data_dir)
+    return RuntimeError(
+        f"could not load the {task!r} data from {where}: {type(exc).__name__}: {exc}\n"
+        "Offline? Use the bundled mini datasets (data_dir='bundled', CLI --data-dir bundled, or "
+        "--profile smoke), or a local copy in the hub's schema (--data-dir PATH)."
+    )
+
+
+def _subset(ds, n: int | None, shuffle_seed: int | None):
+    if n is None or n >= len(ds):
+        return ds
+    if shuffle_seed is not None:
+        ds = ds.shuffle(seed=shuffle_seed)
+    return ds.select(range(n))
+
+
+def load_raw_data(cfg: TrainConfig) -> tuple[Any, dict[str, Any]]:
+    """(train split, {eval split name: split}) for cfg.task, subset by max_train/eval_samples."""
+    spec = task_spec(cfg.task)
+    from loralib import data
+
+    try:
+        if is_qa(cfg.task):
+            dsd = data.load_squad(cfg.task, data_dir=cfg.data_dir)
+        else:
+            dsd = data.load_glue(cfg.task, data_dir=cfg.data_dir)
+    except (ValueError, TypeError, KeyError):
+        raise
+    except Exception as exc:  # hub / network / file errors: name the offline options
+        raise _data_error(cfg.task, cfg, exc) from exc
+    missing = [s for s in (spec.train_split, *spec.eval_splits) if s not in dsd]
+    if missing:
+        raise ValueError(
+            f"the {cfg.task!r} data has splits {list(dsd)}, missing {missing}; a local data directory must "
+            "hold the hub's split names."
+        )
+    # Train subsets are shuffled (some GLUE train files are ordered); eval subsets are the first rows.
+    train = _subset(dsd[spec.train_split], cfg.max_train_samples, cfg.seed)
+    evals = {s: _subset(dsd[s], cfg.max_eval_samples, None) for s in spec.eval_splits}
+    return train, evals
+
+
+def eval_rows(results: dict[str, Any], split: str | None = None):
+    """The exact evaluation rows a finished run was scored on (same data source and subset)."""
+    cfg = TrainConfig(**{**results["config"], "target_modules": tuple(results["config"]["target_modules"])})
+    _, evals = load_raw_data(cfg)
+    split = split or next(iter(evals))
+    if split not in evals:
+        raise KeyError(f"split {split!r} not in {list(evals)}.")
+    return evals[split]
+
+
+def _to_float(v: Any) -> Any:
+    if isinstance(v, (np.floating, np.integer)):
+        return v.item()
+    if isinstance(v, torch.Tensor) and v.numel() == 1:
+        return v.item()
+    return v
+
+
+def _make_trainer_class():
+    from transformers import Trainer
+    from transformers.optimization import get_linear_schedule_with_warmup
+    from transformers.trainer_utils import speed_metrics
+
+    class BenchmarkTrainer(Trainer):
+        """Trainer with the epoch-based warm-up, per-split evaluation records and SQuAD post-processing."""
+
+        def __init__(self, *args, loralib_cfg: TrainConfig, qa_eval: dict | None = None, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.loralib_cfg = loralib_cfg
+            self.qa_eval = qa_eval  # {split: (examples, features)} for SQuAD
+            self.eval_records: list[dict[str, Any]] = []
+
+        def create_scheduler(self, num_training_steps: int, optimizer=None):
+            # num_training_steps = epochs x updates per epoch, so this is warmup_epochs of updates exactly.
+            if self.lr_scheduler is None:
+                warmup = round(num_training_steps * self.loralib_cfg.warmup_fraction)
+                self.lr_scheduler = get_linear_schedule_with_warmup(
+                    optimizer if optimizer is not None else self.optimizer, warmup, num_training_steps
+                )
+                self._created_lr_scheduler = True
+            return self.lr_scheduler
+
+        def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+            if eval_dataset is not None or not isinstance(self.eval_dataset, dict):
+                return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+            merged: dict[str, Any] = {}
+            record: dict[str, Any] = {
+                "epoch": round(self.state.epoch or 0),
+                "step": self.state.global_step,
+                "metrics": {},
+                "eval_loss": {},
+            }
+            for split, ds in self.eval_dataset.items():
+                prefix = f"{metric_key_prefix}_{split}"
+                if self.qa_eval is None:
+                    out = super().evaluate(ds, ignore_keys, prefix)
+                else:
+                    out = self._evaluate_qa(split, ds, ignore_keys, prefix)
+                merged.update(out)
+                stripped = {
+                    k[len(prefix) + 1 :]: _to_float(v) for k, v in out.items() if k.startswith(prefix)
+                }
+                record["metrics"][split] = {k: v for k, v in stripped.items() if k not in _TRAINER_EVAL_STATS}
+                if "loss" in stripped:
+                    record["eval_loss"][split] = stripped["loss"]
+            self.eval_records.append(record)
+            return merged
+
+        def _evaluate_qa(self, split: str, ds, ignore_keys, prefix: str) -> dict[str, Any]:
+            from loralib.metrics import squad_metrics
+            from loralib.qa import postprocess_qa_predictions
+
+            cfg = self.loralib_cfg
+            examples, features = self.qa_eval[split]
+            start = time.time()
+            output = self.evaluation_loop(
+                self.get_eval_dataloader(ds),
+                description=f"Evaluation ({split})",
+                prediction_loss_only=False,
+                ignore_keys=ignore_keys,
+                metric_key_prefix=prefix,
+            )
+            start_logits, end_logits = output.predictions[0], output.predictions[1]
+            v2 = cfg.task == "squad_v2"
+            preds, null_diffs = postprocess_qa_predictions(
+                examples,
+                features,
+                start_logits,
+                end_logits,
+                version_2=v2,
+                n_best_size=cfg.n_best_size,
+                max_answer_length=cfg.max_answer_length,
+                null_score_diff_threshold=cfg.null_score_diff_threshold,
+            )
+            # The null-score differences are the no-answer scores; with the same threshold the metric's
+            # "counts as no answer" rule agrees with the predictions, and best_* sweep the threshold.
+            raw = (
+                squad_metrics(
+                    preds,
+                    examples,
+                    version_2=True,
+                    no_answer_probs=null_diffs,
+                    no_answer_threshold=cfg.null_score_diff_threshold,
+                )
+                if v2
+                else squad_metrics(preds, examples)
+            )
+            metrics = {f"{prefix}_{k}": _to_float(v) for k, v in raw.items()}
+            metrics.update(speed_metrics(prefix, start, num_samples=len(features)))
+            self.log(metrics)
+            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+            return metrics
+
+    return BenchmarkTrainer
+
+
+def _glue_compute_metrics(task: str, is_regression: bool):
+    from loralib.metrics import glue_metrics
+
+    def compute(pred) -> dict[str, float]:
+        logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
+        logits = np.asarray(logits)
+        preds = logits.reshape(-1) if is_regression else logits.argmax(-1)
+        labels = np.asarray(pred.label_ids).reshape(-1)
+        return {k: _to_float(v) for k, v in glue_metrics(task, preds, labels).items()}
+
+    return compute
+
+
+def _tokenize(cfg: TrainConfig, tokenizer, train, evals, main_process_first):
+    """Model-ready datasets: (train_features, {split: eval_features}, qa_eval or None)."""
+    if not is_qa(cfg.task):
+        from loralib.data import tokenize_glue
+
+        cols = ["input_ids", "attention_mask", "labels"]
+        with main_process_first(desc="tokenize"):
+            tr = tokenize_glue(train, tokenizer, cfg.task, max_length=cfg.max_length).select_columns(cols)
+            ev = {
+                s: tokenize_glue(d, tokenizer, cfg.task, max_length=cfg.max_length).select_columns(cols)
+                for s, d in evals.items()
+            }
+        return tr, ev, None
+    from loralib.qa import prepare_eval_features, prepare_train_features
+
+    kw = dict(max_length=cfg.qa_max_length, stride=cfg.qa_stride)
+    with main_process_first(desc="tokenize"):
+        tr = train.map(
+            lambda b: prepare_train_features(b, tokenizer, **kw),
+            batched=True,
+            remove_columns=train.column_names,
+            desc="train windows",
+        ).select_columns(["input_ids", "attention_mask", "start_positions", "end_positions"])
+        ev, qa_eval = {}, {}
+        for s, d in evals.items():
+            feats = d.map(
+                lambda b: prepare_eval_features(b, tokenizer, **kw),
+                batched=True,
+                remove_columns=d.column_names,
+                desc=f"{s} windows",
+            )
+            ev[s] = feats.select_columns(["input_ids", "attention_mask"])
+            qa_eval[s] = (d, feats)
+    return tr, ev, qa_eval
+
+
+def build_trainer(
+    cfg: TrainConfig,
+    work_dir: str | os.PathLike,
+    callbacks: Sequence[Any] = (),
+):
+    """(trainer, model, tokenizer, model_id) for `cfg`, with data loaded and tokenised.
+
+    `work_dir` receives the Trainer's scratch files (no checkpoints are saved). Exposed so tests and
+    notebooks can look at the optimizer and schedule; `run_task` is the normal entry point.
+    """
+    from transformers import AutoTokenizer, DataCollatorWithPadding, TrainingArguments
+
+    spec = task_spec(cfg.task)
+    world = _world_size()
+    per_device = per_device_batch_size(cfg, world)
+    from loralib.utils import mixed_precision
+
+    cuda = torch.cuda.is_available()
+    # Native bf16 only: a T4 reports bf16 "supported" through slow emulation; it gets fp16 + scaling.
+    precision = mixed_precision() if cfg.bf16 is None else ("bf16" if cfg.bf16 else "fp32")
+    bf16, fp16 = precision == "bf16", precision == "fp16"
+    if bf16 and not cuda:
+        raise ValueError("bf16=True needs a CUDA GPU here; on CPU leave bf16=None (fp32).")
+    args = TrainingArguments(
+        output_dir=str(work_dir),
+        per_device_train_batch_size=per_device,
+        per_device_eval_batch_size=cfg.eval_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        num_train_epochs=cfg.epochs,
+        learning_rate=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+        adam_beta1=cfg.adam_beta1,
+        adam_beta2=cfg.adam_beta2,
+        adam_epsilon=cfg.adam_epsilon,
+        lr_scheduler_type="linear",
+        eval_strategy="epoch",
+        logging_strategy="epoch",
+        save_strategy="no",
+        report_to="none",
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=bf16,
+        fp16=fp16,
+        use_cpu=not cuda,
+        dataloader_num_workers=cfg.num_workers,
+        disable_tqdm=not cfg.progress,
+        remove_unused_columns=False,  # datasets carry exactly the model inputs (see _tokenize)
+        label_names=["start_positions", "end_positions"] if is_qa(cfg.task) else ["labels"],
+        ddp_find_unused_parameters=cfg.backend == "article",
+    )
+    # Process 0 first: it builds the tiny model / fills the hub caches, the others then read them.
+    with args.main_process_first(desc="model and data"):
+        model_id = resolve_model_id(cfg)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_id)
+        except OSError as exc:
+            raise _load_error(model_id, exc) from exc
+        train, evals = load_raw_data(cfg)
+    train_feats, eval_feats, qa_eval = _tokenize(cfg, tokenizer, train, evals, args.main_process_first)
+    model = build_model(cfg, model_id)
+    optimizers = (None, None)  # the Trainer's AdamW (no decay on biases and norms) and our schedule
+    if cfg.backend == "qlora":
+        from loralib.peft_backend import make_optimizer
+
+        adam = dict(betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+        optimizers = (
+            make_optimizer(model, cfg.learning_rate, weight_decay=cfg.weight_decay, eight_bit=True, **adam),
+            None,
+        )
+    trainer_cls = _make_trainer_class()
+    trainer = trainer_cls(
+        model=model,
+        args=args,
+        train_dataset=train_feats,
+        eval_dataset=eval_feats,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=None if qa_eval is not None else _glue_compute_metrics(cfg.task, spec.is_regression),
+        callbacks=list(callbacks),
+        optimizers=optimizers,
+        loralib_cfg=cfg,
+        qa_eval=qa_eval,
+    )
+    return trainer, model, tokenizer, model_id
