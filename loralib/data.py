@@ -341,16 +341,22 @@ def _load_hub(spec: TaskSpec):
             f"could not load {what} from the Hugging Face Hub"
             + (" (offline mode: HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set)" if offline else "")
             + f": {type(exc).__name__}: {exc}\n"
-            "Without the hub, pass data_dir='bundled' (the tiny synthetic datasets shipped with loralib; for "
-            f"smoke tests only) or data_dir=<directory> holding {spec.family}/{spec.name}/<split>.jsonl "
+            "Without the hub, pass data_dir='bundled' (CLI --data-dir bundled: the tiny synthetic datasets shipped "
+            f"with loralib; for smoke tests only) or data_dir=<directory> (CLI --data-dir PATH) holding {spec.family}/{spec.name}/<split>.jsonl "
             f"(or .csv/.parquet) for the splits {list(spec.splits)} in the hub's schema."
         ) from exc
 
 
-def _subset_evenly(ds, n: int):
-    """`n` rows spread evenly over the split, in order (deterministic; a sorted file keeps every label)."""
-    if n >= len(ds):
+def subset_rows(ds, n: int | None, shuffle_seed: int | None = None):
+    """At most `n` rows of `ds` (all of them when n is None or the split is smaller).
+
+    With a shuffle_seed: a seeded random sample (training subsets; some GLUE train files are ordered).
+    Without: n rows spread evenly over the split, in order (deterministic; a sorted file keeps every label).
+    """
+    if n is None or n >= len(ds):
         return ds
+    if shuffle_seed is not None:
+        return ds.shuffle(seed=shuffle_seed).select(range(n))
     return ds.select(np.linspace(0, len(ds) - 1, n).round().astype(int).tolist())
 
 
@@ -366,7 +372,7 @@ def _load(spec: TaskSpec, data_dir: str | os.PathLike | None, max_samples: int |
     if max_samples is not None:
         from datasets import DatasetDict
 
-        dsd = DatasetDict({s: _subset_evenly(d, int(max_samples)) for s, d in dsd.items()})
+        dsd = DatasetDict({s: subset_rows(d, int(max_samples)) for s, d in dsd.items()})
     return dsd
 
 

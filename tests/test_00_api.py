@@ -6,10 +6,25 @@ import pytest
 
 import loralib
 
+CORE = {
+    "LoraLinear", "count_parameters", "default_model_id", "find_targets", "from_peft", "inject_lora",
+    "load_lora", "lora_layers", "lora_state_dict", "mark_only_lora_as_trainable", "merge_lora",
+    "output_dir", "print_versions", "save_lora", "set_seed", "to_peft", "unload_lora", "unmerge_lora",
+}  # fmt: skip
+
+
+def test_the_top_level_names_exactly_the_core():
+    assert set(loralib.__all__) == CORE and len(loralib.__all__) == len(CORE)
+
 
 @pytest.mark.parametrize("name", sorted(loralib.__all__))
-def test_public_name_resolves(name):
-    assert getattr(loralib, name) is not None
+def test_public_name_is_the_object_its_module_defines(name):
+    """Lazy names included: the top level hands out the very object of the module that defines it."""
+    from importlib import import_module
+
+    obj = getattr(loralib, name)
+    assert obj.__module__.startswith("loralib.") and obj.__name__ == name
+    assert getattr(import_module(obj.__module__), name) is obj
 
 
 def test_unknown_name_raises_attribute_error():

@@ -209,29 +209,25 @@ PROFILES: dict[str, Profile] = {
 }
 
 
-def _task_tables() -> tuple[dict, dict]:
-    from loralib.data import GLUE_TASKS, SQUAD_TASKS
-
-    return GLUE_TASKS, SQUAD_TASKS
-
-
 def task_spec(task: str):
-    """The `loralib.data.TaskSpec` of `task`; a clear error lists the valid names."""
-    glue, squad = _task_tables()
-    if task in glue:
-        return glue[task]
-    if task in squad:
-        return squad[task]
-    raise ValueError(
-        f"unknown task {task!r}. Valid tasks: {', '.join([*glue, *squad])}; "
-        f"or the groups {', '.join(TASK_GROUPS)} (glue = the nine GLUE tasks; on the command line squad = squad "
-        "and squad_v2, squad_v1 = SQuAD v1.1 alone)."
-    )
+    """The `loralib.data.TaskSpec` of `task` (`loralib.data.get_task`), with an error that also lists
+    the command line's groups."""
+    from loralib.data import ALL_TASKS, get_task
+
+    if task not in ALL_TASKS:
+        raise ValueError(
+            f"unknown task {task!r}. Valid tasks: {', '.join(ALL_TASKS)}; "
+            f"or the groups {', '.join(TASK_GROUPS)} (glue = the nine GLUE tasks; on the command line squad = "
+            "squad and squad_v2, squad_v1 = SQuAD v1.1 alone)."
+        )
+    return get_task(task)
 
 
 def is_qa(task: str) -> bool:
     """True for the SQuAD tasks (extractive question answering)."""
-    return task in _task_tables()[1]
+    from loralib.data import SQUAD_TASKS
+
+    return task in SQUAD_TASKS
 
 
 def resolve_tasks(names: str | Iterable[str]) -> list[str]:
@@ -240,7 +236,9 @@ def resolve_tasks(names: str | Iterable[str]) -> list[str]:
     Groups: "glue" (the nine GLUE tasks), "squad" (squad and squad_v2), "all". Because "squad" names the
     group here, SQuAD v1.1 alone is "squad_v1" (its runs are still stored under the hub name "squad").
     """
-    glue, squad = _task_tables()
+    from loralib.data import GLUE_TASKS as glue
+    from loralib.data import SQUAD_TASKS as squad
+
     names = [names] if isinstance(names, str) else list(names)
     if not names:
         raise ValueError(

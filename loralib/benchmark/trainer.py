@@ -32,46 +32,25 @@ from loralib.benchmark.config import (
 _TRAINER_EVAL_STATS = ("loss", "runtime", "samples_per_second", "steps_per_second", "model_preparation_time")
 
 
-def _data_error(task: str, cfg: TrainConfig, exc: Exception) -> RuntimeError:
-    where = "the Hugging Face Hub" if cfg.data_dir in (None, "") else repr(cfg.data_dir)
-    return RuntimeError(
-        f"could not load the {task!r} data from {where}: {type(exc).__name__}: {exc}\n"
-        "Offline? Use the bundled mini datasets (data_dir='bundled', CLI --data-dir bundled, or "
-        "--profile smoke), or a local copy in the hub's schema (--data-dir PATH)."
-    )
-
-
-def _subset(ds, n: int | None, shuffle_seed: int | None):
-    if n is None or n >= len(ds):
-        return ds
-    if shuffle_seed is not None:
-        ds = ds.shuffle(seed=shuffle_seed)
-    return ds.select(range(n))
-
-
 def load_raw_data(cfg: TrainConfig) -> tuple[Any, dict[str, Any]]:
     """(train split, {eval split name: split}) for cfg.task, subset by max_train/eval_samples."""
     spec = task_spec(cfg.task)
     from loralib import data
 
-    try:
-        if is_qa(cfg.task):
-            dsd = data.load_squad(cfg.task, data_dir=cfg.data_dir)
-        else:
-            dsd = data.load_glue(cfg.task, data_dir=cfg.data_dir)
-    except (ValueError, TypeError, KeyError):
-        raise
-    except Exception as exc:  # hub / network / file errors: name the offline options
-        raise _data_error(cfg.task, cfg, exc) from exc
+    # Offline, the hub raises loralib.data.DataUnavailableError, which names the local options.
+    if is_qa(cfg.task):
+        dsd = data.load_squad(cfg.task, data_dir=cfg.data_dir)
+    else:
+        dsd = data.load_glue(cfg.task, data_dir=cfg.data_dir)
     missing = [s for s in (spec.train_split, *spec.eval_splits) if s not in dsd]
     if missing:
         raise ValueError(
             f"the {cfg.task!r} data has splits {list(dsd)}, missing {missing}; a local data directory must "
             "hold the hub's split names."
         )
-    # Train subsets are shuffled (some GLUE train files are ordered); eval subsets are the first rows.
-    train = _subset(dsd[spec.train_split], cfg.max_train_samples, cfg.seed)
-    evals = {s: _subset(dsd[s], cfg.max_eval_samples, None) for s in spec.eval_splits}
+    # Train subsets are a seeded sample; eval subsets are spread evenly over the split (data.subset_rows).
+    train = data.subset_rows(dsd[spec.train_split], cfg.max_train_samples, cfg.seed)
+    evals = {s: data.subset_rows(dsd[s], cfg.max_eval_samples) for s in spec.eval_splits}
     return train, evals
 
 

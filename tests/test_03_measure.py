@@ -1,0 +1,146 @@
+"""loralib.measure: timing, memory accounting and the cases the speed suite compares, against
+independent references (explicit allocations, hand counts, the layer itself)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from loralib.layers import LoraLinear
+from loralib.measure.layer import (  # noqa: E402
+    article_lora_linear,
+    compare_forward_costs,
+    layer_cases,
+    layer_variants,
+    naive_lora_forward,
+)
+from loralib.measure.memory import peak_memory, tensor_bytes  # noqa: E402
+from loralib.measure.steps import (  # noqa: E402
+    measure_train_steps,
+    random_batch,
+    roberta_config,
+    roberta_inference_builders,
+    roberta_step_builders,
+)
+from loralib.measure.timing import ratios, time_interleaved, time_interleaved_samples  # noqa: E402
+
+peft_lora = pytest.importorskip("peft.tuners.lora")
+RTOL, ATOL = 1e-5, 1e-5
+
+
+def test_peak_memory_counts_live_tensors_on_cpu():
+    a = torch.randn(256, 256)
+
+    def fn():
+        y = a @ a  # 256 KiB
+        z = y * 2  # + 256 KiB: peak 512 KiB
+        del y
+        w = z + 1  # y was freed, so the peak stays at 512 KiB
+        return w.sum()
+
+    peak = peak_memory(fn, "cpu")
+    assert 2 * 256 * 256 * 4 <= peak < 2 * 256 * 256 * 4 + 1024
+    assert peak_memory(lambda: None, "cpu") == 0
+
+
+def test_time_interleaved_runs_everything_and_returns_medians():
+    calls = {"a": 0, "b": 0}
+
+    def make(name):
+        def fn():
+            calls[name] += 1
+
+        return fn
+
+    samples = time_interleaved_samples({"a": make("a"), "b": make("b")}, repeats=5, warmup=2)
+    assert calls == {"a": 7, "b": 7} and all(len(v) == 5 for v in samples.values())
+    med = time_interleaved({"nap": lambda: time.sleep(0.02)}, repeats=3, warmup=0)
+    assert set(med) == {"nap"} and 0.02 <= med["nap"] < 1.0  # the median of what was really spent
+    assert ratios({"x": 2.0, "y": 3.0}, "x") == {"x": 1.0, "y": 1.5}
+    with pytest.raises(ValueError, match="empty"):
+        time_interleaved({})
+    with pytest.raises(KeyError, match="reference"):
+        ratios({"x": 1.0}, "z")
+
+
+def test_tensor_bytes_counts_shared_storage_once():
+    lin = nn.Linear(10, 6)
+    expected = 4 * (10 * 6 + 6)
+    assert tensor_bytes(lin) == expected
+    assert tensor_bytes(lin, lin, {"w": lin.weight}) == expected
+    lin.weight.grad = torch.zeros_like(lin.weight)
+    assert tensor_bytes(lin) == expected + 4 * 60
+
+
+def test_article_formulation_equals_the_layer():
+    torch.manual_seed(0)
+    layer = LoraLinear(16, 12, r=4, alpha=8)
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(5, 16)
+    got = article_lora_linear(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling)
+    torch.testing.assert_close(got, layer(x), rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(naive_lora_forward(layer, x), layer(x), rtol=RTOL, atol=ATOL)
+    layer.merge()
+    with pytest.raises(ValueError, match="merged"):
+        naive_lora_forward(layer, x)
+
+
+def test_layer_variants_compute_the_same_function():
+    variants = layer_variants(d=32, r=4, d_out=24)
+    assert set(variants) == {"frozen", "loralib", "peft", "article", "full_ft"}
+    x = torch.randn(16, 32)
+    with torch.no_grad():
+        y = {name: v.forward(x) for name, v in variants.items()}
+    # the LoRA variants share W, b, A and B: the benchmark compares like with like
+    torch.testing.assert_close(y["loralib"], y["peft"], rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(y["loralib"], y["article"], rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(y["frozen"], y["full_ft"])
+    assert not torch.allclose(y["frozen"], y["loralib"], atol=1e-3), "B must be non-zero"
+    assert [p.shape for p in variants["loralib"].params] == [(4, 32), (24, 4)]
+    for fn in layer_cases(d=32, r=4, tokens=16, d_out=24, dropout=0.1).values():
+        fn()  # forward + backward with gradients reset afterwards
+    with pytest.raises(ValueError, match="unknown layer methods"):
+        layer_variants(d=8, r=2, methods=["frozen", "lora"])
+
+
+def test_compare_forward_costs_small():
+    costs = compare_forward_costs(d=32, r=4, tokens=64, repeats=2, warmup=0)
+    assert costs["methods"] == ["frozen", "naive", "efficient"]
+    assert costs["forward_ratio"]["frozen"] == 1.0 and costs["train_ratio"]["frozen"] == 1.0
+    assert costs["max_abs_diff"] < 1e-4
+    assert costs["saved_bytes"]["naive"] == 4 * 32 * 32
+    assert costs["saved_bytes"]["efficient"] == 4 * (64 * 4 + 4 * 32)
+    assert costs["forward_flops"]["naive"] > costs["forward_flops"]["frozen"]
+
+
+def test_measure_train_steps_on_a_small_roberta():
+    cfg = roberta_config(
+        vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
+    )
+    batch = random_batch(cfg, batch_size=2, seq_len=8)
+    builders = roberta_step_builders(cfg, r=4, alpha=8)
+    stats = measure_train_steps(builders, batch, repeats=1, warmup=0)
+    assert set(stats) == {"full_ft", "loralib", "peft"}
+    full, ours, theirs = stats["full_ft"], stats["loralib"], stats["peft"]
+    assert full.trainable_params == full.total_params
+    # LoRA on query/value of 2 layers: 2 layers x 2 modules x r x (in + out), plus the classifier head
+    head = sum(p.numel() for p in builders["full_ft"]().classifier.parameters())
+    assert ours.trainable_params == 2 * 2 * 4 * (32 + 32) + head
+    assert theirs.trainable_params == ours.trainable_params
+    for s in stats.values():
+        assert s.peak_extra_bytes > 0 and s.peak_bytes == s.state_bytes + s.peak_extra_bytes
+    # AdamW keeps two moments per trainable parameter: full fine-tuning holds ~3x the model
+    assert full.state_bytes > 2.5 * ours.state_bytes
+    inf = roberta_inference_builders(cfg, r=4)
+    m_stock, m_merged = inf["stock"]().eval(), inf["loralib_merged"]().eval()
+    with torch.no_grad():
+        a = m_stock(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        b = m_merged(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    assert not torch.allclose(a, b), "the merged adapter must change the model (B is non-zero)"
+    m_unmerged = inf["loralib_unmerged"]().eval()
+    with torch.no_grad():
+        c = m_unmerged(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    torch.testing.assert_close(b, c, rtol=1e-4, atol=1e-5)
