@@ -81,7 +81,7 @@ def plot_benchmark(results: Mapping[str, Any], path: str | os.PathLike | None = 
         bars = ax.bar([i + (j - (len(methods) - 1) / 2) * w for i in range(len(layers))], vals, w, label=m)
         ax.bar_label(bars, fmt="%.2f", fontsize=6, padding=1)
     labels = [
-        f"d={row['d']}\nr={row['r']}" + (f"\np={row['dropout']:g}" if row["dropout"] else "")
+        f"d={row['d']}\nr={row['r']}" + (f"\np={row['lora_dropout']:g}" if row["lora_dropout"] else "")
         for row in layers
     ]
     ax.set_xticks(range(len(layers)), labels, fontsize=8)
@@ -163,7 +163,7 @@ def run_layers(layers, tokens: int, log) -> list[dict]:
         methods = LAYER_METHODS if p == 0 else ("frozen", "loralib", "peft")
         t0 = time.perf_counter()
         res = measure_layer(
-            d=d, r=r, tokens=tokens, dropout=p, methods=methods, repeats=repeats, warmup=warmup
+            d=d, r=r, tokens=tokens, lora_dropout=p, methods=methods, repeats=repeats, warmup=warmup
         )
         row = res.to_dict()
         rows.append(row)
@@ -186,7 +186,7 @@ def run_model(quick: bool, log) -> tuple[dict, dict]:
         "model": "RobertaForSequenceClassification (random weights, 2 labels)",
         "batch": [batch_size, seq_len],
         "r": 8,
-        "alpha": 8,
+        "lora_alpha": 8,
         "targets": ["query", "value"],
         "trainable_in_lora_cases": "A, B and the classification head",
         "optimizer": "AdamW(lr=1e-4, weight_decay=0.01)",
@@ -196,9 +196,9 @@ def run_model(quick: bool, log) -> tuple[dict, dict]:
     t0 = time.perf_counter()
     # Both LoRA dropouts in one interleaved run: "loralib" / "peft" without, "loralib_dropout" /
     # "peft_dropout" with p = 0.1 (the recipe's default); full fine-tuning has no LoRA dropout.
-    builders = roberta_step_builders(cfg, r=8, alpha=8)
+    builders = roberta_step_builders(cfg, r=8, lora_alpha=8)
     for name, build in roberta_step_builders(
-        cfg, r=8, alpha=8, dropout=0.1, methods=("loralib", "peft")
+        cfg, r=8, lora_alpha=8, lora_dropout=0.1, methods=("loralib", "peft")
     ).items():
         builders[f"{name}_dropout"] = build
     stats = measure_train_steps(builders, batch, repeats=repeats, warmup=1)
@@ -225,7 +225,7 @@ def run_model(quick: bool, log) -> tuple[dict, dict]:
         if k != "labels"
     }
     inf_stats = measure_inference(
-        roberta_inference_builders(cfg, r=8, alpha=8), inputs, repeats=inf_repeats, warmup=1
+        roberta_inference_builders(cfg, r=8, lora_alpha=8), inputs, repeats=inf_repeats, warmup=1
     )
     med = {k: v.median_s for k, v in inf_stats.items()}
     inference = {
@@ -247,9 +247,11 @@ def run_model(quick: bool, log) -> tuple[dict, dict]:
 def check_targets(results: dict) -> dict:
     out = {}
     for row in results["layer"]:
-        if row["r"] == 8 and row["d"] in (768, 1024) and row["dropout"] in (0.0, 0.1):
-            target = TARGETS["layer_dropout" if row["dropout"] else "layer"]
-            where = f"layer d={row['d']} r=8" + (f" dropout {row['dropout']:g}" if row["dropout"] else "")
+        if row["r"] == 8 and row["d"] in (768, 1024) and row["lora_dropout"] in (0.0, 0.1):
+            target = TARGETS["layer_dropout" if row["lora_dropout"] else "layer"]
+            where = f"layer d={row['d']} r=8" + (
+                f" dropout {row['lora_dropout']:g}" if row["lora_dropout"] else ""
+            )
             out[f"{where}: loralib/frozen <= {target}"] = {
                 "value": row["ratio"]["loralib"],
                 "ok": row["ratio"]["loralib"] <= target,
@@ -297,7 +299,9 @@ def markdown(results: dict) -> str:
     ]
     for row in results["layer"]:
         rt = row["ratio"]
-        name = f"d = {row['d']}, r = {row['r']}" + (f", dropout {row['dropout']:g}" if row["dropout"] else "")
+        name = f"d = {row['d']}, r = {row['r']}" + (
+            f", dropout {row['lora_dropout']:g}" if row["lora_dropout"] else ""
+        )
         name += f", {row['tokens']} tokens"
         cells = [f"{rt[k]:.2f}x" if k in rt else "–" for k in ("loralib", "peft", "article", "full_ft")]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -308,7 +312,9 @@ def markdown(results: dict) -> str:
     ]
     for row in results["layer"]:
         pk = row["peak_bytes"]
-        name = f"d = {row['d']}, r = {row['r']}" + (f", dropout {row['dropout']:g}" if row["dropout"] else "")
+        name = f"d = {row['d']}, r = {row['r']}" + (
+            f", dropout {row['lora_dropout']:g}" if row["lora_dropout"] else ""
+        )
         lines.append(
             f"| {name} | "
             + " | ".join(_mib(pk.get(k)) for k in ("frozen", "loralib", "peft", "article", "full_ft"))

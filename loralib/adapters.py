@@ -28,7 +28,7 @@ from loralib.utils import atomic_directory
 
 WEIGHTS_NAME = "adapter.safetensors"
 CONFIG_NAME = "lora_config.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: PEFT's names lora_alpha / lora_dropout (1 said alpha / dropout; still read)
 ADAPTER_FORMAT = "loralib-adapter"
 PEFT_CONFIG = "adapter_config.json"  # PEFT's files, recognised to point the caller at from_peft
 PEFT_FILES = (PEFT_CONFIG, "adapter_model.safetensors", "adapter_model.bin")
@@ -36,17 +36,21 @@ PEFT_FILES = (PEFT_CONFIG, "adapter_model.safetensors", "adapter_model.bin")
 
 # Keys save_lora computes from the model; metadata may not replace them (base_model it may: a hub id
 # or directory is often known better by the caller than by model.config).
-RESERVED_KEYS = ("format", "format_version", "r", "alpha", "dropout", "init", "target_modules", "per_layer")
+RESERVED_KEYS = (
+    "format", "format_version", "r", "lora_alpha", "lora_dropout", "init", "target_modules", "per_layer",
+    "alpha", "dropout",  # version 1's names: still refused, so an old reader is never misled
+)  # fmt: skip
 # What a config must hold, and the JSON types each key may have (None where it varies per layer).
 _SCHEMA: dict[str, tuple[type, ...]] = {
     "format": (str,),
     "format_version": (int,),
     "target_modules": (list,),
     "r": (int, type(None)),
-    "alpha": (int, float, type(None)),
+    "lora_alpha": (int, float, type(None)),
     "per_layer": (dict,),
 }
-_OPTIONAL: dict[str, tuple[type, ...]] = {"dropout": (int, float, type(None)), "init": (str, type(None))}
+_OPTIONAL: dict[str, tuple[type, ...]] = {"lora_dropout": (int, float, type(None)), "init": (str, type(None))}
+_V1_NAMES = {"alpha": "lora_alpha", "dropout": "lora_dropout"}
 _TYPE_WORDS = {
     str: "a string",
     int: "an integer",
@@ -92,18 +96,18 @@ def lora_config(model: nn.Module, **metadata: Any) -> dict[str, Any]:
     if not layers:
         raise ValueError("the model has no LoRA layers; call inject_lora(model, target_modules) first.")
     ranks = {layer.r for _, layer in layers}
-    alphas = {layer.alpha for _, layer in layers}
+    alphas = {layer.lora_alpha for _, layer in layers}
     dropouts = {layer.lora_dropout_p for _, layer in layers}
     inits = {layer.init for _, layer in layers}
     cfg: dict[str, Any] = {
         "format": ADAPTER_FORMAT,
         "format_version": FORMAT_VERSION,
         "r": ranks.pop() if len(ranks) == 1 else None,
-        "alpha": alphas.pop() if len(alphas) == 1 else None,
-        "dropout": dropouts.pop() if len(dropouts) == 1 else None,
+        "lora_alpha": alphas.pop() if len(alphas) == 1 else None,
+        "lora_dropout": dropouts.pop() if len(dropouts) == 1 else None,
         "init": inits.pop() if len(inits) == 1 else None,
         "target_modules": [n for n, _ in layers],
-        "per_layer": {n: {"r": layer.r, "alpha": layer.alpha} for n, layer in layers},
+        "per_layer": {n: {"r": layer.r, "lora_alpha": layer.lora_alpha} for n, layer in layers},
         "base_model": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
     }
     cfg.update(metadata)
@@ -163,7 +167,9 @@ def _weights_path(path: str | os.PathLike) -> Path:
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Read (config, tensors) from an adapter directory, its .safetensors file or its lora_config.json."""
+    """Read (config, tensors) from an adapter directory, its .safetensors file or its lora_config.json.
+
+    A format_version 1 config comes back in today's names (lora_alpha, lora_dropout)."""
     weights = _weights_path(path)
     try:
         # One pass over the file for both the tensors and the embedded config.
@@ -192,7 +198,7 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, tor
         ) from e
     if not isinstance(cfg, dict):
         raise ValueError(f"the adapter config in {source} is not a JSON object; re-save the adapter.")
-    return cfg, tensors
+    return _upgrade(cfg), tensors
 
 
 def check_format_version(cfg: dict[str, Any], newest: int, source: Any) -> None:
@@ -207,6 +213,20 @@ def check_format_version(cfg: dict[str, Any], newest: int, source: Any) -> None:
             f"{source} was written by a newer loralib (format_version {version}; this one reads up to {newest}): "
             "upgrade loralib (pip install -U lora-from-scratch, or git pull) to load it."
         )
+
+
+def _upgrade(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A format_version 1 config in today's names (alpha -> lora_alpha, dropout -> lora_dropout)."""
+    if cfg.get("format") != ADAPTER_FORMAT or cfg.get("format_version") != 1:
+        return cfg
+    out = {_V1_NAMES.get(k, k): v for k, v in cfg.items()}
+    per_layer = out.get("per_layer")
+    if isinstance(per_layer, dict):
+        out["per_layer"] = {
+            n: {_V1_NAMES.get(k, k): v for k, v in spec.items()} if isinstance(spec, dict) else spec
+            for n, spec in per_layer.items()
+        }
+    return out
 
 
 def _check_config(cfg: dict[str, Any], source: Any) -> None:
@@ -231,7 +251,7 @@ def _check_config(cfg: dict[str, Any], source: Any) -> None:
         )
     for name in cfg["target_modules"]:
         spec = cfg["per_layer"].get(name, {})
-        for key, types in (("r", (int,)), ("alpha", (int, float))):
+        for key, types in (("r", (int,)), ("lora_alpha", (int, float))):
             value = spec.get(key, cfg[key]) if isinstance(spec, dict) else None
             if isinstance(value, bool) or not isinstance(value, types):
                 raise ValueError(
@@ -288,8 +308,8 @@ def _inject_from_config(model: nn.Module, cfg: dict[str, Any]) -> None:
             model,
             [name],
             r=int(spec.get("r", cfg["r"])),
-            alpha=spec.get("alpha", cfg["alpha"]),
-            dropout=cfg.get("dropout") or 0.0,
+            lora_alpha=spec.get("lora_alpha", cfg["lora_alpha"]),
+            lora_dropout=cfg.get("lora_dropout") or 0.0,
             init=cfg.get("init") or "kaiming",
         )
 
@@ -326,9 +346,9 @@ def _check_fits(
     # Same shapes but another alpha would load silently and compute a differently scaled update.
     per_layer = cfg.get("per_layer") or {}
     wrong_alpha = [
-        f"{n}: adapter alpha={per_layer[n]['alpha']:g}, model alpha={layer.alpha:g}"
+        f"{n}: adapter lora_alpha={per_layer[n]['lora_alpha']:g}, model lora_alpha={layer.lora_alpha:g}"
         for n, layer in lora_layers(model)
-        if n in per_layer and float(per_layer[n]["alpha"]) != layer.alpha
+        if n in per_layer and float(per_layer[n]["lora_alpha"]) != layer.lora_alpha
     ]
     if wrong_alpha:
         raise ValueError(

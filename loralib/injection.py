@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from loralib.checks import check_bool, check_choice, check_module, check_names
-from loralib.layers import LoraLinear, _kind, check_lora_args
+from loralib.layers import _UNSET, LoraLinear, _kind, check_lora_args, renamed_kwargs
 
 # Task heads stay full-precision, fully trained modules: "all-linear" never adapts them (as PEFT).
 HEAD_NAMES = ("classifier", "qa_outputs", "lm_head", "score", "cls", "head", "pooler_head")
@@ -98,20 +98,32 @@ def inject_lora(
     model: nn.Module,
     target_modules: str | Sequence[str],
     r: int = 8,
-    alpha: float | None = None,
-    dropout: float = 0.0,
+    lora_alpha: float | None = _UNSET,
+    lora_dropout: float = _UNSET,
     init: str = "kaiming",
     autocast_adapter_dtype: bool = True,
+    *,
+    alpha=_UNSET,
+    dropout=_UNSET,
 ) -> list[str]:
     """Replace the targeted `nn.Linear` modules of `model` in place by `LoraLinear`; return their names.
 
-    The original weights are reused and frozen; B starts at zero so outputs do not change until
-    training. A and B are fp32 on a half-precision base unless autocast_adapter_dtype=False (see
-    `LoraLinear`). Raises ValueError if nothing matches (listing the Linear names that exist) and
-    TypeError if a match is not an `nn.Linear` or already carries LoRA; the model is untouched then.
+    r, lora_alpha (None: = r), lora_dropout, init: as for `LoraLinear` (PEFT's names; alpha= and
+    dropout= are their former names). The original weights are reused and frozen; B starts at zero so
+    outputs do not change until training. A and B are fp32 on a half-precision base unless
+    autocast_adapter_dtype=False. Raises ValueError if nothing matches (listing the Linear names that
+    exist) and TypeError if a match is not an `nn.Linear` or already carries LoRA; the model is
+    untouched then.
     """
     check_module(model)
-    r, alpha, dropout = check_lora_args(r, alpha, dropout, init)
+    given = renamed_kwargs(
+        "inject_lora",
+        {"alpha": alpha, "dropout": dropout},
+        {"lora_alpha": lora_alpha, "lora_dropout": lora_dropout},
+    )
+    lora_alpha = None if given["lora_alpha"] is _UNSET else given["lora_alpha"]
+    lora_dropout = 0.0 if given["lora_dropout"] is _UNSET else given["lora_dropout"]
+    r, lora_alpha, lora_dropout = check_lora_args(r, lora_alpha, lora_dropout, init)
     check_bool(autocast_adapter_dtype, "autocast_adapter_dtype")
     names = find_targets(model, target_modules)
     if not names:
@@ -145,8 +157,8 @@ def inject_lora(
         name: LoraLinear.from_linear(
             modules[name],
             r=r,
-            alpha=alpha,
-            dropout=dropout,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
             init=init,
             autocast_adapter_dtype=autocast_adapter_dtype,
         )
@@ -275,7 +287,7 @@ def unchanged_on_failure(model: nn.Module, params: Iterable[str] = ()) -> Iterat
     modules = dict(model.named_modules())
     children = {name: dict(m.named_children()) for name, m in modules.items()}
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    scalars = {layer: (layer.alpha, layer.scaling, layer.merged) for _, layer in lora_layers(model)}
+    scalars = {layer: (layer.lora_alpha, layer.scaling, layer.merged) for _, layer in lora_layers(model)}
     named = dict(model.named_parameters())
     saved = {named[n]: named[n].detach().clone() for n in params if n in named}
     try:
@@ -292,5 +304,5 @@ def unchanged_on_failure(model: nn.Module, params: Iterable[str] = ()) -> Iterat
         for p, flag in flags:
             p.requires_grad_(flag)
         for layer, (alpha, scaling, merged) in scalars.items():
-            layer.alpha, layer.scaling, layer.merged = alpha, scaling, merged
+            layer.lora_alpha, layer.scaling, layer.merged = alpha, scaling, merged
         raise

@@ -1,6 +1,6 @@
 """`LoraLinear`: a frozen `nn.Linear` plus a trainable low-rank update, the whole idea of LoRA.
 
-    y = x W^T + b + dropout(x) A^T B^T * (alpha / r)
+    y = x W^T + b + dropout(x) A^T B^T * (lora_alpha / r)
 
 A is (r x in), B is (out x r) and starts at zero, so a fresh layer computes exactly what the
 original did. The unmerged forward never builds the (out x in) matrix B @ A: it costs two thin
@@ -20,6 +20,7 @@ import functools
 import math
 import os
 import threading
+import warnings
 
 import numpy as np
 import torch
@@ -34,15 +35,39 @@ MERGED_KEY = "lora_merged"  # state-dict entry recording whether `weight` holds 
 
 
 def check_lora_args(
-    r: int, alpha: float | None, dropout: float, init: str
+    r: int, lora_alpha: float | None, lora_dropout: float, init: str
 ) -> tuple[int, float | None, float]:
-    """Validate LoRA's hyper-parameters once, for every entry point; return (r, alpha, dropout) normalised."""
+    """Validate LoRA's hyper-parameters once, for every entry point; return them normalised."""
     r = check_rank(r)
-    alpha = check_alpha(alpha)
-    dropout = check_dropout(dropout)
+    lora_alpha = check_alpha(lora_alpha, "lora_alpha")
+    lora_dropout = check_dropout(lora_dropout, "lora_dropout")
     if not isinstance(init, str) or init not in INITS:
         raise ValueError(f"unknown LoRA init {init!r}; choose one of {INITS}.")
-    return r, alpha, dropout
+    return r, lora_alpha, lora_dropout
+
+
+_UNSET = object()
+
+
+def renamed_kwargs(where: str, old: dict[str, object], new: dict[str, object]) -> dict[str, object]:
+    """Map the pre-PEFT-vocabulary keywords (alpha=, dropout=) onto lora_alpha= / lora_dropout=.
+
+    `old` maps old names to what was passed (_UNSET if nothing), `new` the new names to their values.
+    Passing both names of one argument is an error; an old name alone works, with a FutureWarning.
+    """
+    out = dict(new)
+    for (old_name, old_value), (new_name, new_value) in zip(old.items(), new.items()):
+        if old_value is _UNSET:
+            continue
+        if new_value is not _UNSET:
+            raise TypeError(f"{where}: pass {new_name}= only ({old_name}= is its former name).")
+        warnings.warn(
+            f"{where}: {old_name}= is now {new_name}= (PEFT's name); {old_name}= will be removed.",
+            FutureWarning,
+            stacklevel=3,
+        )
+        out[new_name] = old_value
+    return out
 
 
 def adapter_dtype(base_dtype: torch.dtype, autocast_adapter_dtype: bool = True) -> torch.dtype:
@@ -284,22 +309,24 @@ class _MergedTrainingGuard(torch.autograd.Function):
 
 
 class LoraLinear(nn.Linear):
-    """A `nn.Linear` whose frozen weight gets a trainable low-rank update B @ A scaled by alpha / r.
+    """A `nn.Linear` whose frozen weight gets a trainable low-rank update B @ A scaled by lora_alpha / r.
 
     It subclasses `nn.Linear`, so the original `weight`/`bias` keep their state-dict names and a
     stock checkpoint loads into it; the adapter adds `lora_A` (r x in) and `lora_B` (out x r).
 
-    Args:
+    Args (PEFT's names):
         in_features, out_features, bias: as for `nn.Linear`.
         r: rank of the update (> 0).
-        alpha: scaling numerator; the update is multiplied by alpha / r. None means alpha = r
-            (scaling 1), so doubling r with alpha fixed halves each direction's contribution.
-        dropout: dropout on the input of the LoRA path only (0 disables it and its copy).
+        lora_alpha: scaling numerator; the update is multiplied by lora_alpha / r. None means
+            lora_alpha = r (scaling 1), so doubling r with lora_alpha fixed halves each direction's
+            contribution.
+        lora_dropout: dropout on the input of the LoRA path only (0 disables it and its copy).
         init: "kaiming" (A kaiming-uniform as PEFT and microsoft/LoRA), "gaussian" (A ~ N(0, 1/r^2),
             PEFT's "gaussian"), or "article" (A ~ N(0, 1), unscaled, as in the seed article).
         autocast_adapter_dtype: keep A and B in fp32 when the base is fp16/bf16 (PEFT's default and
             name); False stores them in the base dtype. The forward computes in the base's (or
             autocast's) dtype either way.
+        alpha, dropout: the former names of lora_alpha and lora_dropout (FutureWarning).
 
     State: `merge()` folds the update into `weight`. A merged layer's state dict says so (an extra
     `lora_merged` entry), and loading a state dict adopts its merged state, so a merged model's
@@ -312,22 +339,32 @@ class LoraLinear(nn.Linear):
         out_features: int,
         bias: bool = True,
         r: int = 8,
-        alpha: float | None = None,
-        dropout: float = 0.0,
+        lora_alpha: float | None = _UNSET,
+        lora_dropout: float = _UNSET,
         init: str = "kaiming",
         device=None,
         dtype=None,
         autocast_adapter_dtype: bool = True,
+        *,
+        alpha=_UNSET,
+        dropout=_UNSET,
     ) -> None:
-        r, alpha, dropout = check_lora_args(r, alpha, dropout, init)
+        given = renamed_kwargs(
+            "LoraLinear",
+            {"alpha": alpha, "dropout": dropout},
+            {"lora_alpha": lora_alpha, "lora_dropout": lora_dropout},
+        )
+        lora_alpha = None if given["lora_alpha"] is _UNSET else given["lora_alpha"]
+        lora_dropout = 0.0 if given["lora_dropout"] is _UNSET else given["lora_dropout"]
+        r, lora_alpha, lora_dropout = check_lora_args(r, lora_alpha, lora_dropout, init)
         check_bool(autocast_adapter_dtype, "autocast_adapter_dtype")
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.r = r
-        self.alpha = float(r if alpha is None else alpha)
-        self.scaling = self.alpha / r
+        self.lora_alpha = float(r if lora_alpha is None else lora_alpha)
+        self.scaling = self.lora_alpha / r
         self.init = init
-        self.lora_dropout_p = float(dropout)
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_dropout_p = float(lora_dropout)
+        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         ad = adapter_dtype(self.weight.dtype, autocast_adapter_dtype)
         self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=ad))
         self.lora_B = nn.Parameter(torch.empty(out_features, r, device=device, dtype=ad))
@@ -337,15 +374,27 @@ class LoraLinear(nn.Linear):
             self.bias.requires_grad_(False)
         self.reset_lora_parameters()
 
+    @property
+    def alpha(self) -> float:
+        """The former name of `lora_alpha`."""
+        return self.lora_alpha
+
+    @alpha.setter
+    def alpha(self, value: float) -> None:
+        self.lora_alpha = value
+
     @classmethod
     def from_linear(
         cls,
         linear: nn.Linear,
         r: int = 8,
-        alpha: float | None = None,
-        dropout: float = 0.0,
+        lora_alpha: float | None = _UNSET,
+        lora_dropout: float = _UNSET,
         init: str = "kaiming",
         autocast_adapter_dtype: bool = True,
+        *,
+        alpha=_UNSET,
+        dropout=_UNSET,
     ) -> LoraLinear:
         """Wrap an existing `nn.Linear`: its weight and bias tensors are reused (not copied) and frozen."""
         if isinstance(linear, LoraLinear):
@@ -354,7 +403,14 @@ class LoraLinear(nn.Linear):
             )
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"LoraLinear.from_linear expects an nn.Linear, got {_kind(linear)}.")
-        r, alpha, dropout = check_lora_args(r, alpha, dropout, init)
+        given = renamed_kwargs(
+            "LoraLinear.from_linear",
+            {"alpha": alpha, "dropout": dropout},
+            {"lora_alpha": lora_alpha, "lora_dropout": lora_dropout},
+        )
+        lora_alpha = None if given["lora_alpha"] is _UNSET else given["lora_alpha"]
+        lora_dropout = 0.0 if given["lora_dropout"] is _UNSET else given["lora_dropout"]
+        r, lora_alpha, lora_dropout = check_lora_args(r, lora_alpha, lora_dropout, init)
         check_bool(autocast_adapter_dtype, "autocast_adapter_dtype")
         w = linear.weight
         layer = cls(
@@ -362,8 +418,8 @@ class LoraLinear(nn.Linear):
             linear.out_features,
             bias=linear.bias is not None,
             r=r,
-            alpha=alpha,
-            dropout=dropout,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
             init=init,
             device="meta",
             dtype=w.dtype,
@@ -399,7 +455,7 @@ class LoraLinear(nn.Linear):
             nn.init.zeros_(self.lora_B)
 
     def delta_weight(self) -> torch.Tensor:
-        """The scaled update (alpha / r) * B @ A, shape (out, in), in the adapter's dtype."""
+        """The scaled update (lora_alpha / r) * B @ A, shape (out, in), in the adapter's dtype."""
         return (self.lora_B @ self.lora_A) * self.scaling
 
     def unmerged_weight(self) -> torch.Tensor:
@@ -518,7 +574,8 @@ class LoraLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         return (
-            f"{super().extra_repr()}, r={self.r}, alpha={self.alpha:g}, dropout={self.lora_dropout_p:g}, "
+            f"{super().extra_repr()}, r={self.r}, lora_alpha={self.lora_alpha:g}, "
+            f"lora_dropout={self.lora_dropout_p:g}, "
             f"init={self.init}, merged={self.merged}"
         )
 

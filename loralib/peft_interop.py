@@ -196,9 +196,9 @@ def peft_state_and_config(
 
     # Ranks and alphas: the most common value is the default, the others become patterns.
     r_common = Counter(layer.r for layer in layers.values()).most_common(1)[0][0]
-    a_common = Counter(layer.alpha for layer in layers.values()).most_common(1)[0][0]
+    a_common = Counter(layer.lora_alpha for layer in layers.values()).most_common(1)[0][0]
     rank_pattern = {n: layer.r for n, layer in layers.items() if layer.r != r_common}
-    alpha_pattern = {n: _num(layer.alpha) for n, layer in layers.items() if layer.alpha != a_common}
+    alpha_pattern = {n: _num(layer.lora_alpha) for n, layer in layers.items() if layer.lora_alpha != a_common}
     dropouts = Counter(layer.lora_dropout_p for layer in layers.values())
     if len(dropouts) > 1:
         warnings.warn(
@@ -429,13 +429,13 @@ def from_peft(model: nn.Module, directory: str | os.PathLike, trainable: bool = 
     with unchanged_on_failure(model, params=[*(f"{n}.lora_{ab}" for n in lora for ab in "AB"), *other]):
         if not have:
             for name in lora:
-                inject_lora(model, [name], r=ranks[name], alpha=alphas[name], dropout=dropout)
+                inject_lora(model, [name], r=ranks[name], lora_alpha=alphas[name], lora_dropout=dropout)
             have = dict(lora_layers(model))
         else:
             for name in lora:  # same rank already checked; take the adapter's scaling
                 layer = have[name]
-                layer.alpha = alphas[name]
-                layer.scaling = layer.alpha / layer.r
+                layer.lora_alpha = alphas[name]
+                layer.scaling = layer.lora_alpha / layer.r
         params = dict(model.named_parameters())
         with torch.no_grad():
             for name, ab in lora.items():

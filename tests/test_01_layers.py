@@ -40,7 +40,7 @@ def explicit(x, weight, bias, A, B, scaling, mask=None):
 
 def make_layer(i, o, r, alpha, bias, dtype, seed=0, **kw):
     torch.manual_seed(seed)
-    layer = LoraLinear(i, o, bias=bias, r=r, alpha=alpha, dtype=dtype, **kw)
+    layer = LoraLinear(i, o, bias=bias, r=r, lora_alpha=alpha, dtype=dtype, **kw)
     with torch.no_grad():
         # B is zero after init; a random B makes every term of the formula matter.
         layer.lora_B.normal_(0.0, 0.5)
@@ -142,7 +142,7 @@ def test_init_distributions(init, i, o, r):
 def test_from_linear_with_zero_B_is_the_original_linear_exactly(init):
     torch.manual_seed(0)
     lin = nn.Linear(48, 24)
-    layer = LoraLinear.from_linear(lin, r=4, alpha=8, init=init)
+    layer = LoraLinear.from_linear(lin, r=4, lora_alpha=8, init=init)
     assert layer.weight.data_ptr() == lin.weight.data_ptr(), "weights are reused, not copied"
     assert not layer.weight.requires_grad and not layer.bias.requires_grad
     assert torch.count_nonzero(layer.lora_A) > 0 and torch.count_nonzero(layer.lora_B) == 0
@@ -194,7 +194,7 @@ def test_to_linear_is_a_plain_linear_with_the_merged_weight():
 def test_dropout_train_is_random_and_still_trains_eval_is_deterministic():
     torch.manual_seed(0)
     p = 0.5
-    layer = make_layer(32, 16, 4, 8.0, True, torch.float32, dropout=p)
+    layer = make_layer(32, 16, 4, 8.0, True, torch.float32, lora_dropout=p)
     x = torch.randn(10, 32)
     layer.train()
     assert not torch.equal(layer(x), layer(x)), "dropout in train mode must change the LoRA path"
@@ -225,7 +225,7 @@ def test_dropout_train_is_random_and_still_trains_eval_is_deterministic():
 
 
 def test_dropout_input_gradient_flows_through_the_mask():
-    layer = make_layer(12, 6, 2, 4.0, True, torch.float64, dropout=0.3).train()
+    layer = make_layer(12, 6, 2, 4.0, True, torch.float64, lora_dropout=0.3).train()
     x = torch.randn(7, 12, dtype=torch.float64, requires_grad=True)
     torch.manual_seed(5)
     layer(x).sum().backward()
@@ -255,10 +255,10 @@ def test_autocast_bf16_follows_the_formula():
         (dict(r=-1), "positive integer"),
         (dict(r=2.5), "positive integer"),
         (dict(r=True), "positive integer"),
-        (dict(alpha=0), "alpha must be a positive"),
-        (dict(alpha=-2.0), "alpha must be a positive"),
-        (dict(dropout=1.0), r"dropout must be in \[0, 1\)"),
-        (dict(dropout=-0.1), r"dropout must be in \[0, 1\)"),
+        (dict(lora_alpha=0), "alpha must be a positive"),
+        (dict(lora_alpha=-2.0), "alpha must be a positive"),
+        (dict(lora_dropout=1.0), r"dropout must be in \[0, 1\)"),
+        (dict(lora_dropout=-0.1), r"dropout must be in \[0, 1\)"),
         (dict(init="xavier"), "unknown LoRA init 'xavier'.*kaiming"),
     ],
 )

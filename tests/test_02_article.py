@@ -156,7 +156,7 @@ def test_matches_inject_lora_given_same_a_b(
     ours = RobertaModel.from_pretrained(tiny_model_dir).eval()
     replace_self_attention(ours, r=4, formulation=formulation, lora_alpha=alpha)
     theirs = RobertaModel.from_pretrained(tiny_model_dir).eval()
-    inject_lora(theirs, ["query", "value"], r=4, alpha=alpha, init=init)
+    inject_lora(theirs, ["query", "value"], r=4, lora_alpha=alpha, init=init)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, layer in lora_attention_layers(ours):
@@ -413,7 +413,7 @@ def test_save_and_reload_reproduces_logits(
 ):
     torch.manual_seed(0)
     w = LoraWrapperRoberta(
-        task_type, num_classes=num_classes, model_id=tiny_model_dir, formulation=formulation, lora_rank=4
+        task_type, num_classes=num_classes, model_id=tiny_model_dir, formulation=formulation, r=4
     )
     with torch.no_grad():  # stand-in for training: every trained tensor moves
         for p in w.parameters():
@@ -423,7 +423,7 @@ def test_save_and_reload_reproduces_logits(
     w.save_lora(tmp_path / "a", note="hello")
     torch.manual_seed(123)  # a different A draw and head init at rebuild must not matter
     w2 = LoraWrapperRoberta.from_lora(tmp_path / "a")
-    assert (w2.task_type, w2.num_classes, w2.lora_rank, w2.formulation) == (
+    assert (w2.task_type, w2.num_classes, w2.r, w2.formulation) == (
         w.task_type,
         w.num_classes,
         4,
@@ -565,8 +565,8 @@ def test_plugs_into_hf_trainer(tiny_model_dir, tokenizer, tmp_path):
         (dict(task_type="glue"), ValueError, "needs num_classes"),
         (dict(task_type="glue", num_classes=0), ValueError, "positive integer"),
         (dict(task_type="squad_v2", num_classes=3), ValueError, "exactly 2 outputs"),
-        (dict(task_type="glue", num_classes=2, lora_rank=0), ValueError, "positive integer"),
-        (dict(task_type="glue", num_classes=2, lora_rank=2.5), ValueError, "positive integer"),
+        (dict(task_type="glue", num_classes=2, r=0), ValueError, "positive integer"),
+        (dict(task_type="glue", num_classes=2, r=2.5), ValueError, "positive integer"),
         (dict(task_type="glue", num_classes=2, formulation="peft"), ValueError, "unknown formulation"),
         (
             dict(task_type="glue", num_classes=2, formulation="article", lora_alpha=16),
@@ -596,3 +596,9 @@ def test_bad_forward_inputs_fail_clearly(tiny_model_dir, tokenizer):
         LoraRobertaSelfAttention.from_self_attention(glue.model.encoder.layer[0].attention.self)
     with pytest.raises(ValueError, match="\\(batch, seq\\)"):
         squad_null_decision(torch.zeros(3), torch.zeros(3))
+
+
+def test_the_wrapper_takes_r_and_its_former_name_lora_rank(tiny_model_dir):
+    with pytest.warns(FutureWarning, match="lora_rank= is now r="):
+        w = LoraWrapperRoberta(task_type="glue", num_classes=2, model_id=tiny_model_dir, lora_rank=4)
+    assert w.r == 4 and w.lora_metadata()["r"] == 4 and "lora_rank" not in w.lora_metadata()

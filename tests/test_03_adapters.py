@@ -55,7 +55,7 @@ def fresh(stock, seed: int = 1):
 def trained(stock, r: int = 4, targets=TARGETS, bias: str = "lora_only", seed: int = 0):
     """A model whose every trainable tensor differs from its initial value, as after training."""
     m = copy.deepcopy(stock)
-    inject_lora(m, targets, r=r, alpha=2 * r)
+    inject_lora(m, targets, r=r, lora_alpha=2 * r)
     mark_only_lora_as_trainable(m, bias=bias, train_layer_norms=True, modules_to_save=["classifier"])
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -77,12 +77,12 @@ def test_round_trip_is_exact(stock, batch, tmp_path, pre_inject, r, targets):
     save_lora(model, tmp_path / "adapter")
     other = fresh(stock)
     if pre_inject:
-        inject_lora(other, targets, r=r, alpha=2 * r)
+        inject_lora(other, targets, r=r, lora_alpha=2 * r)
     assert not torch.equal(logits(other, batch), logits(model, batch))
     load_lora(other, tmp_path / "adapter")
     assert [n for n, _ in lora_layers(other)] == [n for n, _ in lora_layers(model)]
     for (_, a), (_, b) in zip(lora_layers(other), lora_layers(model)):
-        assert (a.r, a.alpha, a.scaling) == (b.r, b.alpha, b.scaling)
+        assert (a.r, a.lora_alpha, a.scaling) == (b.r, b.lora_alpha, b.scaling)
     ref = lora_state_dict(model)
     got = dict(other.named_parameters())
     assert all(torch.equal(got[k], v) for k, v in ref.items())
@@ -119,7 +119,7 @@ def test_metadata_survives(stock, tmp_path):
     loaded = load_lora(fresh(stock), tmp_path)
     for c in (on_file, beside, cfg, loaded):
         assert (c["base_model"], c["task"], c["num_labels"]) == ("FacebookAI/roberta-base", "sst2", 3)
-        assert (c["r"], c["alpha"]) == (4, 8.0)
+        assert (c["r"], c["lora_alpha"]) == (4, 8.0)
         assert c["target_modules"] == [
             f"roberta.encoder.layer.{i}.attention.self.{t}" for i in (0, 1) for t in TARGETS
         ]
@@ -138,11 +138,11 @@ def test_wrong_rank(stock, tmp_path):
 def test_wrong_targets(stock, tmp_path):
     save_lora(trained(stock, targets=TARGETS), tmp_path)
     fewer = fresh(stock)
-    inject_lora(fewer, ["query"], r=4, alpha=8)
+    inject_lora(fewer, ["query"], r=4, lora_alpha=8)
     with pytest.raises(ValueError, match="tensors the model lacks.*value.lora_A"):
         load_lora(fewer, tmp_path)
     more = fresh(stock)
-    inject_lora(more, ["query", "value", "key"], r=4, alpha=8)
+    inject_lora(more, ["query", "value", "key"], r=4, lora_alpha=8)
     with pytest.raises(
         ValueError, match="LoRA matrices the adapter does not contain.*key.lora_A.*strict=False"
     ):
@@ -169,7 +169,7 @@ def test_wrong_number_of_labels(stock, tiny_model_dir, tmp_path):
 def test_merged_model_refuses_to_load(stock, tmp_path):
     save_lora(trained(stock), tmp_path)
     other = fresh(stock)
-    inject_lora(other, TARGETS, r=4, alpha=8)
+    inject_lora(other, TARGETS, r=4, lora_alpha=8)
     merge_lora(other)
     with pytest.raises(ValueError, match="unmerge_lora"):
         load_lora(other, tmp_path)
@@ -232,8 +232,8 @@ def test_crash_mid_write_keeps_the_previous_adapter(stock, tmp_path, monkeypatch
 def test_wrong_alpha_is_refused(stock, tmp_path):
     save_lora(trained(stock, r=4), tmp_path)  # alpha = 8
     other = fresh(stock)
-    inject_lora(other, TARGETS, r=4, alpha=4)
-    with pytest.raises(ValueError, match="adapter alpha=8, model alpha=4"):
+    inject_lora(other, TARGETS, r=4, lora_alpha=4)
+    with pytest.raises(ValueError, match="adapter lora_alpha=8, model lora_alpha=4"):
         load_lora(other, tmp_path)
 
 

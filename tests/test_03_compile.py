@@ -39,7 +39,7 @@ def test_the_compiled_graph_holds_plain_linears_not_the_custom_function():
 def test_compiled_layer_768_matches_eager(dropout):
     torch._dynamo.reset()
     torch.manual_seed(0)
-    layer = LoraLinear.from_linear(nn.Linear(768, 768), r=8, alpha=16, dropout=dropout)
+    layer = LoraLinear.from_linear(nn.Linear(768, 768), r=8, lora_alpha=16, lora_dropout=dropout)
     nn.init.normal_(layer.lora_B, std=0.02)
     if dropout:
         layer.eval()  # masks differ between the two runs; eval makes both deterministic

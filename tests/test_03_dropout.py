@@ -65,7 +65,7 @@ def test_new_mask_each_call_and_reproducible_under_manual_seed():
 
 def _layer(p: float, d_in: int = 48, d_out: int = 40, r: int = 4) -> LoraLinear:
     torch.manual_seed(0)
-    layer = LoraLinear(d_in, d_out, r=r, alpha=8, dropout=p)
+    layer = LoraLinear(d_in, d_out, r=r, lora_alpha=8, lora_dropout=p)
     nn.init.normal_(layer.lora_B, std=0.3)
     return layer
 

@@ -34,10 +34,10 @@ def assert_close_fp32(got, want, name=""):
     torch.testing.assert_close(got.double(), want, rtol=RTOL, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
-def make_layer(d_in, d_out, r, bias=True, alpha=None, dropout=0.0, seed=0, dtype=torch.float32):
+def make_layer(d_in, d_out, r, bias=True, lora_alpha=None, lora_dropout=0.0, seed=0, dtype=torch.float32):
     torch.manual_seed(seed)
     layer = LoraLinear.from_linear(
-        nn.Linear(d_in, d_out, bias=bias, dtype=dtype), r=r, alpha=alpha, dropout=dropout
+        nn.Linear(d_in, d_out, bias=bias, dtype=dtype), r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout
     )
     with torch.no_grad():
         layer.lora_B.normal_()  # B = 0 at init would hide every mistake in the B @ A path
@@ -102,7 +102,7 @@ SHAPES = [
 def test_outputs_and_gradients_match_explicit_formula(
     d_in, d_out, r, lead, kind, bias, train_weight, thin_backend
 ):
-    layer = make_layer(d_in, d_out, r, bias=bias != "none", alpha=2 * r, dropout=0.25)
+    layer = make_layer(d_in, d_out, r, bias=bias != "none", lora_alpha=2 * r, lora_dropout=0.25)
     layer.eval()  # dropout in eval is the identity: the fused single-input path must be taken
     if bias == "trainable":
         layer.bias.requires_grad_(True)  # what mark_only_lora_as_trainable(bias="all") does
@@ -188,15 +188,15 @@ def test_double_backward_is_refused_clearly():
         gx.sum().backward()
 
 
-def peft_twin(layer: LoraLinear, dropout: float = 0.0) -> nn.Module:
+def peft_twin(layer: LoraLinear, lora_dropout: float = 0.0) -> nn.Module:
     base = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
     with torch.no_grad():
         base.weight.copy_(layer.weight)
         if layer.bias is not None:
             base.bias.copy_(layer.bias)
     base.requires_grad_(False)
-    cfg = LoraConfig(r=layer.r, lora_alpha=layer.alpha, lora_dropout=dropout)
-    twin = peft_lora.Linear(base, "default", config=cfg, r=layer.r, lora_alpha=layer.alpha)
+    cfg = LoraConfig(r=layer.r, lora_alpha=layer.lora_alpha, lora_dropout=lora_dropout)
+    twin = peft_lora.Linear(base, "default", config=cfg, r=layer.r, lora_alpha=layer.lora_alpha)
     with torch.no_grad():
         twin.lora_A["default"].weight.copy_(layer.lora_A)
         twin.lora_B["default"].weight.copy_(layer.lora_B)
@@ -206,8 +206,8 @@ def peft_twin(layer: LoraLinear, dropout: float = 0.0) -> nn.Module:
 @pytest.mark.parametrize("d_in,d_out,r,lead,kind", SHAPES)
 @pytest.mark.parametrize("bias,alpha", [(True, None), (False, 16)])
 def test_matches_peft_lora_linear(d_in, d_out, r, lead, kind, bias, alpha, thin_backend):
-    layer = make_layer(d_in, d_out, r, bias=bias, alpha=alpha, dropout=0.1).eval()
-    twin = peft_twin(layer, dropout=0.1).eval()
+    layer = make_layer(d_in, d_out, r, bias=bias, lora_alpha=alpha, lora_dropout=0.1).eval()
+    twin = peft_twin(layer, lora_dropout=0.1).eval()
     assert twin.scaling["default"] == pytest.approx(layer.scaling)
     x1 = make_input(lead, d_in, kind)
     x2 = x1.detach().clone().requires_grad_(True)
@@ -224,7 +224,7 @@ def test_matches_peft_lora_linear(d_in, d_out, r, lead, kind, bias, alpha, thin_
 @pytest.mark.parametrize("p", [0.1, 0.5])
 @pytest.mark.parametrize("lead,kind", [((64,), "contiguous"), ((4, 16), "transposed")])
 def test_dropout_in_training_matches_a_manual_mask(p, lead, kind, thin_backend):
-    layer = make_layer(24, 20, 4, dropout=p).train()
+    layer = make_layer(24, 20, 4, lora_dropout=p).train()
     x = make_input(lead, 24, kind)
     torch.manual_seed(123)
     y = layer(x)
@@ -275,7 +275,7 @@ def test_saves_only_input_thin_activation_and_parameters(lead, kind):
     assert shapes_b == sorted([(d_out, d_in), (r, d_in), (r, n), (r, d_out)])
 
     # dropout in training: x as without dropout, plus the mask's int16 random lanes; no dropped fp32 copy
-    layer_do = make_layer(d_in, d_out, r, dropout=0.2).train()
+    layer_do = make_layer(d_in, d_out, r, lora_dropout=0.2).train()
     saved_do = function_saved(layer_do(x))
     big = [t for t in saved_do if tuple(t.shape) == (n, d_in)]
     assert sorted(str(t.dtype) for t in big) == sorted([str(x.dtype), str(torch.int16)])

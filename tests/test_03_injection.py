@@ -86,7 +86,7 @@ def peft_matches(model, target_modules) -> list[str]:
 @pytest.mark.parametrize("target_modules", [["query", "value"], "all-linear", ["dense"]], ids=str)
 @pytest.mark.parametrize("init", ["kaiming", "gaussian", "article"])
 def test_zero_B_gives_the_stock_outputs_exactly(stock, model, batch, target_modules, init):
-    names = inject_lora(model, target_modules, r=4, alpha=8, init=init)
+    names = inject_lora(model, target_modules, r=4, lora_alpha=8, init=init)
     assert names and [n for n, _ in lora_layers(model)] == names
     assert torch.equal(logits(model, batch), logits(stock, batch))
     randomize_B(model)
@@ -184,7 +184,7 @@ def test_injecting_twice_raises_type_error(model):
 
 
 @pytest.mark.parametrize(
-    "kwargs", [dict(r=0), dict(alpha=0), dict(dropout=1.0), dict(init="xavier")], ids=str
+    "kwargs", [dict(r=0), dict(lora_alpha=0), dict(lora_dropout=1.0), dict(init="xavier")], ids=str
 )
 def test_bad_lora_args_raise_before_touching_the_model(model, kwargs):
     with pytest.raises(ValueError):
@@ -226,7 +226,7 @@ TRAINABLE_CASES = [
 
 @pytest.mark.parametrize("bias, norms, emb, to_save", TRAINABLE_CASES, ids=str)
 def test_trainable_sets(model, batch, bias, norms, emb, to_save):
-    inject_lora(model, TARGETS, r=4, alpha=8)
+    inject_lora(model, TARGETS, r=4, lora_alpha=8)
     mark_only_lora_as_trainable(
         model, bias=bias, train_layer_norms=norms, train_embeddings=emb, modules_to_save=to_save
     )
@@ -272,7 +272,7 @@ def test_mark_trainable_needs_lora(model):
 
 @pytest.mark.parametrize("target_modules", [TARGETS, "all-linear"], ids=str)
 def test_merged_equals_unmerged(model, batch, target_modules):
-    inject_lora(model, target_modules, r=4, alpha=8)
+    inject_lora(model, target_modules, r=4, lora_alpha=8)
     randomize_B(model)
     weights = {n: layer.weight.detach().clone() for n, layer in lora_layers(model)}
     y = logits(model, batch)
@@ -293,7 +293,7 @@ def test_merged_equals_unmerged(model, batch, target_modules):
 
 
 def test_unload_gives_a_stock_model(stock, model, batch, tmp_path, tiny_model_dir):
-    inject_lora(model, "all-linear", r=4, alpha=8)
+    inject_lora(model, "all-linear", r=4, lora_alpha=8)
     randomize_B(model)
     y_unmerged = logits(model, batch)
     merge_lora(model)

@@ -77,7 +77,7 @@ def test_tensor_bytes_counts_shared_storage_once():
 
 def test_article_formulation_equals_the_layer():
     torch.manual_seed(0)
-    layer = LoraLinear(16, 12, r=4, alpha=8)
+    layer = LoraLinear(16, 12, r=4, lora_alpha=8)
     nn.init.normal_(layer.lora_B)
     x = torch.randn(5, 16)
     got = article_lora_linear(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling)
@@ -100,7 +100,7 @@ def test_layer_variants_compute_the_same_function():
     torch.testing.assert_close(y["frozen"], y["full_ft"])
     assert not torch.allclose(y["frozen"], y["loralib"], atol=1e-3), "B must be non-zero"
     assert [p.shape for p in variants["loralib"].params] == [(4, 32), (24, 4)]
-    for fn in layer_cases(d=32, r=4, tokens=16, d_out=24, dropout=0.1).values():
+    for fn in layer_cases(d=32, r=4, tokens=16, d_out=24, lora_dropout=0.1).values():
         fn()  # forward + backward with gradients reset afterwards
     with pytest.raises(ValueError, match="unknown layer methods"):
         layer_variants(d=8, r=2, methods=["frozen", "lora"])
@@ -121,7 +121,7 @@ def test_measure_train_steps_on_a_small_roberta():
         vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
     )
     batch = random_batch(cfg, batch_size=2, seq_len=8)
-    builders = roberta_step_builders(cfg, r=4, alpha=8)
+    builders = roberta_step_builders(cfg, r=4, lora_alpha=8)
     stats = measure_train_steps(builders, batch, repeats=1, warmup=0)
     assert set(stats) == {"full_ft", "loralib", "peft"}
     full, ours, theirs = stats["full_ft"], stats["loralib"], stats["peft"]

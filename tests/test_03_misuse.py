@@ -36,7 +36,7 @@ def _state(model: nn.Module) -> dict:
     return {
         "tensors": {k: v.detach().clone() for k, v in model.state_dict().items()},
         "grad": {n: p.requires_grad for n, p in model.named_parameters()},
-        "lora": {n: (m.alpha, m.scaling, m.merged) for n, m in lora_layers(model)},
+        "lora": {n: (m.lora_alpha, m.scaling, m.merged) for n, m in lora_layers(model)},
         "classes": {n: type(m).__name__ for n, m in model.named_modules()},
     }
 
@@ -73,11 +73,11 @@ def _randomize_b(model, std=0.05):
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        (dict(dropout=None), TypeError, "dropout must be a number, got None"),
-        (dict(dropout="0.1"), TypeError, "dropout must be a number, got '0.1' \\(str\\)"),
-        (dict(alpha=float("nan")), ValueError, "alpha must be a finite number"),
-        (dict(alpha=float("inf")), ValueError, "alpha must be a finite number"),
-        (dict(alpha="8"), TypeError, "alpha must be a number"),
+        (dict(lora_dropout=None), TypeError, "dropout must be a number, got None"),
+        (dict(lora_dropout="0.1"), TypeError, "dropout must be a number, got '0.1' \\(str\\)"),
+        (dict(lora_alpha=float("nan")), ValueError, "alpha must be a finite number"),
+        (dict(lora_alpha=float("inf")), ValueError, "alpha must be a finite number"),
+        (dict(lora_alpha="8"), TypeError, "alpha must be a number"),
         (dict(r="8"), TypeError, "r must be a positive integer, got '8'"),
         (dict(r=8.0), TypeError, "r must be a positive integer, got 8.0"),
         (dict(init=None), ValueError, "unknown LoRA init None"),
@@ -96,7 +96,7 @@ def test_bad_layer_arguments_name_the_argument(kwargs, error, match):
 
 def test_type_errors_are_also_value_errors_for_older_callers():
     with pytest.raises(ValueError):
-        LoraLinear(8, 4, dropout="0.1")
+        LoraLinear(8, 4, lora_dropout="0.1")
     assert issubclass(ArgumentTypeError, TypeError) and issubclass(ArgumentTypeError, ValueError)
 
 
@@ -119,8 +119,8 @@ def test_bad_target_modules_are_refused_before_the_model_changes(model, target_m
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(alpha=float("nan")), "alpha must be a finite number"),
-        (dict(dropout=None), "dropout must be a number"),
+        (dict(lora_alpha=float("nan")), "alpha must be a finite number"),
+        (dict(lora_dropout=None), "dropout must be a number"),
         (dict(r=0), "r must be a positive integer"),
     ],
     ids=str,
@@ -133,7 +133,7 @@ def test_bad_lora_hyperparameters_leave_the_model_untouched(model, kwargs, match
 
 
 def test_a_regex_never_reaches_inside_an_adapted_layer(model):
-    inject_lora(model, ["query"], r=2, dropout=0.1)
+    inject_lora(model, ["query"], r=2, lora_dropout=0.1)
     with pytest.raises(TypeError, match="already has LoRA"):
         inject_lora(model, r".*\.query", r=2)
     assert all(
@@ -339,9 +339,9 @@ def _rewrite_config(directory, **changes):
         (dict(target_modules="query"), "'target_modules' must be a list"),
         (dict(r="2", per_layer={}), "'r' must be an integer or null"),
         (dict(r=None, per_layer={}), "layer .*query.* has no valid 'r'"),
-        (dict(alpha=[2]), "'alpha' must be an integer or a number or null"),
+        (dict(lora_alpha=[2]), "'lora_alpha' must be an integer or a number or null"),
         (dict(per_layer=KeyError), "lacks 'per_layer'"),
-        (dict(dropout="0.1"), "'dropout' must be"),
+        (dict(lora_dropout="0.1"), "'lora_dropout' must be"),
     ],
     ids=str,
 )
@@ -430,7 +430,7 @@ def test_saved_files_are_world_readable(model, tmp_path):
 def test_adapters_on_a_half_precision_base_are_fp32_and_train(dtype):
     torch.manual_seed(0)
     base = nn.Linear(32, 16).to(dtype)
-    layer = LoraLinear.from_linear(base, r=4, alpha=8)
+    layer = LoraLinear.from_linear(base, r=4, lora_alpha=8)
     assert layer.weight.dtype == dtype and layer.lora_A.dtype == layer.lora_B.dtype == torch.float32
     nn.init.normal_(layer.lora_B, std=0.1)
     x = torch.randn(8, 32).to(dtype)
@@ -554,7 +554,7 @@ def test_gradient_checkpointing_recomputes_the_same_dropout_mask():
     from torch.utils.checkpoint import checkpoint
 
     torch.manual_seed(0)
-    layer = LoraLinear(16, 8, r=2, dropout=0.3).train()
+    layer = LoraLinear(16, 8, r=2, lora_dropout=0.3).train()
     nn.init.normal_(layer.lora_B)
     x = torch.randn(12, 16, requires_grad=True)
     torch.manual_seed(5)
@@ -577,3 +577,44 @@ def test_parameters_that_are_views_of_one_buffer_are_not_taken_for_tied():
     _randomize_b(net)
     merge_lora(net)  # no false "tied weights" error
     assert net[0].merged
+
+
+# ---------------------------------------------------------------- PEFT's vocabulary, and the former names
+
+
+def test_former_keyword_names_still_work_with_a_future_warning(model):
+    with pytest.warns(FutureWarning, match="alpha= is now lora_alpha="):
+        layer = LoraLinear(8, 4, r=2, alpha=4)
+    assert layer.lora_alpha == layer.alpha == 4.0 and layer.scaling == 2.0
+    with pytest.warns(FutureWarning, match="dropout= is now lora_dropout="):
+        assert LoraLinear.from_linear(nn.Linear(8, 4), r=2, dropout=0.1).lora_dropout_p == 0.1
+    with pytest.warns(FutureWarning, match="inject_lora: alpha= is now lora_alpha="):
+        inject_lora(model, ["query"], r=2, alpha=4)
+    assert {m.lora_alpha for _, m in lora_layers(model)} == {4.0}
+    with pytest.raises(TypeError, match="pass lora_alpha= only"):
+        LoraLinear(8, 4, r=2, alpha=4, lora_alpha=4)
+
+
+def test_an_adapter_saved_in_format_version_1_still_loads(model, tmp_path, tiny_model_dir):
+    """Version 1 wrote alpha / dropout; version 2 writes PEFT's lora_alpha / lora_dropout."""
+    from safetensors.torch import save_file
+
+    inject_lora(model, ["query"], r=2, lora_alpha=6, lora_dropout=0.1)
+    _randomize_b(model)
+    save_lora(model, tmp_path / "a")
+    cfg, tensors = read_adapter(tmp_path / "a")
+    assert cfg["format_version"] == 2 and cfg["lora_alpha"] == 6.0 and cfg["lora_dropout"] == 0.1
+    v1 = {
+        ("alpha" if k == "lora_alpha" else "dropout" if k == "lora_dropout" else k): v for k, v in cfg.items()
+    }
+    v1["format_version"] = 1
+    v1["per_layer"] = {n: {"r": s["r"], "alpha": s["lora_alpha"]} for n, s in cfg["per_layer"].items()}
+    save_file(
+        tensors, str(tmp_path / "a" / "adapter.safetensors"), metadata={"loralib_config": json.dumps(v1)}
+    )
+    (tmp_path / "a" / "lora_config.json").write_text(json.dumps(v1))
+    torch.manual_seed(0)
+    fresh = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2).eval()
+    back = load_lora(fresh, tmp_path / "a")
+    assert back["lora_alpha"] == 6.0 and {m.lora_alpha for _, m in lora_layers(fresh)} == {6.0}
+    torch.testing.assert_close(fresh(**_ids()).logits, model(**_ids()).logits, atol=0, rtol=0)

@@ -191,7 +191,7 @@ def test_lora_learns_the_toy_task_on_the_tiny_roberta(tiny_model_dir, tok, one_t
     """The notebooks' claim: a few seconds of LoRA training beat chance clearly on held-out sentences."""
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
-    inject_lora(model, ["query", "value"], r=8, alpha=16)
+    inject_lora(model, ["query", "value"], r=8, lora_alpha=16)
     mark_only_lora_as_trainable(model, modules_to_save=["classifier"])
     train, val = toy_batches(tok, "train"), toy_batches(tok, "validation")
     before = evaluate_accuracy(model, val)

@@ -212,3 +212,15 @@ def test_precision_uses_native_bf16_only(monkeypatch, native, expected, qlora_dt
 def test_results_record_the_precision(tmp_path):
     res = run_task("sst2", "smoke", output_dir=tmp_path, epochs=1, warmup_epochs=0.5, progress=False)
     assert res["precision"] == "fp32" and res["device"] == "cpu"
+
+
+def test_peft_vocabulary_in_the_config_and_the_former_alpha():
+    cfg = make_config("rte", "smoke", lora_alpha=16, lora_dropout=0.05, r=4)
+    assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout) == (4, 16, 0.05)
+    with pytest.warns(FutureWarning, match="alpha= is now lora_alpha="):
+        assert make_config("rte", "smoke", alpha=16).lora_alpha == 16
+    from loralib.benchmark.config import config_from_results
+
+    old = {"config": {**cfg.to_dict(), "alpha": 2.0}}  # a results file from before the rename
+    del old["config"]["lora_alpha"]
+    assert config_from_results(old).lora_alpha == 2.0

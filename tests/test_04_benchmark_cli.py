@@ -279,3 +279,36 @@ def test_bad_arguments_exit_2_with_one_line_before_anything_loads(
     assert named in msg and "Traceback" not in msg
     assert len(msg.strip().splitlines()) == 1, msg
     assert (tmp_path / "FILE").read_text() == "not a directory"
+
+
+def test_cli_takes_peft_names_for_rank_alpha_and_dropout(tmp_path, monkeypatch):
+    from loralib.benchmark import run
+
+    seen = {}
+
+    def record(task, **kwargs):
+        seen.update(kwargs)
+        return {"skipped": True}
+
+    monkeypatch.setattr(run, "run_task", record)
+    monkeypatch.setattr("loralib.benchmark.references.results_table", lambda out: [])
+    out = tmp_path / "o"
+    assert (
+        main(
+            [
+                "--task",
+                "rte",
+                "--output-dir",
+                str(out),
+                "--lora-r",
+                "4",
+                "--lora-alpha",
+                "16",
+                "--lora-dropout",
+                "0.05",
+            ]
+        )
+        == 0
+    )
+    assert (seen["r"], seen["lora_alpha"], seen["lora_dropout"]) == (4, 16.0, 0.05)
+    assert main(["--task", "rte", "--output-dir", str(out), "--rank", "2"]) == 0 and seen["r"] == 2

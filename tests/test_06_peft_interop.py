@@ -47,7 +47,7 @@ class _FixedMask(nn.Module):
 def test_layer_parity_outputs_and_gradients(r, alpha, bias, dropout):
     torch.manual_seed(0)
     base = nn.Linear(24, 40, bias=bias)
-    ours = LoraLinear.from_linear(base, r=r, alpha=alpha, dropout=dropout)
+    ours = LoraLinear.from_linear(base, r=r, lora_alpha=alpha, lora_dropout=dropout)
     theirs = PeftLoraLinear(
         nn.Linear(24, 40, bias=bias),
         "default",
@@ -121,16 +121,16 @@ def _seq_cls(d, num_labels=3, seed=0):
 
 
 OURS_RECIPES = {
-    "qv_head": dict(targets=["query", "value"], r=8, alpha=8, bias="none", ln=False),
+    "qv_head": dict(targets=["query", "value"], r=8, lora_alpha=8, bias="none", ln=False),
     "article_all": dict(
         targets=["query", "key", "value", "intermediate.dense", "output.dense"],
         r=4,
-        alpha=8,
+        lora_alpha=8,
         bias="all",
         ln=True,
     ),
-    "lora_only_bias": dict(targets=["query", "value"], r=2, alpha=3.5, bias="lora_only", ln=True),
-    "regex": dict(targets=r".*layer\.1\..*(query|dense)", r=4, alpha=4, bias="none", ln=False),
+    "lora_only_bias": dict(targets=["query", "value"], r=2, lora_alpha=3.5, bias="lora_only", ln=True),
+    "regex": dict(targets=r".*layer\.1\..*(query|dense)", r=4, lora_alpha=4, bias="none", ln=False),
 }
 
 
@@ -138,7 +138,7 @@ OURS_RECIPES = {
 def test_to_peft_reproduces_our_model_in_peft(tiny_model_dir, tmp_path, recipe):
     spec = OURS_RECIPES[recipe]
     model = _seq_cls(tiny_model_dir)
-    inject_lora(model, spec["targets"], r=spec["r"], alpha=spec["alpha"], dropout=0.1)
+    inject_lora(model, spec["targets"], r=spec["r"], lora_alpha=spec["lora_alpha"], lora_dropout=0.1)
     mark_only_lora_as_trainable(
         model, bias=spec["bias"], train_layer_norms=spec["ln"], modules_to_save=["classifier"]
     )
@@ -164,7 +164,7 @@ def test_to_peft_reproduces_our_model_in_peft(tiny_model_dir, tmp_path, recipe):
 
 def test_to_peft_writes_peft_key_names_and_short_targets(tiny_model_dir, tmp_path):
     model = _seq_cls(tiny_model_dir)
-    inject_lora(model, ["query", "key", "value", "intermediate.dense", "output.dense"], r=4, alpha=8)
+    inject_lora(model, ["query", "key", "value", "intermediate.dense", "output.dense"], r=4, lora_alpha=8)
     mark_only_lora_as_trainable(model, train_layer_norms=True, modules_to_save=["classifier"])
     to_peft(model, tmp_path)
     cfg, tensors = read_peft_adapter(tmp_path)
@@ -195,9 +195,9 @@ def test_to_peft_writes_peft_key_names_and_short_targets(tiny_model_dir, tmp_pat
 
 def test_to_peft_per_layer_ranks_become_patterns(tiny_model_dir, tmp_path):
     model = _seq_cls(tiny_model_dir)
-    inject_lora(model, ["query"], r=4, alpha=8)
-    inject_lora(model, ["value"], r=8, alpha=8)
-    inject_lora(model, ["roberta.encoder.layer.1.attention.output.dense"], r=2, alpha=1)
+    inject_lora(model, ["query"], r=4, lora_alpha=8)
+    inject_lora(model, ["value"], r=8, lora_alpha=8)
+    inject_lora(model, ["roberta.encoder.layer.1.attention.output.dense"], r=2, lora_alpha=1)
     mark_only_lora_as_trainable(model, modules_to_save=["classifier"])
     _perturb_trainables(model)
     batch = _batch()
@@ -214,7 +214,7 @@ def test_to_peft_per_layer_ranks_become_patterns(tiny_model_dir, tmp_path):
 def test_to_peft_question_answering(tiny_model_dir, tmp_path):
     set_seed(0)
     model = AutoModelForQuestionAnswering.from_pretrained(tiny_model_dir)
-    inject_lora(model, ["query", "value"], r=4, alpha=8)
+    inject_lora(model, ["query", "value"], r=4, lora_alpha=8)
     mark_only_lora_as_trainable(model, modules_to_save=["qa_outputs"])
     _perturb_trainables(model)
     to_peft(model, tmp_path)
@@ -275,7 +275,7 @@ def test_from_peft_reproduces_a_peft_adapter(tiny_model_dir, tmp_path, recipe):
 
 def test_round_trip_ours_peft_ours(tiny_model_dir, tmp_path):
     model = _seq_cls(tiny_model_dir)
-    inject_lora(model, ["query", "value", "output.dense"], r=4, alpha=8)
+    inject_lora(model, ["query", "value", "output.dense"], r=4, lora_alpha=8)
     mark_only_lora_as_trainable(model, bias="all", train_layer_norms=True, modules_to_save=["classifier"])
     _perturb_trainables(model)
     to_peft(model, tmp_path)
@@ -367,14 +367,14 @@ def test_from_peft_on_a_merged_model_fails_without_touching_it(tiny_model_dir, p
     from loralib.injection import merge_lora, unmerge_lora
 
     model = _seq_cls(tiny_model_dir)
-    inject_lora(model, ["query", "value"], r=8, alpha=4)
+    inject_lora(model, ["query", "value"], r=8, lora_alpha=4)
     _perturb_trainables(model)
     original = {n: p.detach().clone() for n, p in model.named_parameters()}
     merge_lora(model)
-    before = {n: (m.alpha, m.scaling, m.merged) for n, m in lora_layers(model)}
+    before = {n: (m.lora_alpha, m.scaling, m.merged) for n, m in lora_layers(model)}
     with pytest.raises(ValueError, match="merged; call unmerge_lora"):
         from_peft(model, peft_dir)
-    assert {n: (m.alpha, m.scaling, m.merged) for n, m in lora_layers(model)} == before
+    assert {n: (m.lora_alpha, m.scaling, m.merged) for n, m in lora_layers(model)} == before
     unmerge_lora(model)
     for n, p in model.named_parameters():  # W0 back up to float rounding, A/B/head untouched
         torch.testing.assert_close(p.detach(), original[n], atol=1e-6, rtol=0)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,7 @@ TASK_TYPES = ("glue", "squad_v1", "squad_v2")
 WRAPPER_FORMAT = "loralib-roberta-wrapper"
 
 
-WRAPPER_FORMAT_VERSION = 1
+WRAPPER_FORMAT_VERSION = 2  # 2: r (1 said lora_rank; still read)
 
 
 def _base_fingerprint(model: nn.Module) -> str:
@@ -79,7 +80,7 @@ class LoraWrapperRoberta(nn.Module):
             always has 2 outputs (start, end); pass None or 2.
         dropout_rate: the head's dropout.
         model_id: hub id or local directory of the RoBERTa checkpoint (recorded in saved adapters).
-        lora_rank, formulation, lora_alpha, lora_dropout: see `LoraRobertaSelfAttention`.
+        r, formulation, lora_alpha, lora_dropout: see `LoraRobertaSelfAttention` (lora_rank= is r's former name).
         train_biases: every bias of the RoBERTa body trains (as the article: "bias" in the name, so layer
             norm biases and the unused pooler's bias too).
         train_embedding: every parameter of the embedding block trains (article: "embeddings" in the name).
@@ -101,7 +102,7 @@ class LoraWrapperRoberta(nn.Module):
         num_classes: int | None = None,
         dropout_rate: float = 0.1,
         model_id: str = "FacebookAI/roberta-base",
-        lora_rank: int = 8,
+        r: int = 8,
         train_biases: bool = True,
         train_embedding: bool = False,
         train_layer_norms: bool = True,
@@ -114,8 +115,15 @@ class LoraWrapperRoberta(nn.Module):
         null_score_diff_threshold: float = 0.0,
         base_model: nn.Module | None = None,
         tokenizer: Any = None,
+        *,
+        lora_rank: int | None = None,
     ) -> None:
         super().__init__()
+        if lora_rank is not None:
+            warnings.warn(
+                "LoraWrapperRoberta: lora_rank= is now r= (PEFT's name).", FutureWarning, stacklevel=2
+            )
+            r = lora_rank
         if not isinstance(task_type, str) or task_type.lower() not in (*TASK_TYPES, "squad"):
             raise ValueError(
                 f"unknown task_type {task_type!r}; choose one of {TASK_TYPES} ('squad' means 'squad_v1')."
@@ -137,7 +145,7 @@ class LoraWrapperRoberta(nn.Module):
                     "SQuAD v2's no-answer is the <s> span here, not a third output (see the module docstring)."
                 )
             num_classes = 2
-        _check_lora_args(lora_rank, formulation, lora_alpha, lora_dropout)
+        _check_lora_args(r, formulation, lora_alpha, lora_dropout)
         check_dropout(dropout_rate, "dropout_rate")
         if regression_range is not None:
             low, high = (float(v) for v in regression_range)
@@ -170,7 +178,7 @@ class LoraWrapperRoberta(nn.Module):
         self.task_type = task_type
         self.num_classes = num_classes
         self.dropout_rate = float(dropout_rate)
-        self.lora_rank = lora_rank
+        self.r = r
         self.formulation = formulation
         self.lora_alpha = lora_alpha
         self.lora_dropout = float(lora_dropout)
@@ -191,7 +199,7 @@ class LoraWrapperRoberta(nn.Module):
 
         # 3. LoRA in, everything else frozen as flagged.
         self.replaced_modules = replace_self_attention(
-            self.model, r=lora_rank, formulation=formulation, lora_alpha=lora_alpha, lora_dropout=lora_dropout
+            self.model, r=r, formulation=formulation, lora_alpha=lora_alpha, lora_dropout=lora_dropout
         )
         self.freeze_parameters_except_lora_and_bias()
 
@@ -318,7 +326,7 @@ class LoraWrapperRoberta(nn.Module):
             "task_type": self.task_type,
             "num_classes": self.num_classes,
             "dropout_rate": self.dropout_rate,
-            "lora_rank": self.lora_rank,
+            "r": self.r,
             "formulation": self.formulation,
             "lora_alpha": self.lora_alpha,
             "lora_scaling": next(m for _, m in lora_attention_layers(self.model)).lora_scaling,
@@ -367,7 +375,7 @@ class LoraWrapperRoberta(nn.Module):
             num_classes=cfg["num_classes"],
             dropout_rate=cfg["dropout_rate"],
             model_id=model_id or cfg["model_id"],
-            lora_rank=cfg["lora_rank"],
+            r=cfg["r"] if "r" in cfg else cfg["lora_rank"],  # format_version 1 said lora_rank
             train_biases=cfg["train_biases"],
             train_embedding=cfg["train_embedding"],
             train_layer_norms=cfg["train_layer_norms"],
@@ -419,6 +427,6 @@ class LoraWrapperRoberta(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"task_type={self.task_type}, num_classes={self.num_classes}, r={self.lora_rank}, "
+            f"task_type={self.task_type}, num_classes={self.num_classes}, r={self.r}, "
             f"formulation={self.formulation}, model_id={self.model_id}"
         )

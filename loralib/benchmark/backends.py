@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from loralib.benchmark.config import TrainConfig, is_qa, resolve_model_id, task_spec
+from loralib.benchmark.config import TrainConfig, config_from_results, is_qa, resolve_model_id, task_spec
 from loralib.benchmark.results import ADAPTER_DIR, read_results
 
 
@@ -43,7 +43,7 @@ def build_model(cfg: TrainConfig, model_id: str | None = None) -> torch.nn.Modul
     spec = task_spec(cfg.task)
     model_id = model_id or resolve_model_id(cfg)
     qa = is_qa(cfg.task)
-    alpha = cfg.alpha if cfg.alpha is not None else cfg.r
+    alpha = cfg.lora_alpha if cfg.lora_alpha is not None else cfg.r
     from loralib.utils import set_seed
 
     set_seed(cfg.seed)  # the head's and A's random init are part of the run
@@ -68,7 +68,12 @@ def build_model(cfg: TrainConfig, model_id: str | None = None) -> torch.nn.Modul
             raise _load_error(model_id, exc) from exc
         init = "kaiming" if cfg.formulation == "scaled" else "article"
         inject_lora(
-            model, list(cfg.target_modules), r=cfg.r, alpha=alpha, dropout=cfg.lora_dropout, init=init
+            model,
+            list(cfg.target_modules),
+            r=cfg.r,
+            lora_alpha=alpha,
+            lora_dropout=cfg.lora_dropout,
+            init=init,
         )
         mark_only_lora_as_trainable(
             model,
@@ -85,7 +90,7 @@ def build_model(cfg: TrainConfig, model_id: str | None = None) -> torch.nn.Modul
                 task_type=("squad_v1" if cfg.task == "squad" else cfg.task) if qa else "glue",
                 num_classes=None if qa else spec.num_labels,
                 model_id=model_id,
-                lora_rank=cfg.r,
+                r=cfg.r,
                 formulation=cfg.formulation,
                 lora_alpha=None if cfg.formulation == "article" else alpha,  # the article's form has no scale
                 lora_dropout=cfg.lora_dropout,
@@ -159,7 +164,7 @@ def load_trained_model(task_dir: str | os.PathLike) -> tuple[torch.nn.Module, An
 
     task_dir = Path(task_dir)
     results = read_results(task_dir)
-    cfg = TrainConfig(**{**results["config"], "target_modules": tuple(results["config"]["target_modules"])})
+    cfg = config_from_results(results)
     adapter = task_dir / results["adapter"]["path"]
     model_id = resolve_model_id(cfg)
     fmt = results["adapter"]["format"]

@@ -97,7 +97,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size", type=_number(int, minimum=1), default=None, help="effective batch (all processes)"
     )
     ap.add_argument("--gradient-accumulation-steps", type=_number(int, minimum=1), default=None)
-    ap.add_argument("--rank", dest="r", type=_number(int, minimum=1), default=None, help="LoRA rank r")
+    ap.add_argument(
+        "--lora-r", "--rank", dest="r", type=_number(int, minimum=1), default=None, help="LoRA rank r"
+    )
+    ap.add_argument(
+        "--lora-alpha",
+        type=_number(float, positive=True),
+        default=None,
+        help="LoRA scaling numerator (default r)",
+    )
+    ap.add_argument(
+        "--lora-dropout", type=_number(float, minimum=0), default=None, help="LoRA dropout in [0, 1)"
+    )
     ap.add_argument("--max-train-samples", type=_number(int, minimum=1), default=None)
     ap.add_argument("--max-eval-samples", type=_number(int, minimum=1), default=None)
     ap.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -116,6 +127,8 @@ OVERRIDE_ARGS = (
     "batch_size",
     "gradient_accumulation_steps",
     "r",
+    "lora_alpha",
+    "lora_dropout",
     "max_train_samples",
     "max_eval_samples",
 )

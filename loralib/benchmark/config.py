@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,7 +54,7 @@ class TrainConfig:
 
     None means "decided by something else": model_id by the profile, formulation by the backend
     ("article" for the article backend, "scaled" otherwise), learning_rate by the formulation
-    (DEFAULT_LR), alpha = r, bf16 = "on GPUs with native bf16, fp16 with gradient scaling on other
+    (DEFAULT_LR), lora_alpha = r, bf16 = "on GPUs with native bf16, fp16 with gradient scaling on other
     GPUs (a T4), fp32 on CPU" (False: fp32 everywhere), num_threads = torch's setting (CPU
     intra-op threads during the run; the smoke profile uses 1).
     """
@@ -63,7 +64,7 @@ class TrainConfig:
     model_id: str | None = None
     formulation: str | None = None
     r: int = 8
-    alpha: float | None = None
+    lora_alpha: float | None = None
     lora_dropout: float = 0.1
     target_modules: tuple[str, ...] = ("query", "value")
     train_biases: bool = True
@@ -109,7 +110,7 @@ class TrainConfig:
         check_rank(self.r)
         for name in ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "epochs"):
             check_int(getattr(self, name), name, 1)
-        check_alpha(self.alpha)
+        check_alpha(self.lora_alpha, "lora_alpha")
         check_dropout(self.lora_dropout, "lora_dropout")
         for name in (
             "learning_rate",
@@ -262,6 +263,33 @@ def resolve_tasks(names: str | Iterable[str]) -> list[str]:
     return out
 
 
+# Fields renamed to PEFT's vocabulary; results files and callers from before still work.
+RENAMED_FIELDS = {"alpha": "lora_alpha"}
+
+
+def upgrade_fields(values: dict[str, Any], warn: bool = True) -> dict[str, Any]:
+    """`values` with renamed TrainConfig fields (alpha) under today's names (lora_alpha)."""
+    out = dict(values)
+    for old, new in RENAMED_FIELDS.items():
+        if old in out:
+            if new in out:
+                raise TypeError(f"pass {new}= only ({old}= is its former name).")
+            if warn:
+                warnings.warn(
+                    f"{old}= is now {new}= (PEFT's name); {old}= will be removed.",
+                    FutureWarning,
+                    stacklevel=3,
+                )
+            out[new] = out.pop(old)
+    return out
+
+
+def config_from_results(results: dict[str, Any]) -> TrainConfig:
+    """The TrainConfig a finished run recorded in its results file (older files included)."""
+    values = upgrade_fields(results["config"], warn=False)
+    return TrainConfig(**{**values, "target_modules": tuple(values["target_modules"])})
+
+
 def make_config(task: str, profile: str = "smoke", **overrides: Any) -> TrainConfig:
     """TrainConfig for `task` under `profile`, then `overrides` (any TrainConfig field) on top.
 
@@ -271,6 +299,7 @@ def make_config(task: str, profile: str = "smoke", **overrides: Any) -> TrainCon
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}.")
     task_spec(task)
+    overrides = upgrade_fields(overrides)
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(overrides) - known)
     if unknown:

@@ -22,6 +22,7 @@ from loralib.benchmark.backends import _load_error, build_model
 from loralib.benchmark.config import (
     TrainConfig,
     _world_size,
+    config_from_results,
     is_qa,
     per_device_batch_size,
     resolve_model_id,
@@ -56,7 +57,7 @@ def load_raw_data(cfg: TrainConfig) -> tuple[Any, dict[str, Any]]:
 
 def eval_rows(results: dict[str, Any], split: str | None = None):
     """The exact evaluation rows a finished run was scored on (same data source and subset)."""
-    cfg = TrainConfig(**{**results["config"], "target_modules": tuple(results["config"]["target_modules"])})
+    cfg = config_from_results(results)
     _, evals = load_raw_data(cfg)
     split = split or next(iter(evals))
     if split not in evals:

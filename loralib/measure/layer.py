@@ -55,12 +55,12 @@ def naive_lora_forward(layer: LoraLinear, x: torch.Tensor) -> torch.Tensor:
     return article_lora_linear(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling)
 
 
-def _peft_linear(base: nn.Linear, r: int, alpha: float, dropout: float) -> nn.Module:
+def _peft_linear(base: nn.Linear, r: int, lora_alpha: float, lora_dropout: float) -> nn.Module:
     from peft import LoraConfig
     from peft.tuners.lora import Linear as PeftLoraLinear
 
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout)
-    return PeftLoraLinear(base, "default", config=config, r=r, lora_alpha=alpha)
+    config = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
+    return PeftLoraLinear(base, "default", config=config, r=r, lora_alpha=lora_alpha)
 
 
 def peft_available() -> bool:
@@ -84,8 +84,8 @@ def layer_variants(
     d: int = 768,
     r: int = 8,
     d_out: int | None = None,
-    alpha: float | None = None,
-    dropout: float = 0.0,
+    lora_alpha: float | None = None,
+    lora_dropout: float = 0.0,
     methods: Iterable[str] = LAYER_METHODS,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
@@ -99,7 +99,7 @@ def layer_variants(
     the same function as each other (and differ from "frozen"). Modules are in training mode.
     """
     d_out = d if d_out is None else d_out
-    alpha = float(r if alpha is None else alpha)
+    alpha = float(r if lora_alpha is None else lora_alpha)
     methods = list(methods)
     unknown = set(methods) - set(LAYER_METHODS)
     if unknown:
@@ -118,14 +118,18 @@ def layer_variants(
         if method == "frozen":
             out[method] = LayerVariant(base, [])
         elif method == "loralib":
-            layer = LoraLinear.from_linear(copy.deepcopy(base), r=r, alpha=alpha, dropout=dropout).train()
+            layer = LoraLinear.from_linear(
+                copy.deepcopy(base), r=r, lora_alpha=alpha, lora_dropout=lora_dropout
+            ).train()
             with torch.no_grad():
                 layer.lora_A.copy_(A)
                 layer.lora_B.copy_(B)
             out[method] = LayerVariant(layer, [layer.lora_A, layer.lora_B])
         elif method == "peft":
             layer = (
-                _peft_linear(copy.deepcopy(base), r, alpha, dropout).to(device=device, dtype=dtype).train()
+                _peft_linear(copy.deepcopy(base), r, alpha, lora_dropout)
+                .to(device=device, dtype=dtype)
+                .train()
             )
             pa, pb = layer.lora_A["default"].weight, layer.lora_B["default"].weight
             with torch.no_grad():
@@ -151,8 +155,8 @@ def layer_cases(
     r: int = 8,
     tokens: int = 2048,
     d_out: int | None = None,
-    alpha: float | None = None,
-    dropout: float = 0.0,
+    lora_alpha: float | None = None,
+    lora_dropout: float = 0.0,
     methods: Iterable[str] = LAYER_METHODS,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
@@ -163,7 +167,7 @@ def layer_cases(
     The input requires grad (as inside a model), the upstream gradient is fixed, and each call sets
     the gradients back to None, as a training step would, so every call does the same work.
     """
-    variants = layer_variants(d, r, d_out, alpha, dropout, methods, device, dtype, seed)
+    variants = layer_variants(d, r, d_out, lora_alpha, lora_dropout, methods, device, dtype, seed)
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(tokens, d, generator=g).to(device=device, dtype=dtype).requires_grad_(True)
     dy = torch.randn(tokens, d if d_out is None else d_out, generator=g).to(device=device, dtype=dtype)
@@ -189,7 +193,7 @@ class LayerResult:
     d_out: int
     r: int
     tokens: int
-    dropout: float
+    lora_dropout: float
     repeats: int
     median_s: dict[str, float]
     ratio: dict[str, float]
@@ -205,7 +209,7 @@ def measure_layer(
     r: int = 8,
     tokens: int = 2048,
     d_out: int | None = None,
-    dropout: float = 0.0,
+    lora_dropout: float = 0.0,
     methods: Iterable[str] = LAYER_METHODS,
     repeats: int = 20,
     warmup: int = 3,
@@ -215,7 +219,7 @@ def measure_layer(
 ) -> LayerResult:
     """Time (interleaved) and measure peak memory of every `layer_cases` method for one shape."""
     cases = layer_cases(
-        d, r, tokens, d_out=d_out, dropout=dropout, methods=methods, device=device, dtype=dtype
+        d, r, tokens, d_out=d_out, lora_dropout=lora_dropout, methods=methods, device=device, dtype=dtype
     )
     samples = time_interleaved_samples(cases, repeats=repeats, warmup=warmup, device=device)
     med = {name: statistics.median(ts) for name, ts in samples.items()}
@@ -226,7 +230,7 @@ def measure_layer(
         d_out=d if d_out is None else d_out,
         r=r,
         tokens=tokens,
-        dropout=dropout,
+        lora_dropout=lora_dropout,
         repeats=repeats,
         median_s=med,
         ratio=ratios(med, ref),

@@ -33,7 +33,7 @@ def qlora_step_builder(
     config,
     directory: str | os.PathLike,
     r: int = 8,
-    alpha: float = 8,
+    lora_alpha: float = 8,
     targets: Sequence[str] = ARTICLE_TARGETS,
     num_labels: int = 2,
     seed: int = 0,
@@ -62,7 +62,7 @@ def qlora_step_builder(
             num_labels,
             quantize=True,
             r=r,
-            lora_alpha=alpha,
+            lora_alpha=lora_alpha,
             lora_dropout=0.0,
             target_modules=targets,
             modules_to_save=None,
@@ -79,7 +79,7 @@ def compare_training_memory(
     batch_size: int = 4,
     seq_len: int = 64,
     r: int = 8,
-    alpha: float = 8,
+    lora_alpha: float = 8,
     targets: Sequence[str] = ARTICLE_TARGETS,
     repeats: int = 1,
     device: str | torch.device | None = None,
@@ -99,10 +99,14 @@ def compare_training_memory(
     dev = torch.device(device) if device is not None else default_device()
     config = roberta_config() if config is None else config
     batch = random_batch(config, batch_size=batch_size, seq_len=seq_len, seed=seed, device=dev)
-    builders = roberta_step_builders(config, r=r, alpha=alpha, targets=tuple(targets), seed=seed, device=dev)
+    builders = roberta_step_builders(
+        config, r=r, lora_alpha=lora_alpha, targets=tuple(targets), seed=seed, device=dev
+    )
     cases = measure_train_steps(builders, batch, repeats=repeats, warmup=0, device=dev)
     with tempfile.TemporaryDirectory(prefix="loralib-qlora-") as tmp:
-        build = qlora_step_builder(config, tmp, r=r, alpha=alpha, targets=targets, seed=seed, device=dev)
+        build = qlora_step_builder(
+            config, tmp, r=r, lora_alpha=lora_alpha, targets=targets, seed=seed, device=dev
+        )
         holder: dict[str, nn.Module] = {}
 
         def build_and_keep() -> nn.Module:
@@ -134,7 +138,7 @@ def compare_training_memory(
             "batch_size": batch_size,
             "seq_len": seq_len,
             "r": r,
-            "alpha": alpha,
+            "lora_alpha": lora_alpha,
             "targets": list(targets),
             "device": str(dev),
             "peak_extra_source": "cuda_max_memory_allocated"

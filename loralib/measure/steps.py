@@ -206,9 +206,9 @@ def _roberta_classifier(config, num_labels: int, seed: int, device) -> nn.Module
 def roberta_step_builders(
     config=None,
     r: int = 8,
-    alpha: float = 8,
+    lora_alpha: float = 8,
     targets: tuple[str, ...] = ("query", "value"),
-    dropout: float = 0.0,
+    lora_dropout: float = 0.0,
     num_labels: int = 2,
     seed: int = 0,
     device: torch.device | str = "cpu",
@@ -229,7 +229,7 @@ def roberta_step_builders(
 
     def loralib_case() -> nn.Module:
         model = _roberta_classifier(config, num_labels, seed, device)
-        inject_lora(model, list(targets), r=r, alpha=alpha, dropout=dropout)
+        inject_lora(model, list(targets), r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
         mark_only_lora_as_trainable(model, modules_to_save=["classifier"])
         return model.to(device).train()
 
@@ -238,7 +238,11 @@ def roberta_step_builders(
 
         model = _roberta_classifier(config, num_labels, seed, device)
         cfg = LoraConfig(
-            r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=dropout, task_type="SEQ_CLS"
+            r=r,
+            lora_alpha=lora_alpha,
+            target_modules=list(targets),
+            lora_dropout=lora_dropout,
+            task_type="SEQ_CLS",
         )
         return get_peft_model(model, cfg).to(device).train()
 
@@ -252,7 +256,7 @@ def roberta_step_builders(
 def roberta_inference_builders(
     config=None,
     r: int = 8,
-    alpha: float = 8,
+    lora_alpha: float = 8,
     targets: tuple[str, ...] = ("query", "value"),
     num_labels: int = 2,
     seed: int = 0,
@@ -269,7 +273,7 @@ def roberta_inference_builders(
 
     def adapted(merge: bool) -> nn.Module:
         model = _roberta_classifier(config, num_labels, seed, device)
-        inject_lora(model, list(targets), r=r, alpha=alpha)
+        inject_lora(model, list(targets), r=r, lora_alpha=lora_alpha)
         g = torch.Generator().manual_seed(seed + 1)
         with torch.no_grad():
             for _, layer in lora_layers(model):
