@@ -12,6 +12,10 @@ answer is lost to truncation (the article truncated contexts instead). This foll
   tokens, None elsewhere) to map logits back to text.
 - `postprocess_qa_predictions`: the best span over all windows of each question (n-best start x end
   logits, valid spans only) and, for v2, the "no answer" decision against the smallest null score.
+- `squad_null_decision`: the same decision for one window of tokens, batched in torch (the article
+  wrapper's inference).
+- `predict_qa` (a model's logits on SQuAD rows) and `no_answer_sweep` (v2 scores as the no-answer
+  threshold varies), for analysing a finished run.
 
 Not here: the scores (`loralib.metrics.squad_metrics`), data loading (`loralib.data.load_squad`),
 training (`loralib.benchmark`).
