@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from loralib.checks import check_bool, check_choice, check_module, check_names
-from loralib.layers import _UNSET, LoraLinear, _kind, check_lora_args, renamed_kwargs
+from loralib.layers import UNSET, LoraLinear, check_lora_args, module_kind, renamed_kwargs
 
 # Task heads stay full-precision, fully trained modules: "all-linear" never adapts them (as PEFT).
 HEAD_NAMES = ("classifier", "qa_outputs", "lm_head", "score", "cls", "head", "pooler_head")
@@ -98,13 +98,13 @@ def inject_lora(
     model: nn.Module,
     target_modules: str | Sequence[str],
     r: int = 8,
-    lora_alpha: float | None = _UNSET,
-    lora_dropout: float = _UNSET,
+    lora_alpha: float | None = UNSET,
+    lora_dropout: float = UNSET,
     init: str = "kaiming",
     autocast_adapter_dtype: bool = True,
     *,
-    alpha=_UNSET,
-    dropout=_UNSET,
+    alpha=UNSET,
+    dropout=UNSET,
 ) -> list[str]:
     """Replace the targeted `nn.Linear` modules of `model` in place by `LoraLinear`; return their names.
 
@@ -121,8 +121,8 @@ def inject_lora(
         {"alpha": alpha, "dropout": dropout},
         {"lora_alpha": lora_alpha, "lora_dropout": lora_dropout},
     )
-    lora_alpha = None if given["lora_alpha"] is _UNSET else given["lora_alpha"]
-    lora_dropout = 0.0 if given["lora_dropout"] is _UNSET else given["lora_dropout"]
+    lora_alpha = None if given["lora_alpha"] is UNSET else given["lora_alpha"]
+    lora_dropout = 0.0 if given["lora_dropout"] is UNSET else given["lora_dropout"]
     r, lora_alpha, lora_dropout = check_lora_args(r, lora_alpha, lora_dropout, init)
     check_bool(autocast_adapter_dtype, "autocast_adapter_dtype")
     names = find_targets(model, target_modules)
@@ -150,7 +150,7 @@ def inject_lora(
             )
         if not isinstance(module, nn.Linear):
             raise TypeError(
-                f"{name!r} matched target_modules={target_modules!r} but is a {_kind(module)}, not an "
+                f"{name!r} matched target_modules={target_modules!r} but is a {module_kind(module)}, not an "
                 "nn.Linear; LoRA here adapts Linear layers only, so name the Linear layers inside it."
             )
     new = {

@@ -46,20 +46,20 @@ def check_lora_args(
     return r, lora_alpha, lora_dropout
 
 
-_UNSET = object()
+UNSET = object()
 
 
 def renamed_kwargs(where: str, old: dict[str, object], new: dict[str, object]) -> dict[str, object]:
     """Map the pre-PEFT-vocabulary keywords (alpha=, dropout=) onto lora_alpha= / lora_dropout=.
 
-    `old` maps old names to what was passed (_UNSET if nothing), `new` the new names to their values.
+    `old` maps old names to what was passed (UNSET if nothing), `new` the new names to their values.
     Passing both names of one argument is an error; an old name alone works, with a FutureWarning.
     """
     out = dict(new)
     for (old_name, old_value), (new_name, new_value) in zip(old.items(), new.items()):
-        if old_value is _UNSET:
+        if old_value is UNSET:
             continue
-        if new_value is not _UNSET:
+        if new_value is not UNSET:
             raise TypeError(f"{where}: pass {new_name}= only ({old_name}= is its former name).")
         warnings.warn(
             f"{where}: {old_name}= is now {new_name}= (PEFT's name); {old_name}= will be removed.",
@@ -339,23 +339,23 @@ class LoraLinear(nn.Linear):
         out_features: int,
         bias: bool = True,
         r: int = 8,
-        lora_alpha: float | None = _UNSET,
-        lora_dropout: float = _UNSET,
+        lora_alpha: float | None = UNSET,
+        lora_dropout: float = UNSET,
         init: str = "kaiming",
         device=None,
         dtype=None,
         autocast_adapter_dtype: bool = True,
         *,
-        alpha=_UNSET,
-        dropout=_UNSET,
+        alpha=UNSET,
+        dropout=UNSET,
     ) -> None:
         given = renamed_kwargs(
             "LoraLinear",
             {"alpha": alpha, "dropout": dropout},
             {"lora_alpha": lora_alpha, "lora_dropout": lora_dropout},
         )
-        lora_alpha = None if given["lora_alpha"] is _UNSET else given["lora_alpha"]
-        lora_dropout = 0.0 if given["lora_dropout"] is _UNSET else given["lora_dropout"]
+        lora_alpha = None if given["lora_alpha"] is UNSET else given["lora_alpha"]
+        lora_dropout = 0.0 if given["lora_dropout"] is UNSET else given["lora_dropout"]
         r, lora_alpha, lora_dropout = check_lora_args(r, lora_alpha, lora_dropout, init)
         check_bool(autocast_adapter_dtype, "autocast_adapter_dtype")
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
@@ -388,13 +388,13 @@ class LoraLinear(nn.Linear):
         cls,
         linear: nn.Linear,
         r: int = 8,
-        lora_alpha: float | None = _UNSET,
-        lora_dropout: float = _UNSET,
+        lora_alpha: float | None = UNSET,
+        lora_dropout: float = UNSET,
         init: str = "kaiming",
         autocast_adapter_dtype: bool = True,
         *,
-        alpha=_UNSET,
-        dropout=_UNSET,
+        alpha=UNSET,
+        dropout=UNSET,
     ) -> LoraLinear:
         """Wrap an existing `nn.Linear`: its weight and bias tensors are reused (not copied) and frozen."""
         if isinstance(linear, LoraLinear):
@@ -402,14 +402,14 @@ class LoraLinear(nn.Linear):
                 "this layer already has LoRA; call unload_lora()/unmerge first or adapt another layer."
             )
         if not isinstance(linear, nn.Linear):
-            raise TypeError(f"LoraLinear.from_linear expects an nn.Linear, got {_kind(linear)}.")
+            raise TypeError(f"LoraLinear.from_linear expects an nn.Linear, got {module_kind(linear)}.")
         given = renamed_kwargs(
             "LoraLinear.from_linear",
             {"alpha": alpha, "dropout": dropout},
             {"lora_alpha": lora_alpha, "lora_dropout": lora_dropout},
         )
-        lora_alpha = None if given["lora_alpha"] is _UNSET else given["lora_alpha"]
-        lora_dropout = 0.0 if given["lora_dropout"] is _UNSET else given["lora_dropout"]
+        lora_alpha = None if given["lora_alpha"] is UNSET else given["lora_alpha"]
+        lora_dropout = 0.0 if given["lora_dropout"] is UNSET else given["lora_dropout"]
         r, lora_alpha, lora_dropout = check_lora_args(r, lora_alpha, lora_dropout, init)
         check_bool(autocast_adapter_dtype, "autocast_adapter_dtype")
         w = linear.weight
@@ -580,7 +580,7 @@ class LoraLinear(nn.Linear):
         )
 
 
-def _kind(module: object) -> str:
+def module_kind(module: object) -> str:
     """The class name, with the way forward for layers that look like Linear but are not."""
     name = type(module).__name__
     if name == "Conv1D":

@@ -39,6 +39,7 @@ def corpus_path() -> Path:
 
 
 def default_cache_dir() -> Path:
+    """Where `tiny_roberta()` builds its model: $LORALIB_CACHE or ~/.cache/loralib."""
     root = os.environ.get("LORALIB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "loralib")
     return Path(root) / f"tiny-roberta-v{TINY_VERSION}"
 

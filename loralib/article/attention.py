@@ -125,7 +125,8 @@ def _warn_if_transformers_changed() -> None:
         )
 
 
-def _check_lora_args(r: int, formulation: str, lora_alpha: float | None, lora_dropout: float) -> None:
+def check_article_args(r: int, formulation: str, lora_alpha: float | None, lora_dropout: float) -> None:
+    """Validate the attention layer's r, formulation, lora_alpha and lora_dropout (one wording, `loralib.checks`)."""
     check_rank(r)
     if formulation not in FORMULATIONS:
         raise ValueError(
@@ -165,7 +166,7 @@ class LoraRobertaSelfAttention(RobertaSelfAttention):
         lora_alpha: float | None = None,
         lora_dropout: float = 0.0,
     ) -> None:
-        _check_lora_args(r, formulation, lora_alpha, lora_dropout)
+        check_article_args(r, formulation, lora_alpha, lora_dropout)
         super().__init__(config, is_causal=is_causal, layer_idx=layer_idx)
         _warn_if_transformers_changed()
         d_in, d_out = config.hidden_size, self.all_head_size
@@ -330,7 +331,7 @@ def replace_self_attention(
     Returns the qualified names replaced. Verifies the swap: the model's state dict afterwards holds
     exactly the same tensors (bit for bit) under the same names as before, plus the LoRA matrices.
     """
-    _check_lora_args(r, formulation, lora_alpha, lora_dropout)
+    check_article_args(r, formulation, lora_alpha, lora_dropout)
     before = model.state_dict()  # references to the old tensors, which stay alive until the check
     replaced: list[str] = []
 

@@ -44,7 +44,7 @@ from transformers.modeling_outputs import QuestionAnsweringModelOutput, Sequence
 from loralib.adapters import check_format_version, check_metadata, read_adapter, write_adapter
 from loralib.article.attention import (
     LORA_PARAM_NAMES,
-    _check_lora_args,
+    check_article_args,
     lora_attention_layers,
     replace_self_attention,
 )
@@ -145,7 +145,7 @@ class LoraWrapperRoberta(nn.Module):
                     "SQuAD v2's no-answer is the <s> span here, not a third output (see the module docstring)."
                 )
             num_classes = 2
-        _check_lora_args(r, formulation, lora_alpha, lora_dropout)
+        check_article_args(r, formulation, lora_alpha, lora_dropout)
         check_dropout(dropout_rate, "dropout_rate")
         if regression_range is not None:
             low, high = (float(v) for v in regression_range)

@@ -31,7 +31,8 @@ def _label_maps(spec) -> tuple[dict[int, str], dict[str, int]]:
     return dict(enumerate(names)), {n: i for i, n in enumerate(names)}
 
 
-def _load_error(model_id: str, exc: Exception) -> RuntimeError:
+def load_error(model_id: str, exc: Exception) -> RuntimeError:
+    """A model that cannot be loaded, with the offline ways out named."""
     return RuntimeError(
         f"could not load model {model_id!r}: {type(exc).__name__}: {exc}\n"
         "Offline? Use --profile smoke (the tiny RoBERTa built locally) or --model-id PATH to a local copy."
@@ -65,7 +66,7 @@ def build_model(cfg: TrainConfig, model_id: str | None = None) -> torch.nn.Modul
                     **kwargs,
                 )
         except OSError as exc:
-            raise _load_error(model_id, exc) from exc
+            raise load_error(model_id, exc) from exc
         init = "kaiming" if cfg.formulation == "scaled" else "article"
         inject_lora(
             model,
@@ -99,7 +100,7 @@ def build_model(cfg: TrainConfig, model_id: str | None = None) -> torch.nn.Modul
                 null_score_diff_threshold=cfg.null_score_diff_threshold,
             )
         except OSError as exc:
-            raise _load_error(model_id, exc) from exc
+            raise load_error(model_id, exc) from exc
     from loralib.peft_backend import build_peft_model
 
     # The same trainable set as the loralib backend (targets, biases, norms, head), so backends compare.
@@ -121,10 +122,11 @@ def build_model(cfg: TrainConfig, model_id: str | None = None) -> torch.nn.Modul
             id2label=id2label or None,
         )
     except OSError as exc:
-        raise _load_error(model_id, exc) from exc
+        raise load_error(model_id, exc) from exc
 
 
-def _save_adapter(cfg: TrainConfig, model, spec, model_id: str, directory: Path) -> dict[str, Any]:
+def save_adapter(cfg: TrainConfig, model, spec, model_id: str, directory: Path) -> dict[str, Any]:
+    """Save the trained adapter of `model` in its backend's format into `directory`; return its results entry."""
     id2label, _ = _label_maps(spec)
     meta = dict(
         task=cfg.task,

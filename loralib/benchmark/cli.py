@@ -70,6 +70,7 @@ def _check_output_dir(out: Path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `python -m loralib.benchmark`; every value is checked as it is parsed."""
     from loralib.benchmark.config import BACKENDS, FORMULATIONS, PROFILES
 
     ap = _Parser(

@@ -323,13 +323,14 @@ def resolve_model_id(cfg: TrainConfig) -> str:
     return tiny_roberta()
 
 
-def _world_size() -> int:
+def process_count() -> int:
+    """How many processes train together (torchrun / accelerate set WORLD_SIZE)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def per_device_batch_size(cfg: TrainConfig, world_size: int | None = None) -> int:
     """Per-process micro-batch giving the effective batch `cfg.batch_size` (processes x accumulation)."""
-    world = world_size or _world_size()
+    world = world_size or process_count()
     denom = world * cfg.gradient_accumulation_steps
     if cfg.batch_size % denom:
         raise ValueError(

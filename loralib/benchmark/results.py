@@ -50,20 +50,21 @@ RESULTS_NAME = "results.json"
 ADAPTER_DIR = "adapter"
 
 
-def _json_safe(obj: Any) -> Any:
+def json_safe(obj: Any) -> Any:
     """NaN / inf (e.g. Pearson of constant predictions) become null: results.json stays strict JSON."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
+        return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
+        return [json_safe(v) for v in obj]
     return obj
 
 
-def _atomic_write_json(path: Path, obj: Any) -> None:
+def write_results_json(path: Path, obj: Any) -> None:
+    """Write `obj` as strict JSON (NaN and inf as null) to `path`, atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(_json_safe(obj), indent=2, sort_keys=False, default=str, allow_nan=False) + "\n"
+    text = json.dumps(json_safe(obj), indent=2, sort_keys=False, default=str, allow_nan=False) + "\n"
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
@@ -91,7 +92,8 @@ def final_metric(results: dict[str, Any], metric: str | None = None, split: str 
     return by_split[split][metric]
 
 
-def _peak_memory() -> dict[str, Any]:
+def peak_memory_record() -> dict[str, Any]:
+    """The run's peak memory: CUDA max allocated, or the CPU process's peak RSS."""
     if torch.cuda.is_available():
         return {
             "device": torch.cuda.get_device_name(0),
@@ -107,7 +109,8 @@ def _peak_memory() -> dict[str, Any]:
     }
 
 
-def _epoch_records(trainer) -> list[dict[str, Any]]:
+def epoch_records(trainer) -> list[dict[str, Any]]:
+    """One record per evaluated epoch: step, learning rate, train loss, metrics and eval loss."""
     train_logs = {round(e["epoch"]): e for e in trainer.state.log_history if "loss" in e and "epoch" in e}
     out = []
     for rec in trainer.eval_records:
@@ -129,7 +132,8 @@ class ResultsExistError(ValueError):
     """The output directory already holds a finished run made with other settings."""
 
 
-def _check_compatible(existing: dict[str, Any], cfg, profile: str, path: Path) -> None:
+def check_compatible(existing: dict[str, Any], cfg, profile: str, path: Path) -> None:
+    """Refuse to skip onto a finished run made with another profile, backend, seed or model."""
     mine = {"profile": profile, "backend": cfg.backend, "seed": cfg.seed, "model_id": cfg.model_id}
     theirs = {k: existing.get(k) for k in ("profile", "backend", "seed")}
     theirs["model_id"] = existing.get("config", {}).get("model_id")

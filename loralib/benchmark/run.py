@@ -18,18 +18,18 @@ from typing import Any
 
 import torch
 
-from loralib.benchmark.backends import _save_adapter
+from loralib.benchmark.backends import save_adapter
 from loralib.benchmark.config import PROFILES, make_config, resolve_tasks, task_spec
 from loralib.benchmark.results import (
     ADAPTER_DIR,
     RESULTS_NAME,
-    _atomic_write_json,
-    _check_compatible,
-    _epoch_records,
-    _json_safe,
-    _peak_memory,
+    check_compatible,
     default_output_dir,
+    epoch_records,
+    json_safe,
+    peak_memory_record,
     read_results,
+    write_results_json,
 )
 from loralib.benchmark.trainer import build_trainer
 
@@ -56,7 +56,7 @@ def run_task(
     results_path = task_dir / RESULTS_NAME
     if results_path.exists() and not overwrite:
         existing = read_results(results_path)
-        _check_compatible(existing, cfg, profile, results_path)
+        check_compatible(existing, cfg, profile, results_path)
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"[skip] {task}: finished run in {results_path} (overwrite=True / --overwrite to rerun)")
         return {**existing, "skipped": True}
@@ -76,7 +76,7 @@ def run_task(
             train_time = time.perf_counter() - t_train
     finally:
         torch.set_num_threads(threads)
-    epochs = _epoch_records(trainer)
+    epochs = epoch_records(trainer)
     if not epochs:
         raise RuntimeError(f"{task}: training finished without an evaluation; this is a bug in run_task.")
     by_split = epochs[-1]["metrics"]
@@ -98,7 +98,7 @@ def run_task(
         "total_parameters": params.total,
         "train_examples": len(trainer.train_dataset),
         "train_time_s": round(train_time, 3),
-        "peak_memory": _peak_memory(),
+        "peak_memory": peak_memory_record(),
         "world_size": trainer.args.world_size,
         "device": str(trainer.args.device),
         "precision": "bf16" if trainer.args.bf16 else ("fp16" if trainer.args.fp16 else "fp32"),
@@ -109,12 +109,12 @@ def run_task(
         adapter_dir = task_dir / ADAPTER_DIR
         if adapter_dir.exists():  # an overwritten run of another backend must not leave its files behind
             shutil.rmtree(adapter_dir)
-        results["adapter"] = _save_adapter(cfg, trainer.model, spec, model_id, adapter_dir)
+        results["adapter"] = save_adapter(cfg, trainer.model, spec, model_id, adapter_dir)
         results["wall_time_s"] = round(time.perf_counter() - t0, 3)
         results["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        _atomic_write_json(results_path, results)
+        write_results_json(results_path, results)
     trainer.accelerator.wait_for_everyone()
-    return _json_safe(results)  # the same values the file holds (NaN -> None)
+    return json_safe(results)  # the same values the file holds (NaN -> None)
 
 
 def run_benchmark(

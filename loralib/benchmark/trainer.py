@@ -18,13 +18,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from loralib.benchmark.backends import _load_error, build_model
+from loralib.benchmark.backends import build_model, load_error
 from loralib.benchmark.config import (
     TrainConfig,
-    _world_size,
     config_from_results,
     is_qa,
     per_device_batch_size,
+    process_count,
     resolve_model_id,
     task_spec,
 )
@@ -233,7 +233,7 @@ def build_trainer(
     from transformers import AutoTokenizer, DataCollatorWithPadding, TrainingArguments
 
     spec = task_spec(cfg.task)
-    world = _world_size()
+    world = process_count()
     per_device = per_device_batch_size(cfg, world)
     from loralib.utils import mixed_precision
 
@@ -276,7 +276,7 @@ def build_trainer(
         try:
             tokenizer = AutoTokenizer.from_pretrained(model_id)
         except OSError as exc:
-            raise _load_error(model_id, exc) from exc
+            raise load_error(model_id, exc) from exc
         train, evals = load_raw_data(cfg)
     train_feats, eval_feats, qa_eval = _tokenize(cfg, tokenizer, train, evals, args.main_process_first)
     model = build_model(cfg, model_id)
