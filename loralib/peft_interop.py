@@ -308,25 +308,10 @@ def _check_supported(config: dict[str, Any], directory) -> None:
             raise ValueError(f"{directory} sets {key}={config[key]!r}, which from_peft does not support.")
 
 
-def from_peft(model: nn.Module, directory: str | os.PathLike, trainable: bool = True) -> dict[str, Any]:
-    """Load the PEFT LoRA adapter in `directory` into `model` as loralib `LoraLinear` layers; return its config.
-
-    `model` is the stock transformers model the adapter was trained on (same architecture and head size),
-    or one that already carries loralib layers on exactly the adapter's modules with the same ranks.
-    Which modules are adapted, and their ranks, are read from the tensors themselves, so adapters made
-    with regex targets, "all-linear" or layers_to_transform load too; alpha comes from lora_alpha /
-    alpha_pattern (rsLoRA's lora_alpha / sqrt(r) is converted). Biases and modules_to_save tensors are
-    copied into the model's own parameters (a PEFT "modules_to_save" copy becomes the module itself).
-    trainable: leave exactly the adapter's tensors trainable (what PEFT trains), everything else frozen.
-    Mismatches (targets, rank, shapes of another base or head size) raise ValueError naming them.
-    """
-    check_module(model)
-    check_bool(trainable, "trainable")
-    config, tensors = read_peft_adapter(directory)
-    _check_supported(config, directory)
-    base_name = config.get("base_model_name_or_path")
-    mine = getattr(getattr(model, "config", None), "_name_or_path", None)
-
+def _group_tensors(
+    tensors: dict[str, torch.Tensor], directory
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """({module: {"lora_A", "lora_B"}}, {parameter name: tensor} for everything else) of a PEFT file."""
     # PEFT's bias="all" files can also hold redundant copies from inside its wrappers: skip those.
     tensors = {
         k: v for k, v in tensors.items() if ".original_module." not in k and ".modules_to_save." not in k
@@ -348,6 +333,41 @@ def from_peft(model: nn.Module, directory: str | os.PathLike, trainable: bool = 
     incomplete = [n for n, ab in lora.items() if set(ab) != {"lora_A", "lora_B"}]
     if incomplete:
         raise ValueError(f"{directory} is incomplete: lora_A or lora_B missing for {incomplete[:5]}.")
+    return lora, other
+
+
+def _alpha_for(config: dict[str, Any], name: str, r: int, directory) -> float:
+    """Our alpha for layer `name`: lora_alpha or its alpha_pattern entry (rsLoRA's alpha / sqrt(r) converted)."""
+    pattern = config.get("alpha_pattern") or {}
+    key = next((k for k in pattern if _pattern_match(name, k)), None)
+    alpha = check_alpha(pattern[key] if key is not None else config.get("lora_alpha"), "lora_alpha")
+    if alpha is None:
+        raise ValueError(f"{directory}/{CONFIG_NAME} has no lora_alpha; it is not a complete PEFT adapter.")
+    if config.get("use_rslora"):  # PEFT scales by alpha / sqrt(r); ours is alpha / r
+        alpha *= math.sqrt(r)
+    return alpha
+
+
+def from_peft(model: nn.Module, directory: str | os.PathLike, trainable: bool = True) -> dict[str, Any]:
+    """Load the PEFT LoRA adapter in `directory` into `model` as loralib `LoraLinear` layers; return its config.
+
+    `model` is the stock transformers model the adapter was trained on (same architecture and head size),
+    or one that already carries loralib layers on exactly the adapter's modules with the same ranks.
+    Which modules are adapted, and their ranks, are read from the tensors themselves, so adapters made
+    with regex targets, "all-linear" or layers_to_transform load too; alpha comes from lora_alpha /
+    alpha_pattern (rsLoRA's lora_alpha / sqrt(r) is converted). Biases and modules_to_save tensors are
+    copied into the model's own parameters (a PEFT "modules_to_save" copy becomes the module itself).
+    trainable: leave exactly the adapter's tensors trainable (what PEFT trains), everything else frozen.
+    Mismatches (targets, rank, shapes of another base or head size) raise ValueError naming them.
+    """
+    check_module(model)
+    check_bool(trainable, "trainable")
+    config, tensors = read_peft_adapter(directory)
+    _check_supported(config, directory)
+    base_name = config.get("base_model_name_or_path")
+    mine = getattr(getattr(model, "config", None), "_name_or_path", None)
+
+    lora, other = _group_tensors(tensors, directory)
 
     modules = dict(model.named_modules())
     absent = [n for n in lora if n not in modules]
@@ -376,18 +396,6 @@ def from_peft(model: nn.Module, directory: str | os.PathLike, trainable: bool = 
             "frozen weights are the same.",
             stacklevel=2,
         )
-
-    def alpha_for(name: str) -> float:
-        pattern = config.get("alpha_pattern") or {}
-        key = next((k for k in pattern if _pattern_match(name, k)), None)
-        alpha = check_alpha(pattern[key] if key is not None else config.get("lora_alpha"), "lora_alpha")
-        if alpha is None:
-            raise ValueError(
-                f"{directory}/{CONFIG_NAME} has no lora_alpha; it is not a complete PEFT adapter."
-            )
-        if config.get("use_rslora"):  # PEFT scales by alpha / sqrt(r); ours is alpha / r
-            alpha *= math.sqrt(ranks[name])
-        return alpha
 
     # Check every shape before changing the model, so a mismatch leaves it untouched.
     problems = []
@@ -423,7 +431,9 @@ def from_peft(model: nn.Module, directory: str | os.PathLike, trainable: bool = 
             f"LoRA layers {merged[:3]} are merged; call unmerge_lora(model) before loading an adapter."
         )
     dropout = float(config.get("lora_dropout") or 0.0)
-    alphas = {name: alpha_for(name) for name in lora}  # a NaN or missing alpha fails here, not half-way
+    alphas = {
+        name: _alpha_for(config, name, ranks[name], directory) for name in lora
+    }  # a NaN or missing alpha fails here, not half-way
     # Everything is checked; a failure from here on (an exotic dtype, a device error) still leaves the
     # model as it was.
     with unchanged_on_failure(model, params=[*(f"{n}.lora_{ab}" for n in lora for ab in "AB"), *other]):
