@@ -314,22 +314,30 @@ def _inject_from_config(model: nn.Module, cfg: dict[str, Any]) -> None:
         )
 
 
+def tensor_mismatches(
+    params: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]
+) -> tuple[list[str], list[str]]:
+    """(names in `tensors` that `params` lacks, "name: file (..) vs model (..)" for shapes that differ)."""
+    unknown = [k for k in tensors if k not in params]
+    bad = [
+        f"{k}: file {tuple(v.shape)} vs model {tuple(params[k].shape)}"
+        for k, v in tensors.items()
+        if k in params and tuple(v.shape) != tuple(params[k].shape)
+    ]
+    return unknown, bad
+
+
 def _check_fits(
     model: nn.Module, cfg: dict[str, Any], tensors: dict[str, torch.Tensor], strict: bool
 ) -> None:
     params = dict(model.named_parameters())
-    missing_in_model = [k for k in tensors if k not in params]
+    missing_in_model, bad = tensor_mismatches(params, tensors)
     if missing_in_model:
         raise ValueError(
             f"the adapter has {len(missing_in_model)} tensors the model lacks, e.g. {missing_in_model[:5]}; "
             f"it was made for base model {cfg.get('base_model')!r} with targets {cfg.get('target_modules')[:4]}... "
             "Load it into the same architecture (and the same task head)."
         )
-    bad = [
-        f"{k}: file {tuple(v.shape)} vs model {tuple(params[k].shape)}"
-        for k, v in tensors.items()
-        if tuple(v.shape) != tuple(params[k].shape)
-    ]
     if bad:
         raise ValueError(
             "adapter shapes don't fit the model (different rank r, hidden size or number of labels?): "

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from loralib.checks import check_bool, check_choice, check_module, check_names
-from loralib.layers import UNSET, LoraLinear, check_lora_args, module_kind, renamed_kwargs
+from loralib.layers import UNSET, LoraLinear, check_lora_args, module_kind, resolve_lora_names
 
 # Task heads stay full-precision, fully trained modules: "all-linear" never adapts them (as PEFT).
 HEAD_NAMES = ("classifier", "qa_outputs", "lm_head", "score", "cls", "head", "pooler_head")
@@ -116,13 +116,7 @@ def inject_lora(
     untouched then.
     """
     check_module(model)
-    given = renamed_kwargs(
-        "inject_lora",
-        {"alpha": alpha, "dropout": dropout},
-        {"lora_alpha": lora_alpha, "lora_dropout": lora_dropout},
-    )
-    lora_alpha = None if given["lora_alpha"] is UNSET else given["lora_alpha"]
-    lora_dropout = 0.0 if given["lora_dropout"] is UNSET else given["lora_dropout"]
+    lora_alpha, lora_dropout = resolve_lora_names("inject_lora", lora_alpha, lora_dropout, alpha, dropout)
     r, lora_alpha, lora_dropout = check_lora_args(r, lora_alpha, lora_dropout, init)
     check_bool(autocast_adapter_dtype, "autocast_adapter_dtype")
     names = find_targets(model, target_modules)

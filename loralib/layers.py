@@ -49,25 +49,28 @@ def check_lora_args(
 UNSET = object()
 
 
-def renamed_kwargs(where: str, old: dict[str, object], new: dict[str, object]) -> dict[str, object]:
-    """Map the pre-PEFT-vocabulary keywords (alpha=, dropout=) onto lora_alpha= / lora_dropout=.
+def resolve_lora_names(where: str, lora_alpha, lora_dropout, alpha, dropout) -> tuple[float | None, float]:
+    """(lora_alpha, lora_dropout) from PEFT's names or their former ones (alpha=, dropout=).
 
-    `old` maps old names to what was passed (UNSET if nothing), `new` the new names to their values.
-    Passing both names of one argument is an error; an old name alone works, with a FutureWarning.
+    Unset arguments are `UNSET`; the defaults are lora_alpha None (= r) and lora_dropout 0. Passing
+    both names of one argument is an error; a former name alone works, with a FutureWarning.
     """
-    out = dict(new)
-    for (old_name, old_value), (new_name, new_value) in zip(old.items(), new.items()):
-        if old_value is UNSET:
-            continue
-        if new_value is not UNSET:
-            raise TypeError(f"{where}: pass {new_name}= only ({old_name}= is its former name).")
-        warnings.warn(
-            f"{where}: {old_name}= is now {new_name}= (PEFT's name); {old_name}= will be removed.",
-            FutureWarning,
-            stacklevel=3,
-        )
-        out[new_name] = old_value
-    return out
+    out = []
+    for new_name, new_value, old_name, old_value, default in (
+        ("lora_alpha", lora_alpha, "alpha", alpha, None),
+        ("lora_dropout", lora_dropout, "dropout", dropout, 0.0),
+    ):
+        if old_value is not UNSET:
+            if new_value is not UNSET:
+                raise TypeError(f"{where}: pass {new_name}= only ({old_name}= is its former name).")
+            warnings.warn(
+                f"{where}: {old_name}= is now {new_name}= (PEFT's name); {old_name}= will be removed.",
+                FutureWarning,
+                stacklevel=3,
+            )
+            new_value = old_value
+        out.append(default if new_value is UNSET else new_value)
+    return out[0], out[1]
 
 
 def adapter_dtype(base_dtype: torch.dtype, autocast_adapter_dtype: bool = True) -> torch.dtype:
@@ -349,13 +352,7 @@ class LoraLinear(nn.Linear):
         alpha=UNSET,
         dropout=UNSET,
     ) -> None:
-        given = renamed_kwargs(
-            "LoraLinear",
-            {"alpha": alpha, "dropout": dropout},
-            {"lora_alpha": lora_alpha, "lora_dropout": lora_dropout},
-        )
-        lora_alpha = None if given["lora_alpha"] is UNSET else given["lora_alpha"]
-        lora_dropout = 0.0 if given["lora_dropout"] is UNSET else given["lora_dropout"]
+        lora_alpha, lora_dropout = resolve_lora_names("LoraLinear", lora_alpha, lora_dropout, alpha, dropout)
         r, lora_alpha, lora_dropout = check_lora_args(r, lora_alpha, lora_dropout, init)
         check_bool(autocast_adapter_dtype, "autocast_adapter_dtype")
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
@@ -403,13 +400,9 @@ class LoraLinear(nn.Linear):
             )
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"LoraLinear.from_linear expects an nn.Linear, got {module_kind(linear)}.")
-        given = renamed_kwargs(
-            "LoraLinear.from_linear",
-            {"alpha": alpha, "dropout": dropout},
-            {"lora_alpha": lora_alpha, "lora_dropout": lora_dropout},
+        lora_alpha, lora_dropout = resolve_lora_names(
+            "LoraLinear.from_linear", lora_alpha, lora_dropout, alpha, dropout
         )
-        lora_alpha = None if given["lora_alpha"] is UNSET else given["lora_alpha"]
-        lora_dropout = 0.0 if given["lora_dropout"] is UNSET else given["lora_dropout"]
         r, lora_alpha, lora_dropout = check_lora_args(r, lora_alpha, lora_dropout, init)
         check_bool(autocast_adapter_dtype, "autocast_adapter_dtype")
         w = linear.weight

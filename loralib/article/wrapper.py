@@ -41,7 +41,13 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import QuestionAnsweringModelOutput, SequenceClassifierOutput
 
-from loralib.adapters import check_format_version, check_metadata, read_adapter, write_adapter
+from loralib.adapters import (
+    check_format_version,
+    check_metadata,
+    read_adapter,
+    tensor_mismatches,
+    write_adapter,
+)
 from loralib.article.attention import (
     LORA_PARAM_NAMES,
     check_article_args,
@@ -399,17 +405,12 @@ class LoraWrapperRoberta(nn.Module):
     def load_trainable_state(self, tensors: dict[str, torch.Tensor], strict: bool = True) -> None:
         """Copy saved tensors in, checking names and shapes (strict: every trainable tensor must be there)."""
         params = dict(self.named_parameters())
-        unknown = [k for k in tensors if k not in params]
+        unknown, bad = tensor_mismatches(params, tensors)
         if unknown:
             raise ValueError(
                 f"the adapter has {len(unknown)} tensors this wrapper lacks, e.g. {unknown[:4]}: different "
                 "task type, pooling layer or number of layers?"
             )
-        bad = [
-            f"{k}: file {tuple(v.shape)} vs model {tuple(params[k].shape)}"
-            for k, v in tensors.items()
-            if tuple(v.shape) != tuple(params[k].shape)
-        ]
         if bad:
             raise ValueError(
                 "adapter shapes don't fit (different rank, hidden size or classes?): " + "; ".join(bad[:4])
