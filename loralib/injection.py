@@ -20,7 +20,9 @@ from loralib.checks import check_bool, check_choice, check_module, check_names
 from loralib.layers import UNSET, LoraLinear, check_lora_args, module_kind, resolve_lora_names
 
 # Task heads stay full-precision, fully trained modules: "all-linear" never adapts them (as PEFT).
-HEAD_NAMES = ("classifier", "qa_outputs", "lm_head", "score", "cls", "head", "pooler_head")
+# The heads of the classification and question-answering models this project trains.
+TASK_HEADS = ("classifier", "qa_outputs")
+HEAD_NAMES = (*TASK_HEADS, "lm_head", "score", "cls", "head", "pooler_head")
 BIAS_CHOICES = ("none", "all", "lora_only")
 
 

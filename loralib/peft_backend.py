@@ -39,17 +39,18 @@ from loralib.checks import (
     check_rank,
     read_json,
 )
+from loralib.injection import TASK_HEADS
 from loralib.utils import atomic_directory, default_device
 
 # The article's PEFT recipe: all attention and feed-forward linears, plus norms and heads trained in full.
 ARTICLE_TARGETS: tuple[str, ...] = ("query", "key", "value", "intermediate.dense", "output.dense")
 
 
-ARTICLE_MODULES_TO_SAVE: tuple[str, ...] = ("LayerNorm", "classifier", "qa_outputs")
+ARTICLE_MODULES_TO_SAVE: tuple[str, ...] = ("LayerNorm", *TASK_HEADS)
 
 
 # Never quantised: they start random and train in full, so 4-bit rounding would cripple them.
-HEAD_MODULES: tuple[str, ...] = ("classifier", "qa_outputs")
+HEAD_MODULES: tuple[str, ...] = TASK_HEADS
 
 
 TASK_KINDS: tuple[str, ...] = ("classification", "regression", "question_answering")
