@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {
         "command": command,
         "quick": args.quick,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "versions": versions(),
         "machine": machine_info(),
         "threads": torch.get_num_threads(),

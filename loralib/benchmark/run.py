@@ -12,7 +12,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterable, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +111,7 @@ def run_task(
             shutil.rmtree(adapter_dir)
         results["adapter"] = save_adapter(cfg, trainer.model, spec, model_id, adapter_dir)
         results["wall_time_s"] = round(time.perf_counter() - t0, 3)
-        results["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        results["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
         write_results_json(results_path, results)
     trainer.accelerator.wait_for_everyone()
     return json_safe(results)  # the same values the file holds (NaN -> None)
