@@ -3,7 +3,8 @@
 The names exported here are the core a reader of notebook 03 needs; everything else is reached by
 its module. One module (or folder) per concept:
 
-    layers        LoraLinear: the layer, its initialisations, merge/unmerge, LoRA dropout
+    layers        LoraLinear: the layer, its initialisations, merge/unmerge
+    fast_path     its custom autograd Function, thin-product routing and LoRA dropout's CPU mask
     injection     inject_lora, mark_only_lora_as_trainable, merge/unmerge/unload, rollback on failure
     adapters      save_lora / load_lora (safetensors + JSON, one atomic directory)
     checks        argument validation, one wording for every entry point

@@ -16,7 +16,8 @@ import torch
 from scipy import stats
 from torch import nn
 
-from loralib.layers import LoraLinear, dropout_mask
+from loralib.fast_path import dropout_mask
+from loralib.layers import LoraLinear
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-12, atol=1e-12)}
 

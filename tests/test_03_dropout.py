@@ -1,4 +1,4 @@
-"""LoRA dropout on CPU (`loralib.layers.dropout_mask`): the semantics of inverted dropout, checked
+"""LoRA dropout on CPU (`loralib.fast_path.dropout_mask`): the semantics of inverted dropout, checked
 statistically, and the layer against the explicit formula given the same mask.
 
 Semantics: each input element of the LoRA branch is kept with probability 1 - p (exact to 1e-4 for any
@@ -15,7 +15,8 @@ import pytest
 import torch
 from torch import nn
 
-from loralib.layers import LoraLinear, dropout_mask
+from loralib.fast_path import dropout_mask
+from loralib.layers import LoraLinear
 from loralib.measure.memory import saved_tensor_bytes  # noqa: E402
 
 N = 1 << 25  # 33.5M draws: the keep rate's standard error is <= 8.7e-5 (p = 0.5), 5e-5 at p = 0.1

@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loralib import layers
-from loralib.layers import LoraLinear, dropout_mask
+from loralib import fast_path
+from loralib.fast_path import dropout_mask
+from loralib.layers import LoraLinear
 from loralib.measure.layer import (  # noqa: E402
     naive_lora_forward,
 )
@@ -78,11 +79,11 @@ def grads_of(layer, x):
 def thin_backend(request, monkeypatch):
     """Run a test on both routes for the thin products: oneDNN (forced even for small shapes) and torch.mm."""
     if request.param == "onednn":
-        if layers._onednn_linear() is None:
+        if fast_path._onednn_linear() is None:
             pytest.skip("oneDNN's linear op is not usable in this torch build; torch.mm is used instead")
-        monkeypatch.setattr(layers, "_ONEDNN_MIN_ELEMENTS", 0)
+        monkeypatch.setattr(fast_path, "_ONEDNN_MIN_ELEMENTS", 0)
     else:
-        monkeypatch.setattr(layers, "_onednn_linear", lambda: None)
+        monkeypatch.setattr(fast_path, "_onednn_linear", lambda: None)
     return request.param
 
 
@@ -136,7 +137,7 @@ def test_expanded_upstream_gradient_and_input_without_grad(thin_backend):
 
 
 def test_onednn_route_is_taken_for_large_fp32_products(monkeypatch):
-    op = layers._onednn_linear()
+    op = fast_path._onednn_linear()
     if op is None:
         pytest.skip("oneDNN's linear op is not usable in this torch build; torch.mm is used instead")
     calls = []
@@ -145,7 +146,7 @@ def test_onednn_route_is_taken_for_large_fp32_products(monkeypatch):
         calls.append(tuple(args[0].shape))
         return op(*args)
 
-    monkeypatch.setattr(layers, "_onednn_linear", lambda: counting)
+    monkeypatch.setattr(fast_path, "_onednn_linear", lambda: counting)
     layer = make_layer(256, 224, 8)
     x = torch.randn(2, 160, 256, requires_grad=True)  # 320 tokens: above the size threshold
     y = layer(x)
@@ -246,7 +247,7 @@ def test_dropout_in_training_matches_a_manual_mask(p, lead, kind, thin_backend):
 def function_saved(y):
     """The tensors LoraLinear's autograd Function saved for backward (None entries dropped)."""
     node = y.grad_fn
-    assert type(node).__name__.startswith("_LoraLinearFn"), f"unexpected grad_fn {type(node).__name__}"
+    assert type(node).__name__.startswith("LoraFunction"), f"unexpected grad_fn {type(node).__name__}"
     return [t for t in node.saved_tensors if t is not None]
 
 

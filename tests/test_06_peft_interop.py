@@ -18,8 +18,9 @@ from transformers import (  # noqa: E402
     RobertaForSequenceClassification,
 )
 
+from loralib.fast_path import dropout_mask  # noqa: E402
 from loralib.injection import inject_lora, lora_layers, mark_only_lora_as_trainable  # noqa: E402
-from loralib.layers import LoraLinear, dropout_mask  # noqa: E402
+from loralib.layers import LoraLinear  # noqa: E402
 from loralib.peft_interop import from_peft, read_peft_adapter, to_peft  # noqa: E402
 from loralib.utils import count_parameters, set_seed  # noqa: E402
 
