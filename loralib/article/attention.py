@@ -6,7 +6,7 @@ The article's class, as in the article (Montinger/Transformer-Workbench, LoRA-fr
 and a `forward` copied from the installed transformers (5.23.0): the stock forward with `self.query(x)` and
 `self.value(x)` replaced by `self.lora_query(x)` / `self.lora_value(x)`. Everything else (past_key_values,
 dispatch to eager / sdpa / any `ALL_ATTENTION_FUNCTIONS` backend, dropout, returned attention weights) is
-the stock code, so with B = 0 it computes exactly what the stock layer does (tests/test_02_roberta.py
+the stock code, so with B = 0 it computes exactly what the stock layer does (tests/test_02_article.py
 checks that under eager and sdpa with padding). Shapes follow the article and `loralib.LoraLinear`:
 A is (r x hidden), B is (hidden x r), and
 
@@ -118,7 +118,7 @@ def _warn_if_transformers_changed() -> None:
         warnings.warn(
             f"transformers {transformers.__version__}'s RobertaSelfAttention.forward differs from the "
             f"{COPIED_FROM_TRANSFORMERS} code copied into LoraRobertaSelfAttention.forward; run "
-            "tests/test_02_roberta.py (it compares outputs with the stock layer) and, if it fails, re-copy the "
+            "tests/test_02_article.py (it compares outputs with the stock layer) and, if it fails, re-copy the "
             "forward (see loralib.article.attention.forward_source_diff()).",
             RuntimeWarning,
             stacklevel=3,
