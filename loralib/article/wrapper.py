@@ -76,6 +76,61 @@ def _base_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def _check_task(task_type: str, num_classes: int | None) -> tuple[str, int]:
+    """(task type, head outputs): "squad" means "squad_v1"; GLUE needs num_classes, SQuAD has 2."""
+    if not isinstance(task_type, str) or task_type.lower() not in (*TASK_TYPES, "squad"):
+        raise ValueError(
+            f"unknown task_type {task_type!r}; choose one of {TASK_TYPES} ('squad' means 'squad_v1')."
+        )
+    task_type = task_type.lower()
+    task_type = "squad_v1" if task_type == "squad" else task_type
+    if task_type == "glue":
+        if num_classes is None:
+            raise ValueError(
+                "task_type='glue' needs num_classes: the number of labels (2 for SST-2, 3 for MNLI), or 1 "
+                "for the STS-B regression."
+            )
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}.")
+    else:
+        if num_classes not in (None, 2):
+            raise ValueError(
+                f"{task_type} has exactly 2 outputs per token (start, end); got num_classes={num_classes}. "
+                "SQuAD v2's no-answer is the <s> span here, not a third output (see the module docstring)."
+            )
+        num_classes = 2
+    return task_type, num_classes
+
+
+def _check_regression_range(regression_range):
+    """(low, high) as floats with low < high, or None."""
+    if regression_range is not None:
+        low, high = (float(v) for v in regression_range)
+        if not low < high:
+            raise ValueError(f"regression_range must be (low, high) with low < high, got {regression_range}.")
+        regression_range = (low, high)
+    return regression_range
+
+
+def _base_and_tokenizer(model_id, base_model, tokenizer, attn_implementation, add_pooling_layer):
+    """(RobertaModel, tokenizer, add_pooling_layer): loaded from `model_id`, or the given model checked."""
+    from transformers import AutoTokenizer, RobertaModel
+
+    if base_model is None:
+        kwargs = {"add_pooling_layer": add_pooling_layer}
+        if attn_implementation is not None:
+            kwargs["attn_implementation"] = attn_implementation
+        base_model = RobertaModel.from_pretrained(model_id, **kwargs)
+        tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(model_id)
+    else:
+        if not isinstance(base_model, RobertaModel):
+            raise TypeError(f"base_model must be a RobertaModel, got {type(base_model).__name__}.")
+        if attn_implementation is not None:
+            base_model.set_attn_implementation(attn_implementation)
+        add_pooling_layer = base_model.pooler is not None
+    return base_model, tokenizer, add_pooling_layer
+
+
 class LoraWrapperRoberta(nn.Module):
     """RoBERTa with hand-written LoRA on query/value and a task head (the article's wrapper, made solid).
 
@@ -130,52 +185,15 @@ class LoraWrapperRoberta(nn.Module):
                 "LoraWrapperRoberta: lora_rank= is now r= (PEFT's name).", FutureWarning, stacklevel=2
             )
             r = lora_rank
-        if not isinstance(task_type, str) or task_type.lower() not in (*TASK_TYPES, "squad"):
-            raise ValueError(
-                f"unknown task_type {task_type!r}; choose one of {TASK_TYPES} ('squad' means 'squad_v1')."
-            )
-        task_type = task_type.lower()
-        task_type = "squad_v1" if task_type == "squad" else task_type
-        if task_type == "glue":
-            if num_classes is None:
-                raise ValueError(
-                    "task_type='glue' needs num_classes: the number of labels (2 for SST-2, 3 for MNLI), or 1 "
-                    "for the STS-B regression."
-                )
-            if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
-                raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}.")
-        else:
-            if num_classes not in (None, 2):
-                raise ValueError(
-                    f"{task_type} has exactly 2 outputs per token (start, end); got num_classes={num_classes}. "
-                    "SQuAD v2's no-answer is the <s> span here, not a third output (see the module docstring)."
-                )
-            num_classes = 2
+        task_type, num_classes = _check_task(task_type, num_classes)
         check_article_args(r, formulation, lora_alpha, lora_dropout)
         check_dropout(dropout_rate, "dropout_rate")
-        if regression_range is not None:
-            low, high = (float(v) for v in regression_range)
-            if not low < high:
-                raise ValueError(
-                    f"regression_range must be (low, high) with low < high, got {regression_range}."
-                )
-            regression_range = (low, high)
+        regression_range = _check_regression_range(regression_range)
 
         # 1. The base model and tokenizer.
-        from transformers import AutoTokenizer, RobertaModel
-
-        if base_model is None:
-            kwargs = {"add_pooling_layer": add_pooling_layer}
-            if attn_implementation is not None:
-                kwargs["attn_implementation"] = attn_implementation
-            base_model = RobertaModel.from_pretrained(model_id, **kwargs)
-            tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(model_id)
-        else:
-            if not isinstance(base_model, RobertaModel):
-                raise TypeError(f"base_model must be a RobertaModel, got {type(base_model).__name__}.")
-            if attn_implementation is not None:
-                base_model.set_attn_implementation(attn_implementation)
-            add_pooling_layer = base_model.pooler is not None
+        base_model, tokenizer, add_pooling_layer = _base_and_tokenizer(
+            model_id, base_model, tokenizer, attn_implementation, add_pooling_layer
+        )
         self.model_id = str(model_id)
         self.tokenizer = tokenizer
         self.model = base_model

@@ -73,6 +73,38 @@ def _to_float(v: Any) -> Any:
     return v
 
 
+def squad_scores(cfg: TrainConfig, examples, features, start_logits, end_logits) -> dict[str, Any]:
+    """SQuAD metrics of one evaluation: windows' logits -> answers (`loralib.qa`) -> `squad_metrics`."""
+    from loralib.metrics import squad_metrics
+    from loralib.qa import postprocess_qa_predictions
+
+    v2 = cfg.task == "squad_v2"
+    preds, null_diffs = postprocess_qa_predictions(
+        examples,
+        features,
+        start_logits,
+        end_logits,
+        version_2=v2,
+        n_best_size=cfg.n_best_size,
+        max_answer_length=cfg.max_answer_length,
+        null_score_diff_threshold=cfg.null_score_diff_threshold,
+    )
+    # The null-score differences are the no-answer scores; with the same threshold the metric's
+    # "counts as no answer" rule agrees with the predictions, and best_* sweep the threshold.
+    raw = (
+        squad_metrics(
+            preds,
+            examples,
+            version_2=True,
+            no_answer_probs=null_diffs,
+            no_answer_threshold=cfg.null_score_diff_threshold,
+        )
+        if v2
+        else squad_metrics(preds, examples)
+    )
+    return raw
+
+
 def _make_trainer_class():
     from transformers import Trainer
     from transformers.optimization import get_linear_schedule_with_warmup
@@ -124,9 +156,6 @@ def _make_trainer_class():
             return merged
 
         def _evaluate_qa(self, split: str, ds, ignore_keys, prefix: str) -> dict[str, Any]:
-            from loralib.metrics import squad_metrics
-            from loralib.qa import postprocess_qa_predictions
-
             cfg = self.loralib_cfg
             examples, features = self.qa_eval[split]
             start = time.time()
@@ -137,31 +166,7 @@ def _make_trainer_class():
                 ignore_keys=ignore_keys,
                 metric_key_prefix=prefix,
             )
-            start_logits, end_logits = output.predictions[0], output.predictions[1]
-            v2 = cfg.task == "squad_v2"
-            preds, null_diffs = postprocess_qa_predictions(
-                examples,
-                features,
-                start_logits,
-                end_logits,
-                version_2=v2,
-                n_best_size=cfg.n_best_size,
-                max_answer_length=cfg.max_answer_length,
-                null_score_diff_threshold=cfg.null_score_diff_threshold,
-            )
-            # The null-score differences are the no-answer scores; with the same threshold the metric's
-            # "counts as no answer" rule agrees with the predictions, and best_* sweep the threshold.
-            raw = (
-                squad_metrics(
-                    preds,
-                    examples,
-                    version_2=True,
-                    no_answer_probs=null_diffs,
-                    no_answer_threshold=cfg.null_score_diff_threshold,
-                )
-                if v2
-                else squad_metrics(preds, examples)
-            )
+            raw = squad_scores(cfg, examples, features, output.predictions[0], output.predictions[1])
             metrics = {f"{prefix}_{k}": _to_float(v) for k, v in raw.items()}
             metrics.update(speed_metrics(prefix, start, num_samples=len(features)))
             self.log(metrics)
