@@ -145,6 +145,40 @@ def _modules_to_save(model: nn.Module, extras: set[str], lora_names: set[str], h
     return sorted(c for c in chosen if not any(c.startswith(o + ".") for o in chosen if o != c))
 
 
+def _bias_mode(params: dict[str, torch.Tensor], layers: dict[str, LoraLinear], extras: set[str]):
+    """PEFT's `bias` setting that covers the trained biases, and their names: "all" saves every bias,
+    "lora_only" those of adapted layers, "none" none."""
+    all_biases = {n for n in params if n.endswith(".bias")}
+    lora_biases = {f"{n}.bias" for n, layer in layers.items() if layer.bias is not None}
+    if all_biases and all_biases <= extras:
+        return "all", all_biases
+    if lora_biases and lora_biases <= extras:
+        return "lora_only", lora_biases
+    return "none", set()
+
+
+def _ranks_and_alphas(layers: dict[str, LoraLinear]) -> dict[str, Any]:
+    """r, lora_alpha and lora_dropout for PEFT: the most common values, the others as patterns."""
+    r_common = Counter(layer.r for layer in layers.values()).most_common(1)[0][0]
+    a_common = Counter(layer.lora_alpha for layer in layers.values()).most_common(1)[0][0]
+    dropouts = Counter(layer.lora_dropout_p for layer in layers.values())
+    if len(dropouts) > 1:
+        warnings.warn(
+            f"LoRA dropout differs between layers {dict(dropouts)}; PEFT has one lora_dropout, "
+            f"{dropouts.most_common(1)[0][0]} is written (dropout only matters for training).",
+            stacklevel=4,
+        )
+    return {
+        "r": r_common,
+        "lora_alpha": _num(a_common),
+        "lora_dropout": dropouts.most_common(1)[0][0],
+        "rank_pattern": {n: layer.r for n, layer in layers.items() if layer.r != r_common},
+        "alpha_pattern": {
+            n: _num(layer.lora_alpha) for n, layer in layers.items() if layer.lora_alpha != a_common
+        },
+    }
+
+
 def peft_state_and_config(
     model: nn.Module,
     base_model_name_or_path: str | None = None,
@@ -166,15 +200,7 @@ def peft_state_and_config(
     lora_keys = {f"{n}.lora_A" for n in layers} | {f"{n}.lora_B" for n in layers}
     extras = {n for n, p in params.items() if p.requires_grad and n not in lora_keys}
 
-    # Biases: PEFT's bias="all" saves every bias, "lora_only" those of adapted layers.
-    all_biases = {n for n in params if n.endswith(".bias")}
-    lora_biases = {f"{n}.bias" for n, layer in layers.items() if layer.bias is not None}
-    if all_biases and all_biases <= extras:
-        bias_mode, bias_keys = "all", all_biases
-    elif lora_biases and lora_biases <= extras:
-        bias_mode, bias_keys = "lora_only", lora_biases
-    else:
-        bias_mode, bias_keys = "none", set()
+    bias_mode, bias_keys = _bias_mode(params, layers, extras)
     top = {n for n, _ in model.named_children()}
     # A head that itself carries LoRA cannot also be a PEFT modules_to_save copy.
     heads = {
@@ -194,18 +220,6 @@ def peft_state_and_config(
         tensors[PREFIX + key] = params[n].detach()
     tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
 
-    # Ranks and alphas: the most common value is the default, the others become patterns.
-    r_common = Counter(layer.r for layer in layers.values()).most_common(1)[0][0]
-    a_common = Counter(layer.lora_alpha for layer in layers.values()).most_common(1)[0][0]
-    rank_pattern = {n: layer.r for n, layer in layers.items() if layer.r != r_common}
-    alpha_pattern = {n: _num(layer.lora_alpha) for n, layer in layers.items() if layer.lora_alpha != a_common}
-    dropouts = Counter(layer.lora_dropout_p for layer in layers.values())
-    if len(dropouts) > 1:
-        warnings.warn(
-            f"LoRA dropout differs between layers {dict(dropouts)}; PEFT has one lora_dropout, "
-            f"{dropouts.most_common(1)[0][0]} is written (dropout only matters for training).",
-            stacklevel=3,
-        )
     all_names = [n for n, _ in model.named_modules() if n]
     if task_type == "auto":
         task_type = _infer_task_type(model)
@@ -214,12 +228,8 @@ def peft_state_and_config(
         "task_type": task_type,
         "base_model_name_or_path": str(base),
         "revision": None,
-        "r": r_common,
-        "lora_alpha": _num(a_common),
-        "lora_dropout": dropouts.most_common(1)[0][0],
+        **_ranks_and_alphas(layers),
         "target_modules": _suffix_cover(lora_names, all_names, _target_match),
-        "rank_pattern": rank_pattern,
-        "alpha_pattern": alpha_pattern,
         "modules_to_save": _suffix_cover(set(to_save), all_names, _save_match) or None,
         "bias": bias_mode,
         "use_rslora": False,
