@@ -260,18 +260,32 @@ def squad_metrics(
             'predict an answer ("" for no answer) for every reference id.'
         )
     if not version_2:
-        em = f1 = 0.0
-        for qid, texts in gold:
-            if not texts:
-                raise ValueError(
-                    f"question {qid!r} has no gold answer; SQuAD v1.1 questions are all answerable "
-                    "(use version_2=True for v2.0 data)."
-                )
-            pred = predictions[qid]
-            em += max(exact_score(pred, t) for t in texts)
-            f1 += max(f1_score_v1(pred, t) for t in texts)
-        return {"exact_match": 100.0 * em / len(gold), "f1": 100.0 * f1 / len(gold)}
+        return _squad_v1(predictions, gold)
+    return _squad_v2(predictions, gold, no_answer_probs, no_answer_threshold)
 
+
+def _squad_v1(predictions: Mapping[str, str], gold: list[tuple[str, list[str]]]) -> dict[str, float]:
+    """The official v1.1 script: mean over questions of the best exact match and F1 over gold answers."""
+    em = f1 = 0.0
+    for qid, texts in gold:
+        if not texts:
+            raise ValueError(
+                f"question {qid!r} has no gold answer; SQuAD v1.1 questions are all answerable "
+                "(use version_2=True for v2.0 data)."
+            )
+        pred = predictions[qid]
+        em += max(exact_score(pred, t) for t in texts)
+        f1 += max(f1_score_v1(pred, t) for t in texts)
+    return {"exact_match": 100.0 * em / len(gold), "f1": 100.0 * f1 / len(gold)}
+
+
+def _squad_v2(
+    predictions: Mapping[str, str],
+    gold: list[tuple[str, list[str]]],
+    no_answer_probs: Mapping[str, float] | None,
+    no_answer_threshold: float,
+) -> dict[str, float]:
+    """The official v2.0 script: exact / f1 with the no-answer threshold, HasAns / NoAns, best_*."""
     na_probs = {qid: 0.0 for qid in predictions} if no_answer_probs is None else dict(no_answer_probs)
     absent = [qid for qid, _ in gold if qid not in na_probs]
     if absent:
