@@ -224,3 +224,16 @@ def test_peft_vocabulary_in_the_config_and_the_former_alpha():
     old = {"config": {**cfg.to_dict(), "alpha": 2.0}}  # a results file from before the rename
     del old["config"]["lora_alpha"]
     assert config_from_results(old).lora_alpha == 2.0
+
+
+def test_bundled_data_or_random_weights_are_never_labelled_a_benchmark(tmp_path, tiny_model_dir):
+    """The cpu profile is a real profile, but on bundled data with the tiny random model it is a smoke run."""
+    res = run_task(
+        "rte", "cpu", output_dir=tmp_path, model_id=tiny_model_dir, data_dir="bundled",
+        epochs=1, warmup_epochs=0.5, max_train_samples=16, max_eval_samples=8, progress=False,
+    )  # fmt: skip
+    assert res["smoke"] is True and "SMOKE RUN despite the 'cpu' profile" in res["note"]
+    assert (res["data_source"], res["pretrained"]) == ("bundled", False)
+    from loralib.benchmark.references import format_table, results_table
+
+    assert "SMOKE" in format_table(results_table(tmp_path))

@@ -3,13 +3,14 @@
 Results layout: OUTPUT_DIR/<task>/results.json and OUTPUT_DIR/<task>/adapter/ (loralib's adapter format
 for the loralib backend, the wrapper's `save_lora` for "article", PEFT's format plus loralib_task.json for
 "peft"/"qlora"; `load_trained_model` reads all three). results.json holds: task, profile, backend, smoke
-(True only for the smoke profile: a tiny random model on bundled synthetic data, never benchmark numbers),
-note, model_id, seed, main_metric, metrics, metrics_by_split, epochs (one record per epoch: epoch, step,
+(True for the smoke profile, and for any run on bundled synthetic data or the tiny random model, whatever
+its profile: never benchmark numbers), note, data_source (hub / bundled / local), pretrained and weights
+(a pretrained checkpoint, or random loralib.tiny), model_id, seed, main_metric, metrics, metrics_by_split, epochs (one record per epoch: epoch, step,
 learning_rate (the rate of the epoch's last optimizer step), train_loss (mean over the epoch), metrics
 {split: {...}}, eval_loss {split: loss} (GLUE only)), config (every TrainConfig field), trainable_parameters,
 total_parameters, train_examples (SQuAD: windows), train_time_s, wall_time_s, peak_memory {device, kind,
-bytes} (CUDA: max allocated; CPU: the process's peak RSS), world_size, device, versions
-(`loralib.versions()`), adapter {path, format, size_bytes}, finished_at. Non-finite numbers (e.g. the
+bytes} (CUDA: max allocated; CPU: the process's peak RSS), world_size, device, precision (bf16 / fp16 /
+fp32), versions (`loralib.utils.versions()`), adapter {path, format, size_bytes}, finished_at. Non-finite numbers (e.g. the
 Pearson correlation of constant predictions) are written as null, so the file is strict JSON. A task whose
 results.json exists is skipped on a rerun unless overwrite=True (CLI --overwrite); a finished run with
 another profile, backend, seed or model in the same directory is an error rather than a silent skip.

@@ -34,6 +34,24 @@ from loralib.benchmark.results import (
 from loralib.benchmark.trainer import build_trainer
 
 
+def provenance(cfg, model_id: str) -> dict[str, Any]:
+    """Where a run's numbers come from: the data (hub / bundled / local) and whether the weights are a
+    pretrained checkpoint or the tiny random model. A run on bundled data or random weights is a smoke
+    run whatever its profile."""
+    from loralib.tiny import tiny_roberta
+
+    data = "hub" if cfg.data_dir in (None, "") else ("bundled" if str(cfg.data_dir) == "bundled" else "local")
+    tiny = cfg.model_id is None or (
+        Path(str(model_id)).expanduser().is_dir()
+        and Path(str(model_id)).expanduser().resolve() == Path(tiny_roberta()).resolve()
+    )
+    return {
+        "data_source": data,
+        "pretrained": not tiny,
+        "weights": "random (loralib.tiny.tiny_roberta)" if tiny else "pretrained checkpoint",
+    }
+
+
 def run_task(
     task: str,
     profile: str = "smoke",
@@ -81,12 +99,24 @@ def run_task(
         raise RuntimeError(f"{task}: training finished without an evaluation; this is a bug in run_task.")
     by_split = epochs[-1]["metrics"]
     metrics = by_split if len(by_split) > 1 else next(iter(by_split.values()))
+    source = provenance(cfg, model_id)
+    smoke = PROFILES[profile].smoke or source["data_source"] == "bundled" or not source["pretrained"]
+    note = PROFILES[profile].description
+    if smoke and not PROFILES[profile].smoke:
+        note = (
+            f"SMOKE RUN despite the {profile!r} profile: "
+            + ("bundled synthetic data" if source["data_source"] == "bundled" else "")
+            + (" and " if source["data_source"] == "bundled" and not source["pretrained"] else "")
+            + ("a randomly initialised model" if not source["pretrained"] else "")
+            + ". NOT benchmark numbers."
+        )
     results: dict[str, Any] = {
         "task": task,
         "profile": profile,
         "backend": cfg.backend,
-        "smoke": PROFILES[profile].smoke,
-        "note": PROFILES[profile].description,
+        "smoke": smoke,
+        "note": note,
+        **source,
         "model_id": model_id if cfg.model_id else "loralib.tiny.tiny_roberta()",
         "seed": cfg.seed,
         "main_metric": spec.main_metric,
