@@ -81,6 +81,13 @@ def check_metadata(metadata: dict[str, Any], reserved: tuple[str, ...], writer: 
     bad = [k for k in metadata if not isinstance(k, str)]
     if bad:
         raise TypeError(f"metadata keys must be strings, got {bad[:3]!r}.")
+    for key, value in metadata.items():  # refused here, not stringified into the file
+        try:
+            json.dumps(value, default=lambda v: os.fspath(v) if isinstance(v, os.PathLike) else _not_json(v))
+        except (TypeError, ValueError) as e:
+            raise TypeError(
+                f"metadata {key!r} is not JSON: {e}; pass str, numbers, bools, None, lists or dicts of them."
+            ) from None
     clash = sorted(set(metadata) & set(reserved))
     if clash:
         raise ValueError(
@@ -89,8 +96,13 @@ def check_metadata(metadata: dict[str, Any], reserved: tuple[str, ...], writer: 
         )
 
 
+def _not_json(value: Any):
+    raise TypeError(f"a {type(value).__name__} ({value!r:.60})")
+
+
 def lora_config(model: nn.Module, **metadata: Any) -> dict[str, Any]:
     """The JSON-able description of the model's adapters (per-layer r/alpha when they differ)."""
+    check_module(model)
     check_metadata(metadata, RESERVED_KEYS, "save_lora")
     layers = list(lora_layers(model))
     if not layers:

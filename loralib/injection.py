@@ -58,6 +58,7 @@ def find_targets(model: nn.Module, target_modules: str | Sequence[str]) -> list[
     a string is a regular expression that must match the whole name; "all-linear" selects every
     `nn.Linear` except task heads (see HEAD_NAMES) and the output embedding.
     """
+    check_module(model)
     if not isinstance(target_modules, str):
         check_names(target_modules, "target_modules")  # None, a number or non-string entries stop here
     if isinstance(target_modules, str) and target_modules == "all-linear":
@@ -258,6 +259,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 def unmerge_lora(model: nn.Module) -> nn.Module:
     """Undo `merge_lora` (idempotent); returns the model."""
+    check_module(model)
     for _, layer in lora_layers(model):
         layer.unmerge()
     return model
@@ -265,6 +267,7 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
 
 def unload_lora(model: nn.Module) -> nn.Module:
     """Merge, then put plain `nn.Linear` modules back: a stock model with the original state-dict keys."""
+    check_module(model)
     _check_untied(model)
     for name, layer in list(lora_layers(model)):
         _set_module(model, name, layer.to_linear())

@@ -618,3 +618,25 @@ def test_an_adapter_saved_in_format_version_1_still_loads(model, tmp_path, tiny_
     back = load_lora(fresh, tmp_path / "a")
     assert back["lora_alpha"] == 6.0 and {m.lora_alpha for _, m in lora_layers(fresh)} == {6.0}
     torch.testing.assert_close(fresh(**_ids()).logits, model(**_ids()).logits, atol=0, rtol=0)
+
+
+def test_metadata_that_is_not_json_is_refused_not_stringified(model, tmp_path):
+    inject_lora(model, ["query"], r=2)
+    with pytest.raises(TypeError, match="metadata 'note' is not JSON.*Tensor"):
+        save_lora(model, tmp_path / "a", note=torch.tensor(1.0))
+    assert not (tmp_path / "a").exists()
+    save_lora(model, tmp_path / "b", data=tmp_path)  # a path is written as its string
+    assert read_adapter(tmp_path / "b")[0]["data"] == str(tmp_path)
+
+
+@pytest.mark.parametrize("call", ["unmerge", "unload", "find_targets"])
+def test_the_other_model_entry_points_name_a_wrong_model_too(call):
+    from loralib.injection import find_targets
+
+    calls = {
+        "unmerge": lambda: unmerge_lora("m"),
+        "unload": lambda: unload_lora("m"),
+        "find_targets": lambda: find_targets("m", ["query"]),
+    }
+    with pytest.raises(TypeError, match="model must be a torch nn.Module"):
+        calls[call]()
