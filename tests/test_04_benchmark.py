@@ -237,3 +237,23 @@ def test_bundled_data_or_random_weights_are_never_labelled_a_benchmark(tmp_path,
     from loralib.benchmark.references import format_table, results_table
 
     assert "SMOKE" in format_table(results_table(tmp_path))
+
+
+@pytest.mark.parametrize("task", ["sst2", "stsb", "squad_v2"])  # classification, regression, QA
+def test_the_gpu_profiles_code_path_runs_on_cpu(tmp_path, tiny_model_dir, task):
+    """The gpu profile exactly as it is (batch 16, lr 5e-4, 128 / 384-128 windows, 6-epoch schedule shape),
+    with only what a CPU needs changed: a local model directory, bundled data, one short epoch."""
+    import torch
+
+    from loralib.benchmark import load_trained_model
+
+    res = run_task(
+        task, "gpu", output_dir=tmp_path, model_id=tiny_model_dir, data_dir="bundled",
+        epochs=1, warmup_epochs=0.5, max_train_samples=32, max_eval_samples=16, progress=False,
+    )  # fmt: skip
+    cfg = res["config"]
+    assert (cfg["batch_size"], cfg["learning_rate"], cfg["r"]) == (16, 5e-4, 8)
+    assert (cfg["max_length"], cfg["qa_max_length"], cfg["qa_stride"]) == (128, 384, 128)
+    assert res["smoke"] is True and res["profile"] == "gpu" and res["data_source"] == "bundled"
+    model, _, _ = load_trained_model(tmp_path / task, device="cpu")
+    assert next(model.parameters()).device == torch.device("cpu") and not model.training

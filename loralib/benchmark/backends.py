@@ -156,14 +156,20 @@ def save_adapter(cfg: TrainConfig, model, spec, model_id: str, directory: Path) 
     return {"path": ADAPTER_DIR, "format": "peft", "size_bytes": size}
 
 
-def load_trained_model(task_dir: str | os.PathLike) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
+def load_trained_model(
+    task_dir: str | os.PathLike, device: str | torch.device | None = None
+) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
     """(model, tokenizer, results) rebuilt from a finished run's directory: base model + saved adapter.
 
     Works for every backend (loralib: stock model + `load_lora`; article: `LoraWrapperRoberta.from_lora`;
-    peft / qlora: `loralib.peft_backend.load_peft_model`); the model is returned in eval mode.
+    peft / qlora: `loralib.peft_backend.load_peft_model`); the model is returned in eval mode on `device`
+    (default: CUDA when available, as training was), so inference does not fall back to the CPU.
     """
     from transformers import AutoTokenizer
 
+    from loralib.utils import default_device
+
+    dev = torch.device(device) if device is not None else default_device()
     task_dir = Path(task_dir)
     results = read_results(task_dir)
     cfg = config_from_results(results)
@@ -173,15 +179,16 @@ def load_trained_model(task_dir: str | os.PathLike) -> tuple[torch.nn.Module, An
     if fmt == "peft":
         from loralib.peft_backend import load_peft_model
 
-        model = load_peft_model(adapter, device="cpu", base_model_name_or_path=model_id)
+        model = load_peft_model(adapter, device=dev, base_model_name_or_path=model_id)
     elif fmt == "article":
         from loralib.article.wrapper import LoraWrapperRoberta
 
-        model = LoraWrapperRoberta.from_lora(adapter, model_id=model_id)
+        model = LoraWrapperRoberta.from_lora(adapter, model_id=model_id).to(dev)
     else:
         from loralib.adapters import load_lora
 
         model = build_model(cfg, model_id)
         load_lora(model, adapter)
+        model.to(dev)
     model.eval()
     return model, AutoTokenizer.from_pretrained(model_id), results
