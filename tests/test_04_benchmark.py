@@ -257,3 +257,65 @@ def test_the_gpu_profiles_code_path_runs_on_cpu(tmp_path, tiny_model_dir, task):
     assert res["smoke"] is True and res["profile"] == "gpu" and res["data_source"] == "bundled"
     model, _, _ = load_trained_model(tmp_path / task, device="cpu")
     assert next(model.parameters()).device == torch.device("cpu") and not model.training
+
+
+class _Disconnect(Exception):
+    """A Colab disconnect, simulated: raised right after the first epoch's checkpoint is written."""
+
+
+class _DisconnectAfterFirstSave:
+    def __new__(cls):
+        from transformers import TrainerCallback
+
+        class Callback(TrainerCallback):
+            def on_save(self, args, state, control, **kwargs):
+                raise _Disconnect(f"disconnected at step {state.global_step}")
+
+        return Callback()
+
+
+@pytest.mark.parametrize("backend", ["loralib", "peft"])
+def test_a_run_interrupted_after_epoch_1_resumes_to_the_same_result(tmp_path, backend):
+    import torch
+
+    from loralib.adapters import read_adapter
+    from loralib.benchmark.run import CHECKPOINTS_DIR
+
+    kw = dict(backend=backend, epochs=3, warmup_epochs=1.0, progress=False)
+    full = run_task("sst2", "smoke", output_dir=tmp_path / "full", **kw)
+    with pytest.raises(_Disconnect):
+        run_task("sst2", "smoke", output_dir=tmp_path / "cut", callbacks=[_DisconnectAfterFirstSave()], **kw)
+    ckpts = list((tmp_path / "cut" / "sst2" / CHECKPOINTS_DIR).glob("checkpoint-*"))
+    assert len(ckpts) == 1 and not (tmp_path / "cut" / "sst2" / "results.json").exists()
+    from transformers import TrainerCallback
+
+    class CountSteps(TrainerCallback):
+        steps: list[int] = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.steps.append(state.global_step)
+
+    counter = CountSteps()
+    resumed = run_task("sst2", "smoke", output_dir=tmp_path / "cut", resume=True, callbacks=[counter], **kw)
+    per_epoch = full["epochs"][0]["step"]
+    assert counter.steps[0] == per_epoch + 1 and len(counter.steps) == 2 * per_epoch  # epoch 1 not redone
+    assert [e["epoch"] for e in resumed["epochs"]] == [1, 2, 3]
+    assert resumed["metrics"] == full["metrics"]
+    assert [e["metrics"] for e in resumed["epochs"]] == [e["metrics"] for e in full["epochs"]]
+    assert [e["train_loss"] for e in resumed["epochs"][1:]] == pytest.approx(
+        [e["train_loss"] for e in full["epochs"][1:]], rel=1e-6
+    )
+    if backend == "loralib":
+        a, b = (
+            read_adapter(tmp_path / "full" / "sst2" / "adapter")[1],
+            read_adapter(tmp_path / "cut" / "sst2" / "adapter")[1],
+        )
+    else:
+        from safetensors.torch import load_file
+
+        a, b = (
+            load_file(str(tmp_path / d / "sst2" / "adapter" / "adapter_model.safetensors"))
+            for d in ("full", "cut")
+        )
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
+    assert not (tmp_path / "cut" / "sst2" / CHECKPOINTS_DIR).exists()  # a finished run keeps only the adapter

@@ -312,3 +312,5 @@ def test_cli_takes_peft_names_for_rank_alpha_and_dropout(tmp_path, monkeypatch):
     )
     assert (seen["r"], seen["lora_alpha"], seen["lora_dropout"]) == (4, 16.0, 0.05)
     assert main(["--task", "rte", "--output-dir", str(out), "--rank", "2"]) == 0 and seen["r"] == 2
+    assert seen["resume"] is False
+    assert main(["--task", "rte", "--output-dir", str(out), "--resume"]) == 0 and seen["resume"] is True

@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--output-dir", default=None, help="results root (default outputs/benchmark/<profile>)")
     ap.add_argument("--overwrite", action="store_true", help="rerun tasks that already have results.json")
+    ap.add_argument(
+        "--resume", action="store_true", help="continue interrupted tasks from their last epoch checkpoint"
+    )
     ap.add_argument("--backend", choices=BACKENDS, default=None, help="LoRA implementation (default loralib)")
     ap.add_argument("--formulation", choices=FORMULATIONS, default=None, help="LoRA init/scaling")
     ap.add_argument("--seed", type=_number(int, minimum=0), default=None)

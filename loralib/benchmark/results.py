@@ -35,6 +35,7 @@ import math
 import os
 import resource
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,8 @@ from loralib.checks import (
 from loralib.utils import atomic_write
 
 RESULTS_NAME = "results.json"
+# Metrics the Trainer adds to every evaluation; they are run statistics, not task metrics.
+TRAINER_EVAL_STATS = ("loss", "runtime", "samples_per_second", "steps_per_second", "model_preparation_time")
 
 
 ADAPTER_DIR = "adapter"
@@ -110,12 +113,42 @@ def peak_memory_record() -> dict[str, Any]:
     }
 
 
-def epoch_records(trainer) -> list[dict[str, Any]]:
-    """One record per evaluated epoch: step, learning rate, train loss, metrics and eval loss."""
+def _split_records(log_history: list[dict[str, Any]], splits: Sequence[str]) -> dict[int, dict[str, Any]]:
+    """Evaluation records rebuilt from the Trainer's log (it survives in checkpoints; the in-memory
+    records of a resumed run start at the resume point): {epoch: {"step", "metrics", "eval_loss"}}."""
+    out: dict[int, dict[str, Any]] = {}
+    for entry in log_history:
+        if "epoch" not in entry:
+            continue
+        for split in splits:
+            prefix = f"eval_{split}_"
+            stripped = {k[len(prefix) :]: v for k, v in entry.items() if k.startswith(prefix)}
+            if not stripped:
+                continue
+            rec = out.setdefault(
+                round(entry["epoch"]),
+                {"epoch": round(entry["epoch"]), "step": entry.get("step"), "metrics": {}, "eval_loss": {}},
+            )
+            rec["metrics"].setdefault(split, {}).update(
+                {k: v for k, v in stripped.items() if k not in TRAINER_EVAL_STATS}
+            )
+            if "loss" in stripped:
+                rec["eval_loss"][split] = stripped["loss"]
+    return out
+
+
+def epoch_records(trainer, splits: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """One record per evaluated epoch: step, learning rate, train loss, metrics and eval loss.
+
+    The trainer's in-memory records come first; epochs before a resume point are rebuilt from its log.
+    """
     train_logs = {round(e["epoch"]): e for e in trainer.state.log_history if "loss" in e and "epoch" in e}
+    records = {rec["epoch"]: rec for rec in _split_records(trainer.state.log_history, splits).values()}
+    records.update({rec["epoch"]: rec for rec in trainer.eval_records})
     out = []
-    for rec in trainer.eval_records:
-        log = train_logs.get(rec["epoch"], {})
+    for epoch in sorted(records):
+        rec = records[epoch]
+        log = train_logs.get(epoch, {})
         out.append(
             {
                 "epoch": rec["epoch"],

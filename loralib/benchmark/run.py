@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
@@ -32,6 +31,21 @@ from loralib.benchmark.results import (
     write_results_json,
 )
 from loralib.benchmark.trainer import build_trainer
+from loralib.checks import check_bool
+
+CHECKPOINTS_DIR = "checkpoints"
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    """The newest `checkpoint-<step>` in `directory` (the Trainer's naming), or None."""
+    if not directory.is_dir():
+        return None
+    steps = [
+        (int(p.name.split("-")[1]), p)
+        for p in directory.glob("checkpoint-*")
+        if p.name.split("-")[1].isdigit()
+    ]
+    return max(steps)[1] if steps else None
 
 
 def provenance(cfg, model_id: str) -> dict[str, Any]:
@@ -58,14 +72,19 @@ def run_task(
     output_dir: str | os.PathLike | None = None,
     overwrite: bool = False,
     callbacks: Sequence[Any] = (),
+    resume: bool = False,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Fine-tune and evaluate one task; write OUTPUT_DIR/<task>/results.json and the adapter; return the results.
 
     A task whose results.json already exists is skipped (its stored results are returned, with
-    "skipped": True) unless overwrite=True. overrides: any TrainConfig field (learning_rate, epochs,
-    backend, model_id, data_dir, max_train_samples, ...).
+    "skipped": True) unless overwrite=True. Every epoch ends with a checkpoint in
+    OUTPUT_DIR/<task>/checkpoints/ (model, optimizer, schedule, RNG; the latest only), removed when the
+    run finishes. resume=True (CLI --resume) continues an interrupted run from its latest checkpoint,
+    with the same result as an uninterrupted run; without it a leftover checkpoint is discarded.
+    overrides: any TrainConfig field (learning_rate, epochs, backend, model_id, data_dir, ...).
     """
+    check_bool(resume, "resume")
     t0 = time.perf_counter()
     cfg = make_config(task, profile, **overrides)
     spec = task_spec(task)
@@ -86,15 +105,20 @@ def run_task(
     try:
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
-        with tempfile.TemporaryDirectory(prefix="trainer-") as scratch:
-            trainer, model, _tok, model_id = build_trainer(cfg, scratch, callbacks)
-            params = count_parameters(model)
-            t_train = time.perf_counter()
-            trainer.train()
-            train_time = time.perf_counter() - t_train
+        ckpt_dir = task_dir / CHECKPOINTS_DIR
+        last = latest_checkpoint(ckpt_dir) if resume else None
+        if not resume and ckpt_dir.exists() and int(os.environ.get("RANK", "0")) == 0:
+            shutil.rmtree(ckpt_dir)  # a fresh run must not pick up another run's state
+        trainer, model, _tok, model_id = build_trainer(cfg, ckpt_dir, callbacks, checkpoints=True)
+        params = count_parameters(model)
+        t_train = time.perf_counter()
+        if last is not None and int(os.environ.get("RANK", "0")) == 0:
+            print(f"[resume] {task}: continuing from {last}")
+        trainer.train(resume_from_checkpoint=str(last) if last is not None else None)
+        train_time = time.perf_counter() - t_train
     finally:
         torch.set_num_threads(threads)
-    epochs = epoch_records(trainer)
+    epochs = epoch_records(trainer, spec.eval_splits)
     if not epochs:
         raise RuntimeError(f"{task}: training finished without an evaluation; this is a bug in run_task.")
     by_split = epochs[-1]["metrics"]
@@ -143,6 +167,7 @@ def run_task(
         results["wall_time_s"] = round(time.perf_counter() - t0, 3)
         results["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
         write_results_json(results_path, results)
+        shutil.rmtree(task_dir / CHECKPOINTS_DIR, ignore_errors=True)  # finished: the adapter is what stays
     trainer.accelerator.wait_for_everyone()
     return json_safe(results)  # the same values the file holds (NaN -> None)
 

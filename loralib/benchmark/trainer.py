@@ -28,9 +28,7 @@ from loralib.benchmark.config import (
     resolve_model_id,
     task_spec,
 )
-
-# Metrics the Trainer adds to every evaluation; they are run statistics, not task metrics.
-_TRAINER_EVAL_STATS = ("loss", "runtime", "samples_per_second", "steps_per_second", "model_preparation_time")
+from loralib.benchmark.results import TRAINER_EVAL_STATS
 
 
 def load_raw_data(cfg: TrainConfig) -> tuple[Any, dict[str, Any]]:
@@ -149,7 +147,7 @@ def _make_trainer_class():
                 stripped = {
                     k[len(prefix) + 1 :]: _to_float(v) for k, v in out.items() if k.startswith(prefix)
                 }
-                record["metrics"][split] = {k: v for k, v in stripped.items() if k not in _TRAINER_EVAL_STATS}
+                record["metrics"][split] = {k: v for k, v in stripped.items() if k not in TRAINER_EVAL_STATS}
                 if "loss" in stripped:
                     record["eval_loss"][split] = stripped["loss"]
             self.eval_records.append(record)
@@ -229,11 +227,14 @@ def build_trainer(
     cfg: TrainConfig,
     work_dir: str | os.PathLike,
     callbacks: Sequence[Any] = (),
+    checkpoints: bool = False,
 ):
     """(trainer, model, tokenizer, model_id) for `cfg`, with data loaded and tokenised.
 
-    `work_dir` receives the Trainer's scratch files (no checkpoints are saved). Exposed so tests and
-    notebooks can look at the optimizer and schedule; `run_task` is the normal entry point.
+    `work_dir` receives the Trainer's files; with checkpoints=True a checkpoint at the end of every epoch
+    (model, optimizer, schedule and RNG states; only the latest is kept), which `trainer.train(
+    resume_from_checkpoint=...)` continues from. Exposed so tests and notebooks can look at the optimizer
+    and schedule; `run_task` is the normal entry point.
     """
     from transformers import AutoTokenizer, DataCollatorWithPadding, TrainingArguments
 
@@ -262,7 +263,8 @@ def build_trainer(
         lr_scheduler_type="linear",
         eval_strategy="epoch",
         logging_strategy="epoch",
-        save_strategy="no",
+        save_strategy="epoch" if checkpoints else "no",
+        save_total_limit=1 if checkpoints else None,
         report_to="none",
         seed=cfg.seed,
         data_seed=cfg.seed,
