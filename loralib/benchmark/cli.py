@@ -180,7 +180,12 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         try:
             res = run.run_task(
-                task, profile=args.profile, output_dir=out, overwrite=args.overwrite, **overrides
+                task,
+                profile=args.profile,
+                output_dir=out,
+                overwrite=args.overwrite,
+                resume=args.resume,
+                **overrides,
             )
         except ResultsExistError as e:
             print(f"error: {e}", file=sys.stderr)
