@@ -157,13 +157,20 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
-def run_layers(layers, tokens: int, log) -> list[dict]:
+def run_layers(layers, tokens: int, log, device: str = "cpu") -> list[dict]:
     rows = []
     for d, r, p, repeats, warmup in layers:
         methods = LAYER_METHODS if p == 0 else ("frozen", "loralib", "peft")
         t0 = time.perf_counter()
         res = measure_layer(
-            d=d, r=r, tokens=tokens, lora_dropout=p, methods=methods, repeats=repeats, warmup=warmup
+            d=d,
+            r=r,
+            tokens=tokens,
+            lora_dropout=p,
+            methods=methods,
+            repeats=repeats,
+            warmup=warmup,
+            device=device,
         )
         row = res.to_dict()
         rows.append(row)
@@ -175,12 +182,12 @@ def run_layers(layers, tokens: int, log) -> list[dict]:
     return rows
 
 
-def run_model(quick: bool, log) -> tuple[dict, dict]:
+def run_model(quick: bool, log, device: str = "cpu") -> tuple[dict, dict]:
     cfg_overrides = {"num_hidden_layers": 2} if quick else {}
     cfg = roberta_config(**cfg_overrides)
     batch_size, seq_len = (8, 128) if quick else (16, 128)
     repeats = 3 if quick else 4
-    batch = random_batch(cfg, batch_size=batch_size, seq_len=seq_len)
+    batch = random_batch(cfg, batch_size=batch_size, seq_len=seq_len, device=device)
     settings = {
         "config": "RobertaConfig()" + (f" with {cfg_overrides}" if cfg_overrides else ""),
         "model": "RobertaForSequenceClassification (random weights, 2 labels)",
@@ -196,12 +203,12 @@ def run_model(quick: bool, log) -> tuple[dict, dict]:
     t0 = time.perf_counter()
     # Both LoRA dropouts in one interleaved run: "loralib" / "peft" without, "loralib_dropout" /
     # "peft_dropout" with p = 0.1 (the recipe's default); full fine-tuning has no LoRA dropout.
-    builders = roberta_step_builders(cfg, r=8, lora_alpha=8)
+    builders = roberta_step_builders(cfg, r=8, lora_alpha=8, device=device)
     for name, build in roberta_step_builders(
-        cfg, r=8, lora_alpha=8, lora_dropout=0.1, methods=("loralib", "peft")
+        cfg, r=8, lora_alpha=8, lora_dropout=0.1, methods=("loralib", "peft"), device=device
     ).items():
         builders[f"{name}_dropout"] = build
-    stats = measure_train_steps(builders, batch, repeats=repeats, warmup=1)
+    stats = measure_train_steps(builders, batch, repeats=repeats, warmup=1, device=device)
     med = {k: v.median_s for k, v in stats.items()}
     step = {
         **settings,
@@ -221,11 +228,15 @@ def run_model(quick: bool, log) -> tuple[dict, dict]:
     inf_batch, inf_repeats = (2, 12) if quick else (2, 20)
     inputs = {
         k: v
-        for k, v in random_batch(cfg, batch_size=inf_batch, seq_len=seq_len, seed=1).items()
+        for k, v in random_batch(cfg, batch_size=inf_batch, seq_len=seq_len, seed=1, device=device).items()
         if k != "labels"
     }
     inf_stats = measure_inference(
-        roberta_inference_builders(cfg, r=8, lora_alpha=8), inputs, repeats=inf_repeats, warmup=1
+        roberta_inference_builders(cfg, r=8, lora_alpha=8, device=device),
+        inputs,
+        repeats=inf_repeats,
+        warmup=1,
+        device=device,
     )
     med = {k: v.median_s for k, v in inf_stats.items()}
     inference = {
@@ -290,7 +301,9 @@ def markdown(results: dict) -> str:
     """The README table: ratios (medians, interleaved) and peak memory, with command and machine."""
     m = results["machine"]
     lines = [
-        f"Measured with `{results['command']}` on {m['cpu']} ({m['cpu_count']} cores, "
+        f"Measured with `{results['command']}` on "
+        + (f"{m['cuda']} (CUDA), " if results.get("device") == "cuda" else "")
+        + f"{m['cpu']} ({m['cpu_count']} cores, "
         f"torch {results['versions'].get('torch')}, {results['threads']} threads, fp32, "
         f"load average {m['loadavg']} at start){' — QUICK MODE, smoke numbers only' if results['quick'] else ''}.",
         "",
@@ -363,7 +376,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     parser.add_argument("--tokens", type=int, default=2048, help="tokens per layer call (default 2048)")
     parser.add_argument("--skip-model", action="store_true", help="layer benchmarks only")
+    parser.add_argument(
+        "--device", default="cpu", choices=("cpu", "cuda"), help="where to measure (default cpu)"
+    )
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available here")
     if args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     torch.set_num_threads(args.threads)
@@ -384,15 +402,16 @@ def main(argv: list[str] | None = None) -> int:
         "versions": versions(),
         "machine": machine_info(),
         "threads": torch.get_num_threads(),
-        "device": "cpu",
+        "device": args.device,
         "dtype": "float32",
         "timing": "interleaved round-robin repetitions, medians; ratios within one run",
-        "memory": "peak_memory(): CPU = torch.profiler allocator events (tensor memory only)",
+        "memory": "peak_memory(): CPU = torch.profiler allocator events (tensor memory only); "
+        "CUDA = torch.cuda.max_memory_allocated",
     }
     log(f"machine: {results['machine']}")
-    results["layer"] = run_layers(QUICK_LAYERS if args.quick else FULL_LAYERS, args.tokens, log)
+    results["layer"] = run_layers(QUICK_LAYERS if args.quick else FULL_LAYERS, args.tokens, log, args.device)
     if not args.skip_model:
-        results["model_step"], results["inference"] = run_model(args.quick, log)
+        results["model_step"], results["inference"] = run_model(args.quick, log, args.device)
     results["target_values"] = TARGETS
     results["targets"] = check_targets(results)
     results["loadavg_end"] = machine_info()["loadavg"]

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# A prepared check for a CUDA machine with no internet, in under 5 minutes: the CUDA-only tests
+# (pytest -m gpu: LoraLinear under bf16 / fp16 autocast, LoRA dropout, torch.compile, QLoRA, Trainer steps
+# of a roberta-base-sized model in bf16 and fp16), the speed suite on CUDA (quick: layer, training step,
+# inference) and, where bitsandbytes is installed, the full FT / LoRA / QLoRA memory table. Everything goes
+# to $OUT (default outputs/gpu_check). Needs only torch, transformers and peft; nothing is downloaded: the
+# tests build the tiny RoBERTa locally, and parts that need bitsandbytes or datasets skip with a message.
+#
+#     bash scripts/gpu_check.sh            # on the GPU machine, from the repository root
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-outputs/gpu_check}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MPLBACKEND=Agg
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+status=0
+$PY - <<'PYEOF' | tee "$OUT/versions.txt" || exit 1
+import torch
+assert torch.cuda.is_available(), "no CUDA device: this check is for a GPU machine"
+from loralib.utils import mixed_precision, versions
+for k, v in versions().items():
+    print(f"{k:>13}: {v}")
+print(f"{'precision':>13}: {mixed_precision('cuda')} (native bf16: {torch.cuda.is_bf16_supported(including_emulation=False)})")
+PYEOF
+echo "== pytest -m gpu"
+$PY -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider -o addopts="-ra" 2>&1 | tee "$OUT/pytest.log" || status=1
+echo "== speed suite on CUDA (quick)"
+$PY benchmarks/bench_speed.py --device cuda --quick --threads 8 --output-dir "$OUT" 2>&1 | tee "$OUT/bench.log" || status=1
+echo "== memory: full FT vs LoRA vs QLoRA"
+$PY - <<'PYEOF' 2>&1 | tee "$OUT/memory.txt" || status=1
+import importlib.util
+if importlib.util.find_spec("bitsandbytes") is None:
+    print("skipped: bitsandbytes is not installed here (carry its wheel to measure QLoRA)")
+else:
+    from loralib.measure import qlora_memory, steps
+    res = qlora_memory.compare_training_memory(steps.roberta_config(), batch_size=16, seq_len=128, device="cuda")
+    print(qlora_memory.memory_table(res))
+PYEOF
+echo "results in $OUT"
+exit $status
