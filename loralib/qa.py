@@ -23,6 +23,7 @@ training (`loralib.benchmark`).
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -254,20 +255,28 @@ def predict_qa(
     max_length: int = 384,
     stride: int = 128,
     batch_size: int = 32,
+    precision: str = "fp32",
 ) -> tuple[Any, np.ndarray, np.ndarray]:
     """(windows, start_logits, end_logits) of a QA model on SQuAD rows, ready for
-    `loralib.qa.postprocess_qa_predictions` (windows from `loralib.qa.prepare_eval_features`)."""
+    `loralib.qa.postprocess_qa_predictions` (windows from `loralib.qa.prepare_eval_features`).
+
+    Runs on the model's device; precision "bf16" / "fp16" runs under that autocast (as the Trainer's
+    evaluation did for a run trained so: results.json records it), "fp32" without."""
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"precision must be 'fp32', 'bf16' or 'fp16', got {precision!r}.")
     feats = examples.map(
         lambda b: prepare_eval_features(b, tokenizer, max_length=max_length, stride=stride),
         batched=True,
         remove_columns=examples.column_names,
     )
     device = next(model.parameters()).device
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     starts, ends = [], []
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        cast = torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
+        with torch.no_grad(), cast:
             for i in range(0, len(feats), batch_size):
                 rows = feats[i : i + batch_size]
                 batch = tokenizer.pad(

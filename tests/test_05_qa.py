@@ -372,3 +372,23 @@ def test_gold_logits_round_trip_to_a_perfect_score(tokenizer, squad, task, max_l
             assert (diffs[row["id"]] > 0) == (not row["answers"]["text"])
     else:
         assert out == {"exact_match": 100.0, "f1": 100.0}
+
+
+def test_predict_qa_scores_under_the_recorded_precision(tmp_path):
+    """bf16 re-scoring on CPU (autocast) stays close to fp32; a bad precision is named."""
+    import torch
+
+    from loralib.benchmark import eval_rows, load_trained_model, run_task
+    from loralib.qa import predict_qa
+
+    run_task(
+        "squad", "smoke", output_dir=tmp_path, epochs=1, warmup_epochs=0.5, max_eval_samples=8, progress=False
+    )
+    model, tok, res = load_trained_model(tmp_path / "squad", device="cpu")
+    rows = eval_rows(res)
+    _, s32, e32 = predict_qa(model, tok, rows, max_length=192, stride=64)
+    _, s16, e16 = predict_qa(model, tok, rows, max_length=192, stride=64, precision="bf16")
+    assert s16.shape == s32.shape and abs(s16 - s32).max() < 0.1 * abs(s32).max() + 0.1
+    with pytest.raises(ValueError, match="precision must be"):
+        predict_qa(model, tok, rows, precision="int8")
+    assert not torch.is_autocast_enabled("cpu")  # no autocast left enabled
