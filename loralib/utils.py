@@ -184,11 +184,13 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     stage = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield stage
+        # Only what this write produced: carried-over entries are hard links to files that are already
+        # on disk, and a chmod of a link would change the owner's original.
+        _fsync_tree(stage)
         if path.exists():
             for entry in path.iterdir():
                 if not (stage / entry.name).exists():
                     _link_tree(entry, stage / entry.name)
-        _fsync_tree(stage)
         _swap_into_place(stage, path)
     finally:
         shutil.rmtree(stage, ignore_errors=True)  # after a swap it holds the previous contents

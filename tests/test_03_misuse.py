@@ -640,3 +640,15 @@ def test_the_other_model_entry_points_name_a_wrong_model_too(call):
     }
     with pytest.raises(TypeError, match="model must be a torch nn.Module"):
         calls[call]()
+
+
+def test_carrying_a_foreign_file_over_leaves_its_permissions_alone(model, tmp_path):
+    import os
+
+    inject_lora(model, ["query"], r=2)
+    save_lora(model, tmp_path / "a")
+    mine = tmp_path / "a" / "private.txt"
+    mine.write_text("mine")
+    os.chmod(mine, 0o600)
+    save_lora(model, tmp_path / "a")
+    assert oct(mine.stat().st_mode & 0o777) == "0o600" and mine.read_text() == "mine"

@@ -52,13 +52,12 @@ def provenance(cfg, model_id: str) -> dict[str, Any]:
     """Where a run's numbers come from: the data (hub / bundled / local) and whether the weights are a
     pretrained checkpoint or the tiny random model. A run on bundled data or random weights is a smoke
     run whatever its profile."""
-    from loralib.tiny import tiny_roberta
+    from loralib.tiny import default_cache_dir
 
     data = "hub" if cfg.data_dir in (None, "") else ("bundled" if str(cfg.data_dir) == "bundled" else "local")
-    tiny = cfg.model_id is None or (
-        Path(str(model_id)).expanduser().is_dir()
-        and Path(str(model_id)).expanduser().resolve() == Path(tiny_roberta()).resolve()
-    )
+    # Compared with where tiny_roberta() writes, without building it for a run that uses another model.
+    local = Path(str(model_id)).expanduser()
+    tiny = cfg.model_id is None or (local.is_dir() and local.resolve() == default_cache_dir().resolve())
     return {
         "data_source": data,
         "pretrained": not tiny,
