@@ -1,5 +1,5 @@
 # The two commands the README documents. Both do their own set-up (scripts/setup.sh).
-.PHONY: notebooks test setup lint bench
+.PHONY: notebooks test lab setup lint bench
 
 setup:
 	@bash scripts/setup.sh
@@ -11,6 +11,10 @@ notebooks: setup
 # Tests: ruff, the loralib unit tests and every notebook under nbval, offline.
 test: setup
 	@bash scripts/test.sh
+
+# Open the series in JupyterLab inside the project's environment (http://localhost:8888; LAB_ARGS for more).
+lab: setup
+	@.venv/bin/jupyter lab --notebook-dir=notebooks $(LAB_ARGS)
 
 lint: setup
 	@.venv/bin/ruff check loralib tests benchmarks scripts notebooks

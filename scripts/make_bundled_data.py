@@ -30,6 +30,9 @@ from pathlib import Path
 
 GLUE_SIZES = {"train": 48, "eval": 24}
 SQUAD_SIZES = {"train": 40, "validation": 20}
+# The tasks the toy profile learns on (notebooks 04 and 05): enough rows for a pretrained model to show
+# a learning curve in a CPU minute, and for an accuracy or EM to move in steps of 1-2 points.
+LEARNING_SIZES = {"sst2": {"train": 400, "eval": 100}, "squad": {"train": 300, "validation": 60}}
 
 NAMES = ["Mira", "Tomas", "Ilse", "Oren", "Kade", "Lena", "Pavel", "Rhea", "Soren", "Nadia", "Ivo", "Greta"]
 THINGS = ["letter", "basket", "lamp", "map", "boat", "drum", "kettle", "ladder", "coat", "bicycle"]
@@ -139,7 +142,7 @@ def sst2(rng: random.Random, split: str, seen: set[str]) -> list[dict]:
 
         return row
 
-    return _balanced(rng, GLUE_SIZES[split], [make(NEGATIVE, 0), make(POSITIVE, 1)], seen)
+    return _balanced(rng, LEARNING_SIZES["sst2"][split], [make(NEGATIVE, 0), make(POSITIVE, 1)], seen)
 
 
 COMPANIES = ["Norvale", "Brightwick", "Halden Foods", "Corrigan Steel", "Lumora", "Westfield Rail"]
@@ -543,7 +546,7 @@ def squad_rows(task: str) -> dict[str, list[dict]]:
     """{split: rows} for squad / squad_v2: grouped by paragraph like the hub, one gold answer in train."""
     v2 = task == "squad_v2"
     out: dict[str, list[dict]] = {}
-    for split, size in SQUAD_SIZES.items():
+    for split, size in LEARNING_SIZES.get(task, SQUAD_SIZES).items():
         rng = random.Random(f"{task}/{split}")
         towns = rng.sample(TOWNS, len(TOWNS))
         rows: list[dict] = []

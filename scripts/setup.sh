@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=.venv
 STAMP=$VENV/.setup-stamp
-want=$(cat requirements.txt requirements-runtime.txt pyproject.toml scripts/setup.sh | sha256sum | cut -d" " -f1)
+want=$(cat requirements.txt requirements-runtime.txt requirements-nodeps.txt pyproject.toml scripts/setup.sh | sha256sum | cut -d" " -f1)
 if [[ -f $STAMP && "$(cat $STAMP)" == "$want" && -x $VENV/bin/python ]]; then
   exit 0
 fi
@@ -21,6 +21,7 @@ if ! $VENV/bin/python -c "import torch" >/dev/null 2>&1; then
   $PIP install -q "torch==2.13.0"
 fi
 $PIP install -q -r requirements.txt
+$PIP install -q --no-deps -r requirements-nodeps.txt
 $PIP install -q --no-deps --no-build-isolation -e .
 echo "$want" > $STAMP
 echo "[setup] done: $($VENV/bin/python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)')"

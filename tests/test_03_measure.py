@@ -16,6 +16,7 @@ from loralib.measure.layer import (  # noqa: E402
     layer_cases,
     layer_variants,
     naive_lora_forward,
+    plain_lora_forward,
 )
 from loralib.measure.memory import peak_memory, tensor_bytes  # noqa: E402
 from loralib.measure.steps import (  # noqa: E402
@@ -108,12 +109,44 @@ def test_layer_variants_compute_the_same_function():
 
 def test_compare_forward_costs_small():
     costs = compare_forward_costs(d=32, r=4, tokens=64, repeats=2, warmup=0)
-    assert costs["methods"] == ["frozen", "naive", "efficient"]
+    assert costs["methods"] == ["frozen", "materialised", "plain autograd", "custom backward"]
     assert costs["forward_ratio"]["frozen"] == 1.0 and costs["train_ratio"]["frozen"] == 1.0
     assert costs["max_abs_diff"] < 1e-4
-    assert costs["saved_bytes"]["naive"] == 4 * 32 * 32
-    assert costs["saved_bytes"]["efficient"] == 4 * (64 * 4 + 4 * 32)
-    assert costs["forward_flops"]["naive"] > costs["forward_flops"]["frozen"]
+    # What autograd keeps for backward, parameters and the input excluded: the materialised update
+    # (d x d), the thin activation x A^T (tokens x r) for plain autograd, and that plus A's cast copy
+    # for the custom backward.
+    assert costs["saved_bytes"]["materialised"] == 4 * 32 * 32
+    assert costs["saved_bytes"]["plain autograd"] == 4 * 64 * 4
+    assert costs["saved_bytes"]["custom backward"] == 4 * (64 * 4 + 4 * 32)
+    assert costs["forward_flops"]["materialised"] > costs["forward_flops"]["frozen"]
+    assert costs["forward_flops"]["plain autograd"] == costs["forward_flops"]["custom backward"]
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_plain_lora_forward_matches_the_layer(p):
+    torch.manual_seed(0)
+    layer = LoraLinear(24, 16, r=4, lora_alpha=8, lora_dropout=p)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(5, 24)
+    layer.eval()  # dropout off: both compute the same function
+    torch.testing.assert_close(plain_lora_forward(layer, x), layer(x))
+    torch.testing.assert_close(
+        plain_lora_forward(layer, x),
+        x @ layer.weight.T + layer.bias + layer.scaling * x @ layer.lora_A.T @ layer.lora_B.T,
+    )
+
+
+def test_compare_forward_costs_takes_a_plain_layer():
+    calls = []
+
+    def plain(layer):
+        calls.append(layer)
+        return lambda t: plain_lora_forward(layer, t) + 1.0  # deliberately wrong by 1
+
+    costs = compare_forward_costs(d=16, r=2, tokens=8, repeats=1, warmup=0, plain=plain)
+    assert len(calls) == 1 and isinstance(calls[0], LoraLinear)
+    assert costs["max_abs_diff"] == pytest.approx(1.0, abs=1e-5)
 
 
 def test_measure_train_steps_on_a_small_roberta():

@@ -100,7 +100,7 @@ def test_bundled_glue_has_the_hub_schema_and_sizes(task):
     assert list(dsd) == ["train", *HUB[task][2]]
     for split, ds in dsd.items():
         assert ds.features == hub_features(task)
-        assert len(ds) == (48 if split == "train" else 24)
+        assert len(ds) == ((400, 100) if task == "sst2" else (48, 24))[split != "train"]
         assert ds["idx"] == list(range(len(ds)))
         labels = ds["label"]
         if task == "stsb":
@@ -153,7 +153,7 @@ def test_bundled_squad_offsets_and_shape(task, tiny_model_dir):
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     dsd = load_squad(task, data_dir="bundled")
     assert list(dsd) == ["train", "validation"]
-    assert (len(dsd["train"]), len(dsd["validation"])) == (40, 20)
+    assert (len(dsd["train"]), len(dsd["validation"])) == ((300, 60) if task == "squad" else (40, 20))
     ids = [r["id"] for ds in dsd.values() for r in ds]
     assert len(set(ids)) == len(ids)
     for split, ds in dsd.items():
@@ -201,7 +201,7 @@ def test_shipped_files_are_exactly_what_the_generator_writes(tmp_path):
     sizes = gen.write(tmp_path)
     assert all((tmp_path / rel).read_bytes() == (root / rel).read_bytes() for rel in sizes)
     total = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
-    assert total < 300_000, total
+    assert total < 600_000, total  # small enough to ship in the wheel (the toy tasks are ~420 KB of it)
 
 
 # ---------------------------------------------------------------- local directories
@@ -338,13 +338,13 @@ def test_bad_task_names_list_the_valid_ones(call, match):
 
 
 def test_max_samples_spreads_rows_evenly_and_deterministically():
-    full = load_glue("sst2", data_dir="bundled")
-    small = load_glue("sst2", data_dir="bundled", max_samples=5)
+    full = load_glue("rte", data_dir="bundled")
+    small = load_glue("rte", data_dir="bundled", max_samples=5)
     # 48 rows -> indices linspace(0, 47, 5) = 0, 11.75, 23.5, 35.25, 47 -> 0, 12, 24, 35, 47 (round half even)
     assert small["train"]["idx"] == [0, 12, 24, 35, 47]
     assert small["validation"]["idx"] == [0, 6, 12, 17, 23]  # linspace(0, 23, 5) = 0, 5.75, 11.5, 17.25, 23
     assert small["train"].to_list() == [full["train"][i] for i in [0, 12, 24, 35, 47]]
-    assert len(load_glue("sst2", data_dir="bundled", max_samples=1000)["train"]) == 48
+    assert len(load_glue("rte", data_dir="bundled", max_samples=1000)["train"]) == 48
 
 
 def test_bundled_data_dir_is_inside_the_package():

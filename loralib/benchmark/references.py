@@ -1,9 +1,10 @@
 """Published reference numbers for RoBERTa-base + LoRA, and the table and plots that set a run beside them.
 
 Covers: `ARTICLE` (the seed article's own run), `LORA_PAPER` (Hu et al. 2021, Table 2), `references_for`,
-`results_table` / `format_table` (a run directory -> rows -> markdown), and the plots of notebooks 04
-and 05: `plot_vs_references`, `plot_epoch_curves`, `plot_no_answer_sweep`. Not here: training
-(`loralib.benchmark.run`) or computing metrics (`loralib.metrics`).
+`results_table` / `format_table` (a run directory -> rows -> markdown), `smoke_label` (what a smoke run
+was), and the plots of notebooks 04 and 05: `plot_vs_references`, `plot_epoch_curves`,
+`plot_learning_curve`, `plot_no_answer_sweep`. Not here: training (`loralib.benchmark.run`), computing
+metrics (`loralib.metrics`) or the trivial baselines (`loralib.benchmark.baselines`).
 
 Every figure is stored on the scale `loralib.metrics` returns, under its metric key, so a run's
 results.json and a reference compare directly: GLUE as fractions (0.938, not 93.8), SQuAD as percentages
@@ -24,6 +25,7 @@ Sources:
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +105,7 @@ def load_all_results(results_dir: str | os.PathLike) -> dict[str, dict[str, Any]
 def results_table(results_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """One row per task, split and shown metric: the run's final value beside both references.
 
-    Row keys: task, split, metric, value, article, lora_paper, smoke, profile, model_id.
+    Row keys: task, split, metric, value, article, lora_paper, smoke, pretrained, profile, model_id.
     """
     rows = []
     for task, res in load_all_results(results_dir).items():
@@ -119,11 +121,29 @@ def results_table(results_dir: str | os.PathLike) -> list[dict[str, Any]]:
                         "value": metrics[metric],
                         **references_for(task, split, metric),
                         "smoke": bool(res.get("smoke")),
+                        "pretrained": res.get("pretrained"),
                         "profile": res.get("profile"),
                         "model_id": res.get("model_id"),
                     }
                 )
     return rows
+
+
+def smoke_label(records: Iterable[Mapping[str, Any]]) -> str | None:
+    """What the smoke runs among `records` (results or table rows) were, or None when none is a smoke run.
+
+    A smoke run is never a benchmark number; the label says whether it trained a random model (a
+    pipeline check) or a pretrained one on synthetic data (a toy run that shows learning).
+    """
+    smoke = [r for r in records if r.get("smoke")]
+    if not smoke:
+        return None
+    kinds = []
+    if any(not r.get("pretrained") for r in smoke):
+        kinds.append("tiny random model")
+    if any(r.get("pretrained") for r in smoke):
+        kinds.append("pretrained small model")
+    return f"SMOKE RUN ({' and '.join(kinds)} on bundled synthetic data)"
 
 
 def _fmt(v: float | None, metric: str) -> str:
@@ -137,11 +157,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "(no finished runs)"
     lines = []
-    if any(r["smoke"] for r in rows):
-        lines.append(
-            "**SMOKE RUN** (tiny random model on bundled mini data): checks the pipeline only, "
-            "NOT benchmark numbers.\n"
-        )
+    label = smoke_label(rows)
+    if label:
+        head, _, rest = label.partition(" (")
+        lines.append(f"**{head}** ({rest}: NOT benchmark numbers.\n")
     lines.append("| task | split | metric | this run | article | LoRA paper |")
     lines.append("|---|---|---|---:|---:|---:|")
     for r in rows:
@@ -155,8 +174,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def _smoke_title(results: dict[str, dict[str, Any]], title: str) -> str:
-    if any(r.get("smoke") for r in results.values()):
-        return f"SMOKE RUN (tiny random model, mini data): not benchmark numbers\n{title}"
+    label = smoke_label(results.values())
+    if label:
+        return f"{label}: not benchmark numbers\n{title}"
     profiles = sorted({str(r.get("profile")) for r in results.values()})
     return f"{title} (profile: {', '.join(profiles)})"
 
@@ -244,6 +264,56 @@ def plot_epoch_curves(results_dir: str | os.PathLike):
     return fig
 
 
+def plot_learning_curve(
+    results: Mapping[str, Any],
+    baseline: Mapping[str, Any] | None = None,
+    split: str | None = None,
+    metric: str | None = None,
+    ax=None,
+):
+    """One run's validation metric per epoch beside the line it must clear and the published runs.
+
+    results: a task's results.json (dict); baseline: `loralib.benchmark.baselines` output, drawn dashed;
+    the article's and the LoRA paper's values for the same task, split and metric are drawn dotted when
+    they exist and the run is not a smoke run (synthetic data is not comparable with them). split / metric default to the first evaluation split and the task's main metric.
+    Returns the Figure.
+    """
+    import matplotlib.pyplot as plt
+
+    split = split or next(iter(results["metrics_by_split"]))
+    metric = metric or results["main_metric"]
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(7.5, 4))
+    else:
+        fig = ax.figure
+    epochs = [e["epoch"] for e in results["epochs"]]
+    values = [e["metrics"][split][metric] for e in results["epochs"]]
+    ax.plot(epochs, values, marker="o", color="tab:blue", label=f"LoRA, {results['profile']} profile")
+    for e, v in zip(epochs, values):
+        ax.annotate(f"{v:.3g}", (e, v), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+    if baseline is not None:
+        ax.axhline(
+            baseline["metrics"][split][metric], color="gray", ls="--", label=f"baseline: {baseline['name']}"
+        )
+    # A smoke run's data is synthetic: a published number on the real dev set is not comparable.
+    refs = {} if results.get("smoke") else references_for(results["task"], split, metric)
+    for key, name, color in (
+        ("article", "article (roberta-base)", "tab:orange"),
+        ("lora_paper", "LoRA paper", "tab:green"),
+    ):
+        if refs.get(key) is not None:
+            ax.axhline(refs[key], color=color, ls=":", label=name)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"{split} {metric}")
+    ax.legend(fontsize=8)
+    ax.set_title(_smoke_title({results["task"]: results}, f"{results['task']}: learning curve"), fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def plot_no_answer_sweep(rows: list[dict[str, Any]], smoke: bool, default_threshold: float = 0.0):
     """SQuAD v2 exact / F1 (all, answerable, unanswerable) and the abstention rate against the no-answer
     threshold (rows from `loralib.qa.no_answer_sweep`). Returns the Figure."""
@@ -263,7 +333,7 @@ def plot_no_answer_sweep(rows: list[dict[str, Any]], smoke: bool, default_thresh
     ax.legend(fontsize=8)
     title = "SQuAD v2: the no-answer decision"
     if smoke:
-        title = f"SMOKE RUN (tiny random model, mini data): not benchmark numbers\n{title}"
+        title = f"SMOKE RUN (bundled synthetic data): not benchmark numbers\n{title}"
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return fig

@@ -309,4 +309,9 @@ def build_trainer(
         loralib_cfg=cfg,
         qa_eval=qa_eval,
     )
+    if not cfg.progress:
+        from transformers.trainer_callback import PrinterCallback
+
+        # Without bars the Trainer prints every log dict instead; results.json keeps them all anyway.
+        trainer.remove_callback(PrinterCallback)
     return trainer, model, tokenizer, model_id

@@ -3,7 +3,8 @@
 Covers: the seed article's formulation (`article_lora_linear`, `naive_lora_forward`: W + s B @ A
 materialised on every call), `layer_variants` / `layer_cases` (frozen nn.Linear, loralib, PEFT,
 article, full fine-tuning, all from the same weights), `measure_layer` (interleaved timing and peak
-memory of one shape), and `compare_forward_costs` / `plot_forward_costs` (notebook 03). Not here:
+memory of one shape), and `plain_lora_forward`, `compare_forward_costs` / `plot_forward_costs` (notebook
+03's three-way cost comparison). Not here:
 whole training steps (`loralib.measure.steps`), the layer itself (`loralib.layers`).
 """
 
@@ -239,16 +240,43 @@ def measure_layer(
     )
 
 
-def compare_forward_costs(
-    d: int = 768, r: int = 8, tokens: int = 2048, repeats: int = 5, warmup: int = 1, seed: int = 0
-) -> dict[str, Any]:
-    """Naive (materialise B @ A every call) vs efficient (`LoraLinear`) LoRA against the frozen linear.
+def plain_lora_forward(layer: LoraLinear, x: torch.Tensor) -> torch.Tensor:
+    """LoRA written as ordinary autograd sees it: x W^T + b + s (dropout(x) A^T) B^T, two thin matmuls.
 
-    Returns a dict with, per method ("frozen", "naive", "efficient"): `forward_s` (no-grad forward
-    medians), `train_s` (forward + backward medians, input requiring grad), the ratios of both to
-    "frozen", `forward_flops` (multiply-adds x 2 of the forward), `saved_bytes` (activations autograd
-    keeps for backward, parameters excluded), plus `max_abs_diff` between the naive and efficient
-    outputs and the settings (d, r, tokens, threads, device). CPU, fp32; a few seconds at the defaults.
+    It never builds B @ A, and the frozen W gets no gradient either (it does not require one); what it
+    pays against `LoraLinear`'s hand-written backward is extra passes over (tokens x d) tensors: the
+    scaling multiply, the sum of the two output paths, the sum of the two input-gradient paths, and,
+    with dropout, an fp32 copy of the dropped input kept for the backward.
+    """
+    if not isinstance(layer, LoraLinear):
+        raise TypeError(f"plain_lora_forward expects a LoraLinear, got {type(layer).__name__}.")
+    dropped = layer.lora_dropout(x)  # nn.Dropout, or nn.Identity when p = 0
+    return (
+        F.linear(x, layer.weight, layer.bias)
+        + F.linear(F.linear(dropped, layer.lora_A), layer.lora_B) * layer.scaling
+    )
+
+
+def compare_forward_costs(
+    d: int = 768,
+    r: int = 8,
+    tokens: int = 2048,
+    repeats: int = 5,
+    warmup: int = 1,
+    seed: int = 0,
+    plain: Callable[[LoraLinear], Callable[[torch.Tensor], torch.Tensor]] | None = None,
+) -> dict[str, Any]:
+    """Three ways to compute one LoRA layer, against the frozen linear it adapts.
+
+    Methods: "frozen" (the plain nn.Linear), "materialised" (W + s B @ A built on every call, the seed
+    article's way), "plain autograd" (two thin matmuls, ordinary autograd: `plain_lora_forward`, or
+    `plain(layer)` if given, e.g. a notebook's own layer built from `layer`'s tensors) and "custom
+    backward" (`LoraLinear` itself). Returns, per method: `forward_s` (no-grad forward medians),
+    `train_s` (forward + backward medians, input requiring grad), the ratios of both to "frozen",
+    `forward_flops` (multiply-adds x 2 of the forward), `saved_bytes` (activations autograd keeps for
+    backward, parameters excluded), plus `max_abs_diff` (largest output difference of any method from
+    the custom backward's) and the settings (d, r, tokens, threads, device). CPU, fp32, no dropout; a
+    few seconds at the defaults.
     """
     torch.manual_seed(seed)
     base = nn.Linear(d, d).requires_grad_(False)
@@ -257,7 +285,13 @@ def compare_forward_costs(
         layer.lora_B.normal_(0.0, 1.0 / math.sqrt(r))
     x = torch.randn(tokens, d, requires_grad=True)
     dy = torch.randn(tokens, d)
-    forwards = {"frozen": base, "naive": lambda t: naive_lora_forward(layer, t), "efficient": layer}
+    plain_fn = plain(layer) if plain is not None else (lambda t: plain_lora_forward(layer, t))
+    forwards = {
+        "frozen": base,
+        "materialised": lambda t: naive_lora_forward(layer, t),
+        "plain autograd": plain_fn,
+        "custom backward": layer,
+    }
     params = [layer.lora_A, layer.lora_B]
 
     def no_grad(f):
@@ -281,8 +315,10 @@ def compare_forward_costs(
     exclude = [base.weight, base.bias, layer.weight, layer.bias, *params, x]
     saved = {k: saved_tensor_bytes(lambda f=f: f(x), exclude=exclude) for k, f in forwards.items()}
     with torch.no_grad():
-        diff = (naive_lora_forward(layer, x) - layer(x)).abs().max().item()
+        ref = layer(x)
+        diff = max((forwards[k](x) - ref).abs().max().item() for k in ("materialised", "plain autograd"))
     base_flops = 2 * tokens * d * d
+    low_rank = base_flops + 2 * tokens * r * (d + d) + tokens * d
     return {
         "d": d,
         "r": r,
@@ -296,8 +332,9 @@ def compare_forward_costs(
         "train_ratio": ratios(trn, "frozen"),
         "forward_flops": {
             "frozen": base_flops,
-            "naive": base_flops + 2 * d * r * d + d * d,
-            "efficient": base_flops + 2 * tokens * r * (d + d) + tokens * d,
+            "materialised": base_flops + 2 * d * r * d + d * d,
+            "plain autograd": low_rank,
+            "custom backward": low_rank,
         },
         "saved_bytes": saved,
         "max_abs_diff": diff,
@@ -309,7 +346,7 @@ def plot_forward_costs(costs: Mapping[str, Any], path: str | os.PathLike | None 
     import matplotlib.pyplot as plt
 
     methods = costs["methods"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
     xs = range(len(methods))
     w = 0.38
     ax = axes[0]

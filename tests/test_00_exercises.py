@@ -1,0 +1,62 @@
+"""loralib.exercises.check: right, wrong and untouched answers of each kind."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from loralib.checks import ArgumentTypeError
+from loralib.exercises import check
+
+
+@pytest.mark.parametrize(
+    "answer, expected",
+    [
+        (294_912, 294_912),
+        (0.1 + 0.2, 0.3),
+        (torch.ones(2, 3), torch.ones(2, 3)),
+        (np.arange(4.0), np.arange(4.0)),
+        ([1, 2.0], (1, 2)),
+        ("query", "query"),
+        (True, True),
+    ],
+)
+def test_right_answers_pass(answer, expected, capsys):
+    assert check("Exercise 1", answer, expected) is True
+    assert "correct" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "answer, expected",
+    [
+        (294_913, 294_912),
+        (0.31, 0.3),
+        (torch.ones(2, 3), torch.ones(3, 2)),  # same numbers, wrong shape
+        (torch.ones(2), torch.zeros(2)),
+        (np.arange(3.0), np.arange(4.0)),
+        ([1, 2], [1, 2, 3]),
+        ("key", "query"),
+        (1, True),  # an int is not a bool answer
+        (0.0, 1e-9),
+    ],
+)
+def test_wrong_answers_raise_with_the_hint_but_not_the_answer(answer, expected):
+    with pytest.raises(AssertionError) as err:
+        check("Exercise 2", answer, expected, hint="count both matrices")
+    message = str(err.value)
+    assert message.startswith("Exercise 2: ") and message.endswith(" is not right. Hint: count both matrices")
+    assert "expected" not in message
+
+
+def test_an_untouched_answer_is_not_attempted(capsys):
+    assert check("Exercise 3", ..., 42) is False
+    assert "not attempted" in capsys.readouterr().out
+
+
+def test_the_tolerance_is_relative_and_checked():
+    assert check("e", 100.0001, 100.0, rel_tol=1e-5)
+    with pytest.raises(AssertionError):
+        check("e", 100.01, 100.0, rel_tol=1e-5)
+    with pytest.raises(ArgumentTypeError, match="rel_tol"):
+        check("e", 1, 1, rel_tol="small")
