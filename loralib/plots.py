@@ -229,3 +229,49 @@ def plot_parameter_budget(
     ax.set_title("Trainable parameters")
     fig.tight_layout()
     return fig
+
+
+def draw_lora_diagram(d_in: int = 1024, d_out: int = 1024, r: int = 4) -> Figure:
+    """The LoRA layer as a picture: x feeds the frozen W0 (d_out x d_in) and the trainable bypass A (r x
+    d_in) then B (d_out x r), scaled by alpha / r; the two paths add up to h. Boxes are drawn to scale in
+    the rank direction (A and B thin), with every shape written on them."""
+    from matplotlib.patches import FancyArrowPatch, Rectangle
+
+    fig, ax = plt.subplots(figsize=(9, 4.6))
+    ax.set_xlim(0, 10)
+    ax.set_ylim(0, 6)
+    ax.axis("off")
+
+    def box(x, y, w, h, color, label, sub):
+        ax.add_patch(Rectangle((x, y), w, h, facecolor=color, edgecolor="black", lw=1.2, alpha=0.85))
+        ax.text(x + w / 2, y + h / 2 + 0.18, label, ha="center", va="center", fontsize=12, weight="bold")
+        ax.text(x + w / 2, y + h / 2 - 0.25, sub, ha="center", va="center", fontsize=9)
+
+    def arrow(a, b, text=None):
+        ax.add_patch(FancyArrowPatch(a, b, arrowstyle="-|>", mutation_scale=14, lw=1.3, color="black"))
+        if text:
+            ax.text((a[0] + b[0]) / 2, (a[1] + b[1]) / 2 + 0.15, text, ha="center", fontsize=9)
+
+    ax.text(0.5, 3.0, "x", ha="center", va="center", fontsize=15, weight="bold")
+    ax.text(0.5, 2.5, f"({d_in})", ha="center", fontsize=9)
+    box(2.2, 3.4, 3.0, 2.0, "#c9d6e8", "W0  (frozen)", f"{d_out} x {d_in}")
+    box(2.2, 0.6, 1.2, 1.6, "#f6c9a8", "A", f"{r} x {d_in}\ntrainable, random")
+    box(4.0, 0.6, 1.2, 1.6, "#f6c9a8", "B", f"{d_out} x {r}\ntrainable, zeros")
+    ax.add_patch(plt.Circle((7.0, 3.0), 0.32, facecolor="white", edgecolor="black", lw=1.2))
+    ax.text(7.0, 3.0, "+", ha="center", va="center", fontsize=16)
+    arrow((0.8, 3.1), (2.2, 4.4))
+    arrow((0.8, 2.9), (2.2, 1.4))
+    arrow((3.4, 1.4), (4.0, 1.4), f"({r})")
+    arrow((5.2, 4.4), (6.75, 3.2), "W0 x")
+    arrow((5.2, 1.4), (6.75, 2.8), "α/r · B A x")
+    arrow((7.32, 3.0), (8.6, 3.0))
+    ax.text(9.0, 3.0, "h", ha="center", va="center", fontsize=15, weight="bold")
+    ax.text(9.0, 2.5, f"({d_out})", ha="center", fontsize=9)
+    lora, full = r * (d_in + d_out), d_in * d_out
+    ax.set_title(
+        f"h = W0 x + (α/r) B A x: the bypass trains {lora:,} parameters instead of {full:,} "
+        f"({100 * lora / full:.2f}%)",
+        fontsize=11,
+    )
+    fig.tight_layout()
+    return fig

@@ -54,3 +54,14 @@ def test_plot_helpers_return_figures_with_the_data():
     with pytest.raises(ValueError, match="no losses"):
         plots.plot_loss_curve([])
     plt.close("all")
+
+
+def test_draw_lora_diagram_writes_the_shapes_and_the_count():
+    from loralib import plots
+
+    fig = plots.draw_lora_diagram(768, 3072, 8)
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert "3072 x 768" in " ".join(texts) and any(t.startswith("8 x 768") for t in texts)
+    assert any(t.startswith("3072 x 8") for t in texts)
+    assert "30,720 parameters instead of 2,359,296 (1.30%)" in fig.axes[0].get_title()
+    assert len(fig.axes[0].patches) >= 3 + 6  # W0, A, B boxes and the arrows
