@@ -90,7 +90,7 @@ def source_of(obj: Any, start: str | None = None, end: str | None = None) -> str
                 f"end marker {end!r} is not in the source of {getattr(obj, '__qualname__', obj)}."
             )
         lines = lines[: hits[0] + 1]
-    return "\n".join(lines)
+    return textwrap.dedent("\n".join(lines))
 
 
 def show_source(obj: Any, start: str | None = None, end: str | None = None):
