@@ -32,7 +32,6 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.output_dir).resolve()
     (out / "executed").mkdir(parents=True, exist_ok=True)
     os.environ["LORALIB_OUTPUT_DIR"] = str(out)
-    os.environ.setdefault("MPLBACKEND", "Agg")
     if not os.environ.get("LORALIB_MODEL_ID"):
         # The embedded default never needs the hub; failing fast beats a hanging download.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -59,6 +58,14 @@ def main(argv: list[str] | None = None) -> int:
             failed.append(path.name)
             print(str(e)[-3000:], file=sys.stderr)
         elapsed = time.perf_counter() - start
+        images = sum(
+            "image/png" in out.get("data", {}) for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs
+        )
+        if status == "ok" and images == 0:
+            # Every notebook draws figures; none inline means the backend was wrong (e.g. MPLBACKEND=Agg).
+            status = "FAILED"
+            failed.append(path.name)
+            print(f"{path.name}: no inline figures in the executed notebook", file=sys.stderr)
         timings.append((path.name, status, elapsed))
         nbformat.write(nb, out / "executed" / path.name)
         print(f"[run] {path.name}: {status} in {elapsed:.1f} s", flush=True)

@@ -51,7 +51,9 @@ def test_source_of_cuts_between_markers():
     full = source_of(LoraLinear.merge)
     assert full.startswith("@torch.no_grad()\ndef merge(self)")
     part = source_of(LoraLinear, start="def merge(", end="def unmerge(")
-    assert part.splitlines()[0].startswith("def merge(")  # dedented after the cut and "def unmerge(" in part.splitlines()[-1]
+    assert part.splitlines()[0].startswith(
+        "def merge("
+    )  # dedented after the cut and "def unmerge(" in part.splitlines()[-1]
     with pytest.raises(ValueError, match="start marker"):
         source_of(LoraLinear, start="no such line")
     md = show_source(LoraLinear.merge)
