@@ -59,7 +59,10 @@ def main(argv: list[str] | None = None) -> int:
             print(str(e)[-3000:], file=sys.stderr)
         elapsed = time.perf_counter() - start
         images = sum(
-            "image/png" in out.get("data", {}) for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs
+            "image/png" in out.get("data", {})
+            for cell in nb.cells
+            if cell.cell_type == "code"
+            for out in cell.outputs
         )
         if status == "ok" and images == 0:
             # Every notebook draws figures; none inline means the backend was wrong (e.g. MPLBACKEND=Agg).
