@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from loralib.layers import LoraLinear
 from loralib.notebook import configure, show_source, source_of
 
+NAMES = ("LORALIB_PROFILE", "LORALIB_MODEL_ID", "LORALIB_OUTPUT_DIR")
+
 
 @pytest.fixture
-def clean_env(monkeypatch, tmp_path):
-    for name in ("LORALIB_PROFILE", "LORALIB_MODEL_ID", "LORALIB_OUTPUT_DIR"):
-        monkeypatch.delenv(name, raising=False)
-    return tmp_path
+def clean_env(tmp_path):
+    # Restored by hand, not by monkeypatch: configure() writes os.environ itself, and monkeypatch would
+    # "restore" what it wrote. Notebooks run later by nbval inherit this process's environment.
+    saved = {name: os.environ.pop(name, None) for name in NAMES}
+    yield tmp_path
+    for name, value in saved.items():
+        os.environ.pop(name, None)
+        if value is not None:
+            os.environ[name] = value
 
 
-def test_the_cell_values_apply_and_reach_the_library(clean_env, monkeypatch):
-    import os
-
+def test_the_cell_values_apply_and_reach_the_library(clean_env):
     import loralib
 
     cfg = configure("04_x", profile="gpu", model_id="some/model", output_dir=clean_env / "o")
@@ -25,14 +32,12 @@ def test_the_cell_values_apply_and_reach_the_library(clean_env, monkeypatch):
     assert cfg.out == clean_env / "o" / "04_x" and cfg.out.is_dir()
     assert loralib.default_model_id() == "some/model"
     assert loralib.output_dir("x") == clean_env / "o" / "x"
-    for name in ("LORALIB_MODEL_ID", "LORALIB_OUTPUT_DIR"):
-        monkeypatch.delenv(name)  # configure wrote them; leave no trace for other tests
-    assert "LORALIB_PROFILE" not in os.environ
+    assert "LORALIB_PROFILE" not in os.environ  # the profile stays a notebook-local choice
 
 
-def test_environment_variables_override_the_cell(clean_env, monkeypatch):
-    monkeypatch.setenv("LORALIB_PROFILE", "toy")
-    monkeypatch.setenv("LORALIB_OUTPUT_DIR", str(clean_env / "env"))
+def test_environment_variables_override_the_cell(clean_env):
+    os.environ["LORALIB_PROFILE"] = "toy"
+    os.environ["LORALIB_OUTPUT_DIR"] = str(clean_env / "env")
     cfg = configure("05_x", profile="gpu", output_dir=clean_env / "cell")
     assert cfg.profile == "toy" and cfg.smoke and cfg.model_id is None
     assert cfg.out == clean_env / "env" / "05_x"
@@ -58,3 +63,8 @@ def test_source_of_cuts_between_markers():
         source_of(LoraLinear, start="no such line")
     md = show_source(LoraLinear.merge)
     assert md.data.startswith("`loralib.layers.LoraLinear.merge`:") and "```python" in md.data
+
+
+def test_the_environment_is_left_as_it_was():
+    # Runs after the tests above (file order): nbval's kernels inherit this process's environment.
+    assert os.environ.get("LORALIB_MODEL_ID") != "some/model"

@@ -108,11 +108,11 @@ def test_metric_keys_and_splits_per_task(bench):
 
 def _glue_eval_arrays(model, tokenizer, task: str, results: dict):
     """Predictions and labels of the saved model on the run's evaluation rows, by a plain forward pass."""
-    from loralib.data import load_glue, tokenize_glue
+    from loralib.benchmark.trainer import eval_rows
+    from loralib.data import tokenize_glue
 
     split = next(iter(results["metrics_by_split"]))
-    rows = load_glue(task, data_dir="bundled")[split]
-    rows = rows.select(range(min(results["config"]["max_eval_samples"], len(rows))))
+    rows = eval_rows(results, split)  # the exact subset the run was scored on
     enc = tokenize_glue(rows, tokenizer, task, max_length=results["config"]["max_length"])
     preds = []
     with torch.no_grad():
