@@ -2,7 +2,8 @@
 # A prepared check for a CUDA machine with no internet, in under 5 minutes: the CUDA-only tests
 # (pytest -m gpu: LoraLinear under bf16 / fp16 autocast, LoRA dropout, torch.compile, QLoRA, Trainer steps
 # of a roberta-base-sized model in bf16 and fp16), the speed suite on CUDA (quick: layer, training step,
-# inference) and, where bitsandbytes is installed, the full FT / LoRA / QLoRA memory table. Everything goes
+# inference), where bitsandbytes is installed the full FT / LoRA / QLoRA memory table, and the measured LoRA
+# step throughput with the task time estimates it gives (estimates.md, throughput.json). Everything goes
 # to $OUT (default outputs/gpu_check). Needs only torch, transformers and peft; nothing is downloaded: the
 # tests build the tiny RoBERTa locally, and parts that need bitsandbytes or datasets skip with a message.
 #
@@ -36,6 +37,25 @@ else:
     from loralib.measure import qlora_memory, steps
     res = qlora_memory.compare_training_memory(steps.roberta_config(), batch_size=16, seq_len=128, device="cuda")
     print(qlora_memory.memory_table(res))
+PYEOF
+echo "== throughput: measured LoRA steps of a roberta-base-sized model, and the task estimates from them"
+$PY - "$OUT" <<'PYEOF' 2>&1 | tee "$OUT/estimates.md" || status=1
+import json, sys
+import torch
+import loralib
+from loralib.benchmark import estimates
+from loralib.measure import steps
+cfg = steps.roberta_config()
+rows = {}
+for seq, tasks in ((128, ["glue"]), (384, ["squad"])):
+    model = steps.roberta_step_builders(cfg, methods=["loralib"], device="cuda")["loralib"]()
+    thr = estimates.measure_throughput(model, batch_size=16, seq_len=seq, steps=10)
+    rows[seq] = {"flops_per_s": thr.flops_per_s, "source": thr.source, "precision": thr.precision}
+    print(f"{thr.name} at 16 x {seq}: {thr.source}, {thr.flops_per_s / 1e12:.1f} TFLOP/s sustained")
+    print(estimates.devices_table(tasks, ["t4", "a100", thr]))
+    del model
+    torch.cuda.empty_cache()
+json.dump({"device": torch.cuda.get_device_name(), "throughput": rows}, open(sys.argv[1] + "/throughput.json", "w"), indent=1)
 PYEOF
 echo "results in $OUT"
 exit $status

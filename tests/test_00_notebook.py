@@ -47,7 +47,7 @@ def test_bad_values_are_named(clean_env):
     with pytest.raises(ValueError, match="profile must be .* got 3"):
         configure("x", profile=3)
     with pytest.raises(ValueError, match="profile.*gpu"):
-        configure("x", profile="colab")
+        configure("x", profile="kaggle")
     with pytest.raises(TypeError, match="model_id"):
         configure("x", model_id=42)
 

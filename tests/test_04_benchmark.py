@@ -62,7 +62,7 @@ def test_make_config_layers_profile_and_overrides():
     assert make_config("rte", "gpu").epochs == 6
     with pytest.raises(TypeError, match="learning_rate"):
         make_config("rte", "smoke", lr=1e-3)
-    with pytest.raises(ValueError, match="smoke, toy, cpu, gpu"):
+    with pytest.raises(ValueError, match="smoke, toy, cpu, colab, gpu"):
         make_config("rte", "laptop")
 
 

@@ -6,6 +6,8 @@
     results     the results file: layout, atomic write, reading it back
     run         run_task / run_benchmark
     references  the article's and the LoRA paper's numbers, tables and plots beside a run
+    baselines   the majority class, answering nothing, the untrained model
+    estimates   steps, time and memory of a task on a T4 / an A100 / the device you have
     cli         `python -m loralib.benchmark --task TASK --profile PROFILE`
 
 The names below are the ones a notebook or script needs; everything else is reached by module.

@@ -1,7 +1,7 @@
 """What one benchmark run depends on: `TrainConfig`, the profiles, the backends and the task names.
 
 Covers: `TrainConfig` (the article's recipe as defaults, validated where it is built), `Profile` /
-`PROFILES` ("smoke", "toy", "cpu", "gpu"), `make_config` (a profile plus overrides), `BACKENDS`,
+`PROFILES` ("smoke", "toy", "cpu", "colab", "gpu"), `make_config` (a profile plus overrides), `BACKENDS`,
 `FORMULATIONS` / `DEFAULT_LR`, task names and groups (`task_spec`, `is_qa`, `resolve_tasks`), and the
 per-device batch size. Not here: building models (`loralib.benchmark.backends`), the Trainer
 (`loralib.benchmark.trainer`), the run loop (`loralib.benchmark.run`).
@@ -45,7 +45,11 @@ from loralib.checks import (
 BACKENDS = ("loralib", "article", "peft", "qlora")
 
 
-TASK_GROUPS = ("glue", "squad", "all")
+TASK_GROUPS = ("glue", "squad", "colab", "all")
+
+# What fits a free Colab T4 session (a few hours; see loralib.benchmark.estimates): the five small GLUE
+# tasks with the recipe, and SQuAD v1.1 for 2 epochs (the colab profile's task override).
+COLAB_TASKS = ("cola", "sst2", "mrpc", "stsb", "rte", "squad")
 
 
 @dataclass
@@ -167,6 +171,8 @@ class Profile:
     model_id: str | None  # None: the offline tiny RoBERTa; TOY_MODEL: the installed pretrained MiniLM
     smoke: bool
     overrides: dict[str, Any] = field(default_factory=dict)
+    # Per-task changes on top of `overrides` (e.g. fewer SQuAD epochs in the colab profile).
+    task_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 # The toy profile's model is found at run time: it lives wherever pip installed its wheel.
@@ -221,6 +227,21 @@ PROFILES: dict[str, Profile] = {
         smoke=False,
         overrides=dict(epochs=3, warmup_epochs=1.0, max_train_samples=2000, max_eval_samples=500),
     ),
+    "colab": Profile(
+        "colab",
+        "what a free Colab T4 session can finish: FacebookAI/roberta-base on the full hub datasets with the "
+        "article's recipe, except SQuAD (v1.1 and v2.0) for 2 epochs (warm-up 2/3 epoch) instead of 6; meant "
+        "for `--task colab` (CoLA, SST-2, MRPC, STS-B, RTE, SQuAD v1.1: about 1.1 T4 hours by "
+        "loralib.benchmark.estimates' assumed throughput, so 2-3 hours if a T4 sustains half of it). Real "
+        "numbers; SQuAD's are not the 6-epoch recipe's.",
+        model_id="FacebookAI/roberta-base",
+        smoke=False,
+        overrides={},
+        task_overrides={
+            "squad": dict(epochs=2, warmup_epochs=2 / 3),
+            "squad_v2": dict(epochs=2, warmup_epochs=2 / 3),
+        },
+    ),
     "gpu": Profile(
         "gpu",
         "the article's setup: FacebookAI/roberta-base, full datasets from the hub, 6 epochs (2 warm-up), "
@@ -241,7 +262,7 @@ def task_spec(task: str):
         raise ValueError(
             f"unknown task {task!r}. Valid tasks: {', '.join(ALL_TASKS)}; "
             f"or the groups {', '.join(TASK_GROUPS)} (glue = the nine GLUE tasks; on the command line squad = "
-            "squad and squad_v2, squad_v1 = SQuAD v1.1 alone)."
+            "squad and squad_v2, colab = what fits a free Colab session, squad_v1 = SQuAD v1.1 alone)."
         )
     return get_task(task)
 
@@ -256,7 +277,8 @@ def is_qa(task: str) -> bool:
 def resolve_tasks(names: str | Iterable[str]) -> list[str]:
     """Expand task names and groups into hub config names, in order, each once.
 
-    Groups: "glue" (the nine GLUE tasks), "squad" (squad and squad_v2), "all". Because "squad" names the
+    Groups: "glue" (the nine GLUE tasks), "squad" (squad and squad_v2), "colab" (`COLAB_TASKS`: what fits
+    a free Colab session), "all". Because "squad" names the
     group here, SQuAD v1.1 alone is "squad_v1" (its runs are still stored under the hub name "squad").
     """
     from loralib.data import GLUE_TASKS as glue
@@ -276,6 +298,8 @@ def resolve_tasks(names: str | Iterable[str]) -> list[str]:
             expanded = list(squad)
         elif key == "all":
             expanded = [*glue, *squad]
+        elif key == "colab":
+            expanded = list(COLAB_TASKS)
         elif key == "squad_v1":
             expanded = ["squad"]
         else:
@@ -329,7 +353,7 @@ def make_config(task: str, profile: str = "smoke", **overrides: Any) -> TrainCon
     prof = PROFILES[profile]
     # Explicit overrides win, None included (data_dir=None: the hub; max_train_samples=None: all rows),
     # except model_id=None, which means "the profile's model".
-    values: dict[str, Any] = {**prof.overrides, **overrides}
+    values: dict[str, Any] = {**prof.overrides, **prof.task_overrides.get(task, {}), **overrides}
     values["task"] = task
     if values.get("model_id") is None:
         values["model_id"] = prof.model_id
