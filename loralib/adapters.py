@@ -28,7 +28,11 @@ from loralib.utils import atomic_directory
 
 WEIGHTS_NAME = "adapter.safetensors"
 CONFIG_NAME = "lora_config.json"
-FORMAT_VERSION = 2  # 2: PEFT's names lora_alpha / lora_dropout (1 said alpha / dropout; still read)
+# 2: PEFT's names lora_alpha / lora_dropout (1 said alpha / dropout; still read). 3: a layer may scale by
+# lora_alpha / sqrt(r) (per_layer "use_rslora": true); written only then, so older readers refuse exactly
+# the adapters they would misread.
+FORMAT_VERSION = 3
+PLAIN_FORMAT_VERSION = 2
 ADAPTER_FORMAT = "loralib-adapter"
 PEFT_CONFIG = "adapter_config.json"  # PEFT's files, recognised to point the caller at from_peft
 PEFT_FILES = (PEFT_CONFIG, "adapter_model.safetensors", "adapter_model.bin")
@@ -38,6 +42,7 @@ PEFT_FILES = (PEFT_CONFIG, "adapter_model.safetensors", "adapter_model.bin")
 # or directory is often known better by the caller than by model.config).
 RESERVED_KEYS = (
     "format", "format_version", "r", "lora_alpha", "lora_dropout", "init", "target_modules", "per_layer",
+    "use_rslora",
     "alpha", "dropout",  # version 1's names: still refused, so an old reader is never misled
 )  # fmt: skip
 # What a config must hold, and the JSON types each key may have (None where it varies per layer).
@@ -111,15 +116,23 @@ def lora_config(model: nn.Module, **metadata: Any) -> dict[str, Any]:
     alphas = {layer.lora_alpha for _, layer in layers}
     dropouts = {layer.lora_dropout_p for _, layer in layers}
     inits = {layer.init for _, layer in layers}
+    rslora = any(layer.use_rslora for _, layer in layers)
     cfg: dict[str, Any] = {
         "format": ADAPTER_FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if rslora else PLAIN_FORMAT_VERSION,
         "r": ranks.pop() if len(ranks) == 1 else None,
         "lora_alpha": alphas.pop() if len(alphas) == 1 else None,
         "lora_dropout": dropouts.pop() if len(dropouts) == 1 else None,
         "init": inits.pop() if len(inits) == 1 else None,
         "target_modules": [n for n, _ in layers],
-        "per_layer": {n: {"r": layer.r, "lora_alpha": layer.lora_alpha} for n, layer in layers},
+        "per_layer": {
+            n: {
+                "r": layer.r,
+                "lora_alpha": layer.lora_alpha,
+                **({"use_rslora": True} if layer.use_rslora else {}),
+            }
+            for n, layer in layers
+        },
         "base_model": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
     }
     cfg.update(metadata)
@@ -263,6 +276,11 @@ def _check_config(cfg: dict[str, Any], source: Any) -> None:
         )
     for name in cfg["target_modules"]:
         spec = cfg["per_layer"].get(name, {})
+        if isinstance(spec, dict) and not isinstance(spec.get("use_rslora", False), bool):
+            raise ValueError(
+                f"{source}: layer {name!r} has use_rslora={spec['use_rslora']!r}, expected true or false; "
+                "re-save the adapter."
+            )
         for key, types in (("r", (int,)), ("lora_alpha", (int, float))):
             value = spec.get(key, cfg[key]) if isinstance(spec, dict) else None
             if isinstance(value, bool) or not isinstance(value, types):
@@ -323,6 +341,7 @@ def _inject_from_config(model: nn.Module, cfg: dict[str, Any]) -> None:
             lora_alpha=spec.get("lora_alpha", cfg["lora_alpha"]),
             lora_dropout=cfg.get("lora_dropout") or 0.0,
             init=cfg.get("init") or "kaiming",
+            use_rslora=bool(spec.get("use_rslora", False)),
         )
 
 
@@ -365,16 +384,25 @@ def _check_fits(
             )
     # Same shapes but another alpha would load silently and compute a differently scaled update.
     per_layer = cfg.get("per_layer") or {}
+
+    def rule(rslora: bool) -> str:
+        return " (use_rslora: / sqrt(r))" if rslora else ""
+
     wrong_alpha = [
-        f"{n}: adapter lora_alpha={per_layer[n]['lora_alpha']:g}, model lora_alpha={layer.lora_alpha:g}"
+        f"{n}: adapter lora_alpha={per_layer[n]['lora_alpha']:g}{rule(per_layer[n].get('use_rslora', False))}, "
+        f"model lora_alpha={layer.lora_alpha:g}{rule(layer.use_rslora)}"
         for n, layer in lora_layers(model)
-        if n in per_layer and float(per_layer[n]["lora_alpha"]) != layer.lora_alpha
+        if n in per_layer
+        and (
+            float(per_layer[n]["lora_alpha"]) != layer.lora_alpha
+            or bool(per_layer[n].get("use_rslora", False)) != layer.use_rslora
+        )
     ]
     if wrong_alpha:
         raise ValueError(
             "the model's LoRA scaling differs from the adapter's: "
             + "; ".join(wrong_alpha[:5])
-            + ". Inject with the adapter's alpha, or load into a model without LoRA so load_lora injects it."
+            + ". Inject with the adapter's alpha and use_rslora, or load into a model without LoRA so load_lora injects it."
         )
     merged = [n for n, layer in lora_layers(model) if layer.merged]
     if merged:

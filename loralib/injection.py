@@ -106,13 +106,14 @@ def inject_lora(
     init: str = "kaiming",
     autocast_adapter_dtype: bool = True,
     *,
+    use_rslora: bool = False,
     alpha=UNSET,
     dropout=UNSET,
 ) -> list[str]:
     """Replace the targeted `nn.Linear` modules of `model` in place by `LoraLinear`; return their names.
 
-    r, lora_alpha (None: = r), lora_dropout, init: as for `LoraLinear` (PEFT's names; alpha= and
-    dropout= are their former names). The original weights are reused and frozen; B starts at zero so
+    r, lora_alpha (None: = r), lora_dropout, init, use_rslora (scale by lora_alpha / sqrt(r)): as for
+    `LoraLinear` (PEFT's names; alpha= and dropout= are their former names). The original weights are reused and frozen; B starts at zero so
     outputs do not change until training. A and B are fp32 on a half-precision base unless
     autocast_adapter_dtype=False. Raises ValueError if nothing matches (listing the Linear names that
     exist) and TypeError if a match is not an `nn.Linear` or already carries LoRA; the model is
@@ -122,6 +123,7 @@ def inject_lora(
     lora_alpha, lora_dropout = resolve_lora_names("inject_lora", lora_alpha, lora_dropout, alpha, dropout)
     r, lora_alpha, lora_dropout = check_lora_args(r, lora_alpha, lora_dropout, init)
     check_bool(autocast_adapter_dtype, "autocast_adapter_dtype")
+    check_bool(use_rslora, "use_rslora")
     names = find_targets(model, target_modules)
     if not names:
         linears = _linear_names(model)
@@ -158,6 +160,7 @@ def inject_lora(
             lora_dropout=lora_dropout,
             init=init,
             autocast_adapter_dtype=autocast_adapter_dtype,
+            use_rslora=use_rslora,
         )
         for name in names
     }
@@ -279,14 +282,14 @@ def unchanged_on_failure(model: nn.Module, params: Iterable[str] = ()) -> Iterat
     """Run a block that changes `model`; if it raises, put the model back exactly as it was.
 
     Restored: which module sits where (injected layers are swapped back out), every parameter's
-    requires_grad, every LoRA layer's alpha, scaling and merged flag, and the values of `params`
+    requires_grad, every LoRA layer's alpha, scaling rule (use_rslora) and merged flag, and the values of `params`
     (the parameter names the block may overwrite; only those are copied, so the cost is the adapter's
     size, not the model's).
     """
     modules = dict(model.named_modules())
     children = {name: dict(m.named_children()) for name, m in modules.items()}
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    scalars = {layer: (layer.lora_alpha, layer.scaling, layer.merged) for _, layer in lora_layers(model)}
+    scalars = {layer: (layer.lora_alpha, layer.use_rslora, layer.merged) for _, layer in lora_layers(model)}
     named = dict(model.named_parameters())
     saved = {named[n]: named[n].detach().clone() for n in params if n in named}
     try:
@@ -302,6 +305,6 @@ def unchanged_on_failure(model: nn.Module, params: Iterable[str] = ()) -> Iterat
                 p.copy_(value)
         for p, flag in flags:
             p.requires_grad_(flag)
-        for layer, (alpha, scaling, merged) in scalars.items():
-            layer.lora_alpha, layer.scaling, layer.merged = alpha, scaling, merged
+        for layer, (alpha, rslora, merged) in scalars.items():
+            layer.lora_alpha, layer.use_rslora, layer.merged = alpha, rslora, merged
         raise

@@ -1,6 +1,6 @@
 """`LoraLinear`: a frozen `nn.Linear` plus a trainable low-rank update, the whole idea of LoRA.
 
-    y = x W^T + b + dropout(x) A^T B^T * (lora_alpha / r)
+    y = x W^T + b + dropout(x) A^T B^T * (lora_alpha / r)        (rsLoRA: lora_alpha / sqrt(r))
 
 A is (r x in), B is (out x r) and starts at zero, so a fresh layer computes exactly what the
 original did. The unmerged forward never builds the (out x in) matrix B @ A: it costs two thin
@@ -70,6 +70,11 @@ def resolve_lora_names(where: str, lora_alpha, lora_dropout, alpha, dropout) -> 
     return out[0], out[1]
 
 
+def lora_scaling(lora_alpha: float, r: int, use_rslora: bool = False) -> float:
+    """lora_alpha / r (the LoRA paper), or lora_alpha / sqrt(r) (rsLoRA)."""
+    return lora_alpha / (math.sqrt(r) if use_rslora else r)
+
+
 def adapter_dtype(base_dtype: torch.dtype, autocast_adapter_dtype: bool = True) -> torch.dtype:
     """The dtype A and B are stored in: fp32 when the base is fp16/bf16 (as PEFT does), else the base's.
 
@@ -110,6 +115,8 @@ class LoraLinear(nn.Linear):
             lora_alpha = r (scaling 1), so doubling r with lora_alpha fixed halves each direction's
             contribution.
         lora_dropout: dropout on the input of the LoRA path only (0 disables it and its copy).
+        use_rslora: scale by lora_alpha / sqrt(r) instead (rank-stabilised LoRA, Kalajdzievski 2023;
+            PEFT's name): the update's size then no longer shrinks as r grows at a fixed learning rate.
         init: "kaiming" (A kaiming-uniform as PEFT and microsoft/LoRA), "gaussian" (A ~ N(0, 1/r^2),
             PEFT's "gaussian"), or "article" (A ~ N(0, 1), unscaled, as in the seed article).
         autocast_adapter_dtype: keep A and B in fp32 when the base is fp16/bf16 (PEFT's default and
@@ -135,16 +142,18 @@ class LoraLinear(nn.Linear):
         dtype=None,
         autocast_adapter_dtype: bool = True,
         *,
+        use_rslora: bool = False,
         alpha=UNSET,
         dropout=UNSET,
     ) -> None:
         lora_alpha, lora_dropout = resolve_lora_names("LoraLinear", lora_alpha, lora_dropout, alpha, dropout)
         r, lora_alpha, lora_dropout = check_lora_args(r, lora_alpha, lora_dropout, init)
         check_bool(autocast_adapter_dtype, "autocast_adapter_dtype")
+        check_bool(use_rslora, "use_rslora")
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.r = r
         self.lora_alpha = float(r if lora_alpha is None else lora_alpha)
-        self.scaling = self.lora_alpha / r
+        self.use_rslora = use_rslora
         self.init = init
         self.lora_dropout_p = float(lora_dropout)
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
@@ -156,6 +165,11 @@ class LoraLinear(nn.Linear):
         if self.bias is not None:
             self.bias.requires_grad_(False)
         self.reset_lora_parameters()
+
+    @property
+    def scaling(self) -> float:
+        """What B @ A is multiplied by: lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora."""
+        return lora_scaling(self.lora_alpha, self.r, self.use_rslora)
 
     @property
     def alpha(self) -> float:
@@ -176,6 +190,7 @@ class LoraLinear(nn.Linear):
         init: str = "kaiming",
         autocast_adapter_dtype: bool = True,
         *,
+        use_rslora: bool = False,
         alpha=UNSET,
         dropout=UNSET,
     ) -> LoraLinear:
@@ -203,6 +218,7 @@ class LoraLinear(nn.Linear):
             device="meta",
             dtype=w.dtype,
             autocast_adapter_dtype=autocast_adapter_dtype,
+            use_rslora=use_rslora,
         )
         # Build on "meta" to avoid allocating a throw-away (out x in) weight, then attach the real tensors.
         layer.weight = nn.Parameter(w.data, requires_grad=False)
@@ -355,7 +371,8 @@ class LoraLinear(nn.Linear):
         return (
             f"{super().extra_repr()}, r={self.r}, lora_alpha={self.lora_alpha:g}, "
             f"lora_dropout={self.lora_dropout_p:g}, "
-            f"init={self.init}, merged={self.merged}"
+            + ("use_rslora=True, " if self.use_rslora else "")
+            + f"init={self.init}, merged={self.merged}"
         )
 
 

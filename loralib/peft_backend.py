@@ -263,6 +263,7 @@ def build_peft_model(
     id2label: dict[int, str] | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    use_rslora: bool = False,
 ):
     """The article's PEFT model: a task model (4-bit nf4 if `quantize`) wrapped by `get_peft_model`.
 
@@ -271,7 +272,7 @@ def build_peft_model(
     quantize: load the base in 4-bit nf4 with double quantisation (QLoRA) and prepare it for k-bit
         training (norms in fp32, base frozen; no gradient checkpointing). Heads stay full precision.
     r, lora_alpha, lora_dropout, target_modules, modules_to_save, bias: `peft.LoraConfig` fields
-        (scaling lora_alpha / r); the defaults are the article's. Entries of modules_to_save that name no
+        (scaling lora_alpha / r; lora_alpha / sqrt(r) with use_rslora); the defaults are the article's. Entries of modules_to_save that name no
         module are ignored by PEFT (the article lists both heads for every task).
     id2label: class names, saved with the adapter. device: default CUDA when available, else CPU.
     dtype: compute dtype of the 4-bit layers (default `compute_dtype(device)`: bf16 on CUDA, fp32 on CPU).
@@ -281,6 +282,7 @@ def build_peft_model(
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     check_bool(quantize, "quantize")
+    check_bool(use_rslora, "use_rslora")
     check_rank(r)
     check_number(lora_alpha, "lora_alpha", positive=True)
     check_dropout(lora_dropout, "lora_dropout")
@@ -302,6 +304,7 @@ def build_peft_model(
         modules_to_save=list(modules_to_save) if modules_to_save else None,
         bias=bias,
         task_type=_peft_task_type(task_kind),
+        use_rslora=use_rslora,
     )
     try:
         return get_peft_model(base, config)
@@ -311,30 +314,26 @@ def build_peft_model(
 
 
 def make_optimizer(
-    model: nn.Module, lr: float, weight_decay: float = 0.0, eight_bit: bool | None = None, **adam_kwargs: Any
+    model: nn.Module,
+    lr: float,
+    weight_decay: float = 0.0,
+    eight_bit: bool | None = None,
+    loraplus_lr_ratio: float | None = None,
+    **adam_kwargs: Any,
 ) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters: bitsandbytes' AdamW8bit for quantised models, else torch's.
 
     eight_bit: None decides by `is_quantized(model)`. Biases and layer-norm weights get no weight decay
-    (the Trainer's convention). adam_kwargs: betas, eps. AdamW8bit keeps its two moments in 8 bits
-    (blockwise-quantised) for tensors of at least 4096 elements and in fp32 for smaller ones.
+    (the Trainer's convention). loraplus_lr_ratio: LoRA+, B at this times lr (`loralib.optim`; None: one
+    rate). adam_kwargs: betas, eps. AdamW8bit keeps its two moments in 8 bits (blockwise-quantised) for
+    tensors of at least 4096 elements and in fp32 for smaller ones.
     """
+    from loralib.optim import param_groups
+
     check_number(lr, "lr", positive=True, hint="A learning rate such as 2e-4.")
-    check_number(weight_decay, "weight_decay", minimum=0.0)
     if eight_bit is not None:
         check_bool(eight_bit, "eight_bit")
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if name.endswith("bias") or "layernorm" in name.lower() else decay).append(p)
-    if not decay and not no_decay:
-        raise ValueError("the model has no trainable parameters; build it with build_peft_model() first.")
-    groups = [
-        g
-        for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0})
-        if g["params"]
-    ]
+    groups = param_groups(model, lr, loraplus_lr_ratio, weight_decay)
     if eight_bit is None:
         eight_bit = is_quantized(model)
     if eight_bit:

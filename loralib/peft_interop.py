@@ -10,13 +10,15 @@ The mapping, which is all there is to it:
     loralib                          PEFT (saved keys, prefix "base_model.model.")
     <m>.lora_A  (r x in)             <m>.lora_A.weight  (r x in)     same matrix, same layout
     <m>.lora_B  (out x r)            <m>.lora_B.weight  (out x r)
-    alpha / r                        lora_alpha / r  (use_rslora=False), per layer via rank/alpha_pattern
+    lora_alpha, use_rslora           lora_alpha, use_rslora (one rule per adapter; a layer with the
+                                     other rule gets the equivalent alpha in alpha_pattern), per layer
+                                     via rank_pattern / alpha_pattern
     trained bias of an adapted <m>   <m>.base_layer.bias (bias="all" or "lora_only")
     other trained modules            modules_to_save: the whole module, saved under its own name
 
 Neither direction imports `peft`: the format is JSON plus safetensors, so a loralib user can export
 without installing it (the tests use PEFT itself as the reference). Not supported, with a clear error:
-DoRA, rsLoRA on export, bias on lora_B (`lora_bias`), `fan_in_fan_out` (GPT-2's Conv1D), LoRA on
+DoRA, bias on lora_B (`lora_bias`), `fan_in_fan_out` (GPT-2's Conv1D), LoRA on
 embeddings or convolutions. Not here: loralib's own format (`loralib.adapters`), PEFT training and QLoRA
 (`loralib.peft_backend`).
 """
@@ -160,7 +162,16 @@ def _bias_mode(params: dict[str, torch.Tensor], layers: dict[str, LoraLinear], e
 def _ranks_and_alphas(layers: dict[str, LoraLinear]) -> dict[str, Any]:
     """r, lora_alpha and lora_dropout for PEFT: the most common values, the others as patterns."""
     r_common = Counter(layer.r for layer in layers.values()).most_common(1)[0][0]
-    a_common = Counter(layer.lora_alpha for layer in layers.values()).most_common(1)[0][0]
+    # PEFT has one scaling rule for the whole adapter: the most common one; a layer with the other rule
+    # gets the alpha that gives its own scaling under it (an alpha_pattern entry).
+    rslora = Counter(layer.use_rslora for layer in layers.values()).most_common(1)[0][0]
+    alphas = {
+        n: layer.lora_alpha
+        if layer.use_rslora == rslora
+        else layer.scaling * (math.sqrt(layer.r) if rslora else layer.r)
+        for n, layer in layers.items()
+    }
+    a_common = Counter(alphas.values()).most_common(1)[0][0]
     dropouts = Counter(layer.lora_dropout_p for layer in layers.values())
     if len(dropouts) > 1:
         warnings.warn(
@@ -173,9 +184,8 @@ def _ranks_and_alphas(layers: dict[str, LoraLinear]) -> dict[str, Any]:
         "lora_alpha": _num(a_common),
         "lora_dropout": dropouts.most_common(1)[0][0],
         "rank_pattern": {n: layer.r for n, layer in layers.items() if layer.r != r_common},
-        "alpha_pattern": {
-            n: _num(layer.lora_alpha) for n, layer in layers.items() if layer.lora_alpha != a_common
-        },
+        "alpha_pattern": {n: _num(a) for n, a in alphas.items() if a != a_common},
+        "use_rslora": rslora,
     }
 
 
@@ -232,7 +242,6 @@ def peft_state_and_config(
         "target_modules": _suffix_cover(lora_names, all_names, _target_match),
         "modules_to_save": _suffix_cover(set(to_save), all_names, _save_match) or None,
         "bias": bias_mode,
-        "use_rslora": False,
         "use_dora": False,
         "lora_bias": False,
         "fan_in_fan_out": False,
@@ -347,14 +356,12 @@ def _group_tensors(
 
 
 def _alpha_for(config: dict[str, Any], name: str, r: int, directory) -> float:
-    """Our alpha for layer `name`: lora_alpha or its alpha_pattern entry (rsLoRA's alpha / sqrt(r) converted)."""
+    """Our alpha for layer `name`: lora_alpha or its alpha_pattern entry (use_rslora is kept as the rule)."""
     pattern = config.get("alpha_pattern") or {}
     key = next((k for k in pattern if _pattern_match(name, k)), None)
     alpha = check_alpha(pattern[key] if key is not None else config.get("lora_alpha"), "lora_alpha")
     if alpha is None:
         raise ValueError(f"{directory}/{CONFIG_NAME} has no lora_alpha; it is not a complete PEFT adapter.")
-    if config.get("use_rslora"):  # PEFT scales by alpha / sqrt(r); ours is alpha / r
-        alpha *= math.sqrt(r)
     return alpha
 
 
@@ -365,7 +372,7 @@ def from_peft(model: nn.Module, directory: str | os.PathLike, trainable: bool = 
     or one that already carries loralib layers on exactly the adapter's modules with the same ranks.
     Which modules are adapted, and their ranks, are read from the tensors themselves, so adapters made
     with regex targets, "all-linear" or layers_to_transform load too; alpha comes from lora_alpha /
-    alpha_pattern (rsLoRA's lora_alpha / sqrt(r) is converted). Biases and modules_to_save tensors are
+    alpha_pattern and the layers scale as PEFT's use_rslora says. Biases and modules_to_save tensors are
     copied into the model's own parameters (a PEFT "modules_to_save" copy becomes the module itself).
     trainable: leave exactly the adapter's tensors trainable (what PEFT trains), everything else frozen.
     Mismatches (targets, rank, shapes of another base or head size) raise ValueError naming them.
@@ -441,6 +448,7 @@ def from_peft(model: nn.Module, directory: str | os.PathLike, trainable: bool = 
             f"LoRA layers {merged[:3]} are merged; call unmerge_lora(model) before loading an adapter."
         )
     dropout = float(config.get("lora_dropout") or 0.0)
+    rslora = bool(config.get("use_rslora", False))
     alphas = {
         name: _alpha_for(config, name, ranks[name], directory) for name in lora
     }  # a NaN or missing alpha fails here, not half-way
@@ -449,13 +457,19 @@ def from_peft(model: nn.Module, directory: str | os.PathLike, trainable: bool = 
     with unchanged_on_failure(model, params=[*(f"{n}.lora_{ab}" for n in lora for ab in "AB"), *other]):
         if not have:
             for name in lora:
-                inject_lora(model, [name], r=ranks[name], lora_alpha=alphas[name], lora_dropout=dropout)
+                inject_lora(
+                    model,
+                    [name],
+                    r=ranks[name],
+                    lora_alpha=alphas[name],
+                    lora_dropout=dropout,
+                    use_rslora=rslora,
+                )
             have = dict(lora_layers(model))
         else:
             for name in lora:  # same rank already checked; take the adapter's scaling
                 layer = have[name]
-                layer.lora_alpha = alphas[name]
-                layer.scaling = layer.lora_alpha / layer.r
+                layer.lora_alpha, layer.use_rslora = alphas[name], rslora
         params = dict(model.named_parameters())
         with torch.no_grad():
             for name, ab in lora.items():

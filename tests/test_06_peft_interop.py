@@ -132,6 +132,7 @@ OURS_RECIPES = {
     ),
     "lora_only_bias": dict(targets=["query", "value"], r=2, lora_alpha=3.5, bias="lora_only", ln=True),
     "regex": dict(targets=r".*layer\.1\..*(query|dense)", r=4, lora_alpha=4, bias="none", ln=False),
+    "rslora": dict(targets=["query", "value"], r=16, lora_alpha=8, bias="none", ln=False, use_rslora=True),
 }
 
 
@@ -139,7 +140,10 @@ OURS_RECIPES = {
 def test_to_peft_reproduces_our_model_in_peft(tiny_model_dir, tmp_path, recipe):
     spec = OURS_RECIPES[recipe]
     model = _seq_cls(tiny_model_dir)
-    inject_lora(model, spec["targets"], r=spec["r"], lora_alpha=spec["lora_alpha"], lora_dropout=0.1)
+    rslora = spec.get("use_rslora", False)
+    inject_lora(
+        model, spec["targets"], r=spec["r"], lora_alpha=spec["lora_alpha"], lora_dropout=0.1, use_rslora=rslora
+    )
     mark_only_lora_as_trainable(
         model, bias=spec["bias"], train_layer_norms=spec["ln"], modules_to_save=["classifier"]
     )
@@ -148,6 +152,7 @@ def test_to_peft_reproduces_our_model_in_peft(tiny_model_dir, tmp_path, recipe):
     ours = _out(model, batch)
     to_peft(model, tmp_path / "a")
     cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert cfg["use_rslora"] is rslora and cfg["lora_alpha"] == spec["lora_alpha"]
     assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "SEQ_CLS" and cfg["bias"] == spec["bias"]
     assert cfg["base_model_name_or_path"] == tiny_model_dir
 
@@ -248,6 +253,9 @@ PEFT_RECIPES = {
         alpha_pattern={"layer.1.attention.self.query": 3},
     ),
     "rslora_regex": dict(r=4, lora_alpha=8, target_modules=r".*\.(key|value)", use_rslora=True),
+    "rslora_patterns": dict(
+        r=16, lora_alpha=8, target_modules=["query", "value"], rank_pattern={"value": 4}, use_rslora=True
+    ),
     "layers_to_transform": dict(
         r=4, lora_alpha=8, target_modules=["query"], layers_to_transform=[1], layers_pattern="layer"
     ),
@@ -268,6 +276,8 @@ def test_from_peft_reproduces_a_peft_adapter(tiny_model_dir, tmp_path, recipe):
     assert (_out(model, batch) - theirs).abs().max() > 1e-2
     from_peft(model, tmp_path)
     assert all(isinstance(m, LoraLinear) for _, m in lora_layers(model))
+    rslora = PEFT_RECIPES[recipe].get("use_rslora", False)
+    assert all(m.use_rslora is rslora for _, m in lora_layers(model))  # the rule, not a converted alpha
     peft_names = {n for n, m in peft_model.base_model.model.named_modules() if isinstance(m, PeftLoraLinear)}
     assert {n for n, _ in lora_layers(model)} == peft_names
     torch.testing.assert_close(_out(model, batch), theirs, atol=ATOL, rtol=1e-5)
@@ -416,3 +426,18 @@ def test_from_peft_refuses_a_nan_alpha(tiny_model_dir, peft_dir):
     with pytest.raises(ValueError, match="finite"):
         from_peft(model, peft_dir)
     assert not list(lora_layers(model))
+
+
+def test_to_peft_mixed_scaling_rules_become_alpha_patterns(tiny_model_dir, tmp_path):
+    """PEFT has one use_rslora per adapter: a layer with the other rule gets the alpha giving its scaling."""
+    model = _seq_cls(tiny_model_dir)
+    inject_lora(model, ["query"], r=16, lora_alpha=8, use_rslora=True)
+    inject_lora(model, ["value", "key"], r=16, lora_alpha=8)
+    _perturb_trainables(model)
+    batch = _batch()
+    to_peft(model, tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["use_rslora"] is False and cfg["lora_alpha"] == 8
+    assert set(cfg["alpha_pattern"].values()) == {8 / 4 * 16}  # rsLoRA's 8 / sqrt(16) = 2 = 32 / 16
+    peft_model = PeftModel.from_pretrained(_seq_cls(tiny_model_dir, seed=5), str(tmp_path))
+    torch.testing.assert_close(_out(peft_model, batch), _out(model, batch), atol=ATOL, rtol=1e-5)

@@ -75,6 +75,7 @@ def build_model(cfg: TrainConfig, model_id: str | None = None) -> torch.nn.Modul
             lora_alpha=alpha,
             lora_dropout=cfg.lora_dropout,
             init=init,
+            use_rslora=cfg.use_rslora,
         )
         mark_only_lora_as_trainable(
             model,
@@ -120,6 +121,7 @@ def build_model(cfg: TrainConfig, model_id: str | None = None) -> torch.nn.Modul
             modules_to_save=to_save,
             bias="all" if cfg.train_biases else "none",
             id2label=id2label or None,
+            use_rslora=cfg.use_rslora,
         )
     except OSError as exc:
         raise load_error(model_id, exc) from exc

@@ -60,7 +60,9 @@ class TrainConfig:
     ("article" for the article backend, "scaled" otherwise), learning_rate by the formulation
     (DEFAULT_LR), lora_alpha = r, bf16 = "on GPUs with native bf16, fp16 with gradient scaling on other
     GPUs (a T4), fp32 on CPU" (False: fp32 everywhere), num_threads = torch's setting (CPU
-    intra-op threads during the run; the smoke profile uses 1).
+    intra-op threads during the run; the smoke profile uses 1). use_rslora: scale by lora_alpha / sqrt(r)
+    (rsLoRA). loraplus_lr_ratio: LoRA+, B's learning rate is this times A's (`loralib.optim`; None: one
+    learning rate).
     """
 
     task: str = "sst2"
@@ -70,10 +72,12 @@ class TrainConfig:
     r: int = 8
     lora_alpha: float | None = None
     lora_dropout: float = 0.1
+    use_rslora: bool = False
     target_modules: tuple[str, ...] = ("query", "value")
     train_biases: bool = True
     train_layer_norms: bool = True
     learning_rate: float | None = None
+    loraplus_lr_ratio: float | None = None
     weight_decay: float = 0.1
     adam_beta1: float = 0.9
     adam_beta2: float = 0.98
@@ -127,7 +131,14 @@ class TrainConfig:
             check_number(getattr(self, name), name)
         check_number(self.learning_rate, "learning_rate", positive=True)
         check_number(self.weight_decay, "weight_decay", minimum=0.0)
-        for name in ("train_biases", "train_layer_norms", "progress"):
+        if self.loraplus_lr_ratio is not None:
+            check_number(self.loraplus_lr_ratio, "loraplus_lr_ratio", positive=True)
+        if self.backend == "article" and (self.use_rslora or self.loraplus_lr_ratio is not None):
+            raise ValueError(
+                "use_rslora and loraplus_lr_ratio need the loralib, peft or qlora backend; the article backend "
+                "keeps the article's own formulation and optimizer."
+            )
+        for name in ("train_biases", "train_layer_norms", "progress", "use_rslora"):
             check_bool(getattr(self, name), name)
         check_int(self.seed, "seed", None)
         if not 0 <= self.warmup_epochs < self.epochs:

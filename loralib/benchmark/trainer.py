@@ -288,14 +288,20 @@ def build_trainer(
     train_feats, eval_feats, qa_eval = _tokenize(cfg, tokenizer, train, evals, args.main_process_first)
     model = build_model(cfg, model_id)
     optimizers = (None, None)  # the Trainer's AdamW (no decay on biases and norms) and our schedule
-    if cfg.backend == "qlora":
+    if cfg.backend == "qlora" or cfg.loraplus_lr_ratio is not None:
         from loralib.peft_backend import make_optimizer
 
+        # QLoRA: 8-bit AdamW; LoRA+: B's larger rate as a parameter group (the scheduler keeps the ratio).
         adam = dict(betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
-        optimizers = (
-            make_optimizer(model, cfg.learning_rate, weight_decay=cfg.weight_decay, eight_bit=True, **adam),
-            None,
+        opt = make_optimizer(
+            model,
+            cfg.learning_rate,
+            weight_decay=cfg.weight_decay,
+            eight_bit=cfg.backend == "qlora",
+            loraplus_lr_ratio=cfg.loraplus_lr_ratio,
+            **adam,
         )
+        optimizers = (opt, None)
     trainer_cls = _make_trainer_class()
     trainer = trainer_cls(
         model=model,

@@ -1,0 +1,87 @@
+"""LoRA+ (Hayou et al. 2024): a larger learning rate for B than for A, as parameter groups any optimizer takes.
+
+In LoRA the update is B @ A with B starting at zero. LoRA+ argues that one learning rate for both is
+inefficient for wide models and trains B with `loraplus_lr_ratio` times A's learning rate (the paper
+suggests about 16). Here that is nothing but torch parameter groups, so it works with every torch
+optimizer, with bitsandbytes' 8-bit AdamW and with the Hugging Face `Trainer` (`optimizers=(opt, None)`:
+its scheduler scales every group's rate by the same factor, so the ratio holds all through training).
+
+Covers: `param_groups` (A / B / other trained tensors, with the Trainer's no-decay rule for biases and
+norms) and `make_optimizer`. Works on loralib models (`...lora_A`, `...lora_B`) and PEFT ones
+(`...lora_A.default.weight`). Not here: the LoRA layer (`loralib.layers`), the benchmark's use of it
+(`TrainConfig.loraplus_lr_ratio`, `loralib.benchmark.trainer`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from loralib.checks import check_module, check_number
+
+
+def _kind(name: str) -> str:
+    parts = name.split(".")
+    if "lora_B" in parts:
+        return "lora_B"
+    if "lora_A" in parts:
+        return "lora_A"
+    return "other"
+
+
+def _no_decay(name: str) -> bool:
+    return name.endswith("bias") or "layernorm" in name.lower() or "layer_norm" in name.lower()
+
+
+def param_groups(
+    model: nn.Module, lr: float, loraplus_lr_ratio: float | None = 16.0, weight_decay: float = 0.0
+) -> list[dict[str, Any]]:
+    """Parameter groups over `model`'s trainable tensors: B at lr x loraplus_lr_ratio, everything else at lr.
+
+    Biases and layer norms get no weight decay (the Trainer's convention); the rest `weight_decay`.
+    loraplus_lr_ratio=None gives plain groups (one learning rate). Every group carries a "name" ("lora_A",
+    "lora_B", "other", with "/no_decay"), which torch optimizers keep. Empty groups are left out.
+    """
+    check_module(model)
+    check_number(lr, "lr", positive=True, hint="A learning rate such as 5e-4.")
+    check_number(weight_decay, "weight_decay", minimum=0.0)
+    if loraplus_lr_ratio is not None:
+        check_number(loraplus_lr_ratio, "loraplus_lr_ratio", positive=True, hint="LoRA+ suggests about 16.")
+    groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            kind = _kind(name) if loraplus_lr_ratio is not None else "other"
+            groups.setdefault((kind, _no_decay(name)), []).append(p)
+    if not groups:
+        raise ValueError("the model has no trainable parameters; inject LoRA and mark it trainable first.")
+    if loraplus_lr_ratio is not None and not any(kind == "lora_B" for kind, _ in groups):
+        raise ValueError(
+            "loraplus_lr_ratio is set but the model has no trainable lora_B matrices: LoRA+ raises B's "
+            "learning rate, so inject LoRA first (or pass loraplus_lr_ratio=None)."
+        )
+    out = []
+    for (kind, no_decay), params in sorted(groups.items()):
+        out.append(
+            {
+                "params": params,
+                "lr": lr * loraplus_lr_ratio if kind == "lora_B" else lr,
+                "weight_decay": 0.0 if no_decay else weight_decay,
+                "name": kind + ("/no_decay" if no_decay else ""),
+            }
+        )
+    return out
+
+
+def make_optimizer(
+    model: nn.Module,
+    lr: float,
+    loraplus_lr_ratio: float | None = 16.0,
+    weight_decay: float = 0.0,
+    optimizer_cls: Callable[..., torch.optim.Optimizer] = torch.optim.AdamW,
+    **optimizer_kwargs: Any,
+) -> torch.optim.Optimizer:
+    """`optimizer_cls(param_groups(model, lr, loraplus_lr_ratio, weight_decay), lr=lr, **optimizer_kwargs)`."""
+    return optimizer_cls(param_groups(model, lr, loraplus_lr_ratio, weight_decay), lr=lr, **optimizer_kwargs)
