@@ -1,0 +1,160 @@
+"""What a trained adapter learned: the LoRA paper's section 7 measures (Hu et al. 2021), as functions.
+
+Covers:
+- `right_singular_basis` and `subspace_similarity` / `similarity_grid`: the paper's normalised overlap
+  phi(A1, A2, i, j) = ||V1_i^T V2_j||_F^2 / min(i, j) of the top-i and top-j right-singular directions of two
+  A matrices (or two updates), 1 when one subspace contains the other, 0 when they are orthogonal;
+  `random_similarity`, its expectation for random subspaces of R^d (max(i, j) / d).
+- `spectrum` and `energy_share`: the singular values of an update dW = s B A and the share of
+  ||dW||_F^2 its top-k directions hold.
+- `amplification`: how strongly dW's own top-k directions are present in the pretrained W
+  (||U^T W V||_F, with U, V dW's top-k left / right singular vectors), against W's top-k directions and
+  random ones, and the paper's amplification factor ||dW||_F / ||U^T W V||_F.
+- `adapter_updates`: (W, dW, A) of every LoRA layer of a model.
+Not here: training (`loralib.sweeps`), plots (`loralib.plots`).
+
+All functions compute in float64 on the CPU: these are small matrices and the differences that matter
+are in the small singular values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+def _as64(m: torch.Tensor, name: str) -> torch.Tensor:
+    if not isinstance(m, torch.Tensor) or m.ndim != 2:
+        raise ValueError(
+            f"{name} must be a 2-D tensor (a matrix), got {type(m).__name__} {getattr(m, 'shape', '')}."
+        )
+    return m.detach().to("cpu", torch.float64)
+
+
+def right_singular_basis(m: torch.Tensor, k: int | None = None) -> torch.Tensor:
+    """The top-k right-singular vectors of `m` as orthonormal rows, shape (k, m.shape[1]) (k: all)."""
+    m = _as64(m, "m")
+    _, _, vh = torch.linalg.svd(m, full_matrices=False)
+    return vh if k is None else vh[:k]
+
+
+def subspace_similarity(a1: torch.Tensor, a2: torch.Tensor, i: int, j: int) -> float:
+    """phi(a1, a2, i, j) = ||V1[:i] V2[:j]^T||_F^2 / min(i, j), in [0, 1] (the LoRA paper, eq. 4).
+
+    a1 (r1 x d), a2 (r2 x d): two LoRA A matrices of one layer (or two updates dW, whose right-singular
+    directions live in the same input space). i <= r1, j <= r2.
+    """
+    if a1.shape[-1] != a2.shape[-1]:
+        raise ValueError(
+            f"a1 and a2 must share their input dimension, got {tuple(a1.shape)} and {tuple(a2.shape)}."
+        )
+    for name, n, m in (("i", i, a1), ("j", j, a2)):
+        if not isinstance(n, int) or not 1 <= n <= min(m.shape):
+            raise ValueError(
+                f"{name} must be an int in [1, {min(m.shape)}] (the matrix's rank at most), got {n!r}."
+            )
+    v1, v2 = right_singular_basis(a1, i), right_singular_basis(a2, j)
+    return float((v1 @ v2.T).square().sum() / min(i, j))
+
+
+def similarity_grid(
+    a1: torch.Tensor, a2: torch.Tensor, max_i: int | None = None, max_j: int | None = None
+) -> torch.Tensor:
+    """phi(a1, a2, i, j) for i = 1..max_i, j = 1..max_j (default their ranks), as an (max_i x max_j) tensor."""
+    max_i = max_i or min(a1.shape)
+    max_j = max_j or min(a2.shape)
+    v1, v2 = right_singular_basis(a1, max_i), right_singular_basis(a2, max_j)
+    overlap = (v1 @ v2.T).square()  # overlap[p, q] = <v1_p, v2_q>^2
+    cum = overlap.cumsum(0).cumsum(1)  # cum[i-1, j-1] = ||V1_i^T V2_j||_F^2
+    i = torch.arange(1, max_i + 1, dtype=torch.float64)[:, None]
+    j = torch.arange(1, max_j + 1, dtype=torch.float64)[None, :]
+    return cum / torch.minimum(i, j)
+
+
+def random_similarity(d: int, i: int, j: int) -> float:
+    """E[phi] for independent uniformly random i- and j-dimensional subspaces of R^d: max(i, j) / d
+    (E||P_i V_j||_F^2 = j * i / d, divided by min(i, j))."""
+    return max(i, j) / d
+
+
+def spectrum(m: torch.Tensor) -> torch.Tensor:
+    """Singular values of `m`, largest first (float64)."""
+    return torch.linalg.svdvals(_as64(m, "m"))
+
+
+def energy_share(singular_values: torch.Tensor, k: int) -> float:
+    """Share of ||M||_F^2 = sum s^2 held by the top-k singular directions."""
+    s2 = singular_values.to(torch.float64).square()
+    total = float(s2.sum())
+    if total == 0:
+        raise ValueError("the matrix is zero (an untrained adapter, B = 0): it has no directions to rank.")
+    return float(s2[:k].sum()) / total
+
+
+@dataclass(frozen=True)
+class Amplification:
+    """The LoRA paper's Table 7 quantities for one layer and one k (all Frobenius norms)."""
+
+    k: int
+    delta_norm: float  # ||dW||_F
+    along_delta: float  # ||U^T W V||_F with dW's top-k directions
+    along_w: float  # the same with W's own top-k directions
+    along_random: float  # the same with random orthonormal directions (mean over draws)
+
+    @property
+    def factor(self) -> float:
+        """||dW||_F / ||U^T W V||_F: how much dW amplifies what W already had along its directions."""
+        return self.delta_norm / self.along_delta
+
+
+def _top(m: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    u, _, vh = torch.linalg.svd(m, full_matrices=False)
+    return u[:, :k], vh[:k].T
+
+
+def amplification(
+    w: torch.Tensor, delta: torch.Tensor, k: int, draws: int = 20, seed: int = 0
+) -> Amplification:
+    """How strongly dW's top-k directions are present in W (see the module docstring).
+
+    w, delta: (out x in). Random directions: `draws` pairs of random orthonormal k-frames (QR of Gaussian
+    matrices, seeded), whose expected ||U^T W V||_F^2 is k^2 ||W||_F^2 / (out x in).
+    """
+    w, delta = _as64(w, "w"), _as64(delta, "delta")
+    if w.shape != delta.shape:
+        raise ValueError(f"w and delta must have one shape, got {tuple(w.shape)} and {tuple(delta.shape)}.")
+    if not isinstance(k, int) or not 1 <= k <= min(w.shape):
+        raise ValueError(f"k must be an int in [1, {min(w.shape)}], got {k!r}.")
+    u, v = _top(delta, k)
+    uw, vw = _top(w, k)
+    g = torch.Generator().manual_seed(seed)
+    rand = []
+    for _ in range(draws):
+        ur = torch.linalg.qr(torch.randn(w.shape[0], k, generator=g, dtype=torch.float64))[0]
+        vr = torch.linalg.qr(torch.randn(w.shape[1], k, generator=g, dtype=torch.float64))[0]
+        rand.append(float(torch.linalg.norm(ur.T @ w @ vr)))
+    return Amplification(
+        k=k,
+        delta_norm=float(torch.linalg.norm(delta)),
+        along_delta=float(torch.linalg.norm(u.T @ w @ v)),
+        along_w=float(torch.linalg.norm(uw.T @ w @ vw)),
+        along_random=sum(rand) / len(rand),
+    )
+
+
+def adapter_updates(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    """For every LoRA layer of `model`: its frozen W, its update dW = s B A and its A (float64, CPU; dW is
+    multiplied in float64, so its rank is exactly r)."""
+    from loralib.injection import lora_layers
+
+    out = {}
+    for name, layer in lora_layers(model):
+        if layer.merged:
+            raise ValueError(f"{name} is merged: W holds W + dW; unmerge_lora(model) before analysing it.")
+        a, b = _as64(layer.lora_A, "lora_A"), _as64(layer.lora_B, "lora_B")
+        out[name] = {"W": _as64(layer.weight, "weight"), "dW": layer.scaling * (b @ a), "A": a}
+    if not out:
+        raise ValueError("the model has no LoRA layers; inject_lora(...) and train it first.")
+    return out

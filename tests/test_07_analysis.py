@@ -1,0 +1,119 @@
+"""loralib.analysis against hand-worked cases and random-matrix expectations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from loralib import analysis
+from loralib.injection import inject_lora
+from loralib.layers import LoraLinear
+
+
+def _orthonormal_rows(k, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(d, k, generator=g, dtype=torch.float64))[0].T
+
+
+def test_similarity_by_hand():
+    e = torch.eye(4, dtype=torch.float64)
+    a1 = e[:1]  # the x-axis
+    a2 = ((e[0] + e[1]) / math.sqrt(2))[None]  # 45 degrees from it
+    assert analysis.subspace_similarity(a1, a2, 1, 1) == pytest.approx(0.5)
+    assert analysis.subspace_similarity(e[:2], e[2:], 2, 2) == pytest.approx(0.0)
+    # A 1-D subspace inside a 2-D one: fully contained, whatever the second one's other direction.
+    assert analysis.subspace_similarity(a2, e[:2], 1, 2) == pytest.approx(1.0)
+
+
+def test_similarity_sees_subspaces_not_matrices():
+    a = torch.randn(8, 30, dtype=torch.float64)
+    rotated = torch.linalg.qr(torch.randn(8, 8, dtype=torch.float64))[0] @ a * 5.0  # same row space
+    assert analysis.subspace_similarity(a, rotated, 8, 8) == pytest.approx(1.0)
+    grid = analysis.similarity_grid(a, a)
+    assert torch.allclose(grid.diagonal(), torch.ones(8, dtype=torch.float64))
+    # Top-i of a matrix lies inside its own top-j for i <= j.
+    assert torch.allclose(grid.triu(), torch.ones(8, 8, dtype=torch.float64).triu())
+
+
+def test_grid_equals_the_pairwise_definition():
+    a1, a2 = torch.randn(6, 20), torch.randn(9, 20)
+    grid = analysis.similarity_grid(a1, a2)
+    for i, j in [(1, 1), (2, 5), (6, 9), (4, 3)]:
+        assert grid[i - 1, j - 1] == pytest.approx(analysis.subspace_similarity(a1, a2, i, j))
+
+
+@pytest.mark.parametrize("d, i, j", [(64, 1, 1), (64, 8, 8), (128, 4, 16)])
+def test_random_subspaces_match_the_expectation(d, i, j):
+    draws = [
+        analysis.subspace_similarity(_orthonormal_rows(i, d, 2 * s), _orthonormal_rows(j, d, 2 * s + 1), i, j)
+        for s in range(300)
+    ]
+    mean = sum(draws) / len(draws)
+    assert mean == pytest.approx(analysis.random_similarity(d, i, j), rel=0.15)
+
+
+def test_similarity_errors_name_the_argument():
+    with pytest.raises(ValueError, match="input dimension"):
+        analysis.subspace_similarity(torch.randn(2, 5), torch.randn(2, 6), 1, 1)
+    with pytest.raises(ValueError, match="j must be"):
+        analysis.subspace_similarity(torch.randn(2, 5), torch.randn(2, 5), 1, 3)
+
+
+def test_spectrum_and_energy_of_a_known_update():
+    u = _orthonormal_rows(3, 10, 0).T
+    v = _orthonormal_rows(3, 7, 1)
+    m = u @ torch.diag(torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64)) @ v
+    s = analysis.spectrum(m)
+    torch.testing.assert_close(s[:3], torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64))
+    assert float(s[3:].abs().max()) < 1e-12
+    assert analysis.energy_share(s, 1) == pytest.approx(9 / 14)
+    assert analysis.energy_share(s, 3) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="zero"):
+        analysis.energy_share(torch.zeros(3), 1)
+
+
+def test_amplification_finds_what_w_holds():
+    g = torch.Generator().manual_seed(0)
+    out_d, in_d = 40, 30
+    w = torch.randn(out_d, in_d, generator=g, dtype=torch.float64) * 0.1
+    u1 = torch.linalg.qr(torch.randn(out_d, 1, generator=g, dtype=torch.float64))[0]
+    v1 = torch.linalg.qr(torch.randn(in_d, 1, generator=g, dtype=torch.float64))[0]
+    w = w + 10.0 * u1 @ v1.T  # W's strongest direction
+    aligned = analysis.amplification(w, 0.5 * u1 @ v1.T, k=1)
+    assert aligned.along_delta == pytest.approx(aligned.along_w, rel=0.01)  # dW points where W is strong
+    assert aligned.factor == pytest.approx(0.5 / aligned.along_delta)
+    ortho_u = torch.linalg.qr(torch.cat([u1, torch.randn(out_d, 1, generator=g, dtype=torch.float64)], 1))[0][
+        :, 1:
+    ]
+    ortho_v = torch.linalg.qr(torch.cat([v1, torch.randn(in_d, 1, generator=g, dtype=torch.float64)], 1))[0][
+        :, 1:
+    ]
+    elsewhere = analysis.amplification(w, 0.5 * ortho_u @ ortho_v.T, k=1)
+    assert elsewhere.along_delta < 0.1 * aligned.along_delta and elsewhere.factor > 10 * aligned.factor
+
+
+def test_random_directions_match_their_expectation():
+    w = torch.randn(50, 40, dtype=torch.float64)
+    amp = analysis.amplification(w, torch.randn(50, 40, dtype=torch.float64), k=4, draws=400)
+    expected = math.sqrt(16 * float(w.square().sum()) / (50 * 40))  # sqrt(k^2 ||W||^2 / (out in))
+    assert amp.along_random == pytest.approx(expected, rel=0.1)
+    assert amp.along_w == pytest.approx(float(analysis.spectrum(w)[:4].square().sum().sqrt()))
+
+
+def test_adapter_updates_of_a_model():
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 4))
+    inject_lora(model, ["0", "2"], r=2, lora_alpha=4)
+    with torch.no_grad():
+        model[0].lora_B.normal_()
+    ups = analysis.adapter_updates(model)
+    layer: LoraLinear = model[0]
+    expected = (2.0 * layer.lora_B @ layer.lora_A).double()
+    torch.testing.assert_close(ups["0"]["dW"], expected)
+    assert ups["0"]["W"].shape == (5, 6) and ups["2"]["A"].shape == (2, 5)
+    model[0].merge()
+    with pytest.raises(ValueError, match="merged"):
+        analysis.adapter_updates(model)
+    with pytest.raises(ValueError, match="no LoRA layers"):
+        analysis.adapter_updates(torch.nn.Linear(2, 2))
