@@ -314,3 +314,8 @@ def test_cli_takes_peft_names_for_rank_alpha_and_dropout(tmp_path, monkeypatch):
     assert main(["--task", "rte", "--output-dir", str(out), "--rank", "2"]) == 0 and seen["r"] == 2
     assert seen["resume"] is False
     assert main(["--task", "rte", "--output-dir", str(out), "--resume"]) == 0 and seen["resume"] is True
+    seen.clear()
+    assert main(["--task", "rte", "--output-dir", str(out)]) == 0
+    assert "use_rslora" not in seen and "loraplus_lr_ratio" not in seen  # the recipe's defaults stay
+    args = ["--task", "rte", "--output-dir", str(out), "--use-rslora", "--loraplus-lr-ratio", "16"]
+    assert main(args) == 0 and seen["use_rslora"] is True and seen["loraplus_lr_ratio"] == 16.0

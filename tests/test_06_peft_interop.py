@@ -142,7 +142,12 @@ def test_to_peft_reproduces_our_model_in_peft(tiny_model_dir, tmp_path, recipe):
     model = _seq_cls(tiny_model_dir)
     rslora = spec.get("use_rslora", False)
     inject_lora(
-        model, spec["targets"], r=spec["r"], lora_alpha=spec["lora_alpha"], lora_dropout=0.1, use_rslora=rslora
+        model,
+        spec["targets"],
+        r=spec["r"],
+        lora_alpha=spec["lora_alpha"],
+        lora_dropout=0.1,
+        use_rslora=rslora,
     )
     mark_only_lora_as_trainable(
         model, bias=spec["bias"], train_layer_norms=spec["ln"], modules_to_save=["classifier"]

@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune RoBERTa with LoRA on GLUE / SQuAD tasks and compare with published numbers.",
         epilog="Profiles: "
         + " | ".join(f"{p.name}: {p.description}" for p in PROFILES.values())
-        + " Tasks: cola sst2 mrpc stsb qqp mnli qnli rte wnli squad_v1 squad_v2, or glue, squad (both), all.",
+        + " Tasks: cola sst2 mrpc stsb qqp mnli qnli rte wnli squad_v1 squad_v2, or glue, squad (both), colab "
+        "(cola sst2 mrpc stsb rte squad_v1), all.",
     )
     ap.add_argument("--task", action="append", required=True, help="task or group; repeat for several")
     ap.add_argument(
@@ -113,6 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--lora-dropout", type=_number(float, minimum=0), default=None, help="LoRA dropout in [0, 1)"
     )
+    ap.add_argument(
+        "--use-rslora", action="store_const", const=True, default=None, help="scale by lora_alpha / sqrt(r)"
+    )
+    ap.add_argument(
+        "--loraplus-lr-ratio",
+        type=_number(float, positive=True),
+        default=None,
+        help="LoRA+: B's learning rate over A's (e.g. 16)",
+    )
     ap.add_argument("--max-train-samples", type=_number(int, minimum=1), default=None)
     ap.add_argument("--max-eval-samples", type=_number(int, minimum=1), default=None)
     ap.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -133,6 +143,8 @@ OVERRIDE_ARGS = (
     "r",
     "lora_alpha",
     "lora_dropout",
+    "use_rslora",
+    "loraplus_lr_ratio",
     "max_train_samples",
     "max_eval_samples",
 )
