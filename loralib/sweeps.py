@@ -144,16 +144,18 @@ class Sweep:
         order = (
             torch.randperm(len(ds), generator=generator) if generator is not None else torch.arange(len(ds))
         )
-        pad = self.tokenizer.pad_token_id
         for start in range(0, len(ds), batch_size):
             rows = ds[order[start : start + batch_size].tolist()]
-            n = max(len(ids) for ids in rows["input_ids"])
-            ids = torch.full((len(rows["input_ids"]), n), pad)
-            mask = torch.zeros_like(ids)
-            for k, seq in enumerate(rows["input_ids"]):
-                ids[k, : len(seq)] = torch.tensor(seq)
-                mask[k, : len(seq)] = 1
-            yield ids.to(self.device), mask.to(self.device), torch.as_tensor(rows["labels"]).to(self.device)
+            enc = self.tokenizer.pad(
+                {"input_ids": rows["input_ids"], "attention_mask": rows["attention_mask"]},
+                return_tensors="pt",
+            )  # to the batch's longest row, as DataCollatorWithPadding
+            labels = torch.as_tensor(rows["labels"])
+            yield (
+                enc["input_ids"].to(self.device),
+                enc["attention_mask"].to(self.device),
+                labels.to(self.device),
+            )
 
     def run(self, spec: RunSpec | None = None, **changes: Any) -> RunResult:
         """Train (or fetch from the cache) the run `spec` with `changes` applied (any RunSpec field)."""

@@ -370,10 +370,10 @@ def measure_throughput(
     device = next(model.parameters()).device
     precision = precision or mixed_precision(device)
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    vocab = model.config.vocab_size
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(5, vocab, (batch_size, seq_len), generator=g).to(device)
-    batch: dict[str, torch.Tensor] = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    from loralib.measure.steps import random_batch
+
+    batch = random_batch(model.config, batch_size, seq_len, device=device)
+    del batch["labels"]  # the loss below needs none, and QA models take other label names
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError(
