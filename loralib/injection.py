@@ -113,8 +113,8 @@ def inject_lora(
     """Replace the targeted `nn.Linear` modules of `model` in place by `LoraLinear`; return their names.
 
     r, lora_alpha (None: = r), lora_dropout, init, use_rslora (scale by lora_alpha / sqrt(r)): as for
-    `LoraLinear` (PEFT's names; alpha= and dropout= are their former names). The original weights are reused and frozen; B starts at zero so
-    outputs do not change until training. A and B are fp32 on a half-precision base unless
+    `LoraLinear` (PEFT's names; alpha= and dropout= are their former names). The original weights are
+    reused and frozen; B starts at zero so outputs do not change until training. A and B are fp32 on a half-precision base unless
     autocast_adapter_dtype=False. Raises ValueError if nothing matches (listing the Linear names that
     exist) and TypeError if a match is not an `nn.Linear` or already carries LoRA; the model is
     untouched then.
@@ -282,9 +282,9 @@ def unchanged_on_failure(model: nn.Module, params: Iterable[str] = ()) -> Iterat
     """Run a block that changes `model`; if it raises, put the model back exactly as it was.
 
     Restored: which module sits where (injected layers are swapped back out), every parameter's
-    requires_grad, every LoRA layer's alpha, scaling rule (use_rslora) and merged flag, and the values of `params`
-    (the parameter names the block may overwrite; only those are copied, so the cost is the adapter's
-    size, not the model's).
+    requires_grad, every LoRA layer's alpha, scaling rule (use_rslora) and merged flag, and the values of
+    `params` (the parameter names the block may overwrite; only those are copied, so the cost is the
+    adapter's size, not the model's).
     """
     modules = dict(model.named_modules())
     children = {name: dict(m.named_children()) for name, m in modules.items()}
