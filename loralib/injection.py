@@ -114,10 +114,10 @@ def inject_lora(
 
     r, lora_alpha (None: = r), lora_dropout, init, use_rslora (scale by lora_alpha / sqrt(r)): as for
     `LoraLinear` (PEFT's names; alpha= and dropout= are their former names). The original weights are
-    reused and frozen; B starts at zero so outputs do not change until training. A and B are fp32 on a half-precision base unless
-    autocast_adapter_dtype=False. Raises ValueError if nothing matches (listing the Linear names that
-    exist) and TypeError if a match is not an `nn.Linear` or already carries LoRA; the model is
-    untouched then.
+    reused and frozen; B starts at zero so outputs do not change until training. A and B are fp32 on a
+    half-precision base unless autocast_adapter_dtype=False. Raises ValueError if nothing matches
+    (listing the Linear names that exist) and TypeError if a match is not an `nn.Linear` or already
+    carries LoRA; the model is untouched then.
     """
     check_module(model)
     lora_alpha, lora_dropout = resolve_lora_names("inject_lora", lora_alpha, lora_dropout, alpha, dropout)
