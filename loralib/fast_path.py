@@ -17,7 +17,7 @@ import threading
 
 import numpy as np
 import torch
-from torch.autograd.function import once_differentiable
+import torch.nn.functional as F
 
 # Thin products (one side of width r) on CPU: MKL, which torch.mm uses, runs these shapes at about
 # a third of its big-matmul speed on the benchmark's CPU, while oneDNN's inner product, reachable as
@@ -169,14 +169,16 @@ class LoraFunction(torch.autograd.Function):
         del xd2
         out.addmm_(xa, bt, alpha=scaling)
         need_x, need_xd, _, _, need_w, _, need_a, need_b, _ = ctx.needs_input_grad
-        dropped = None if xd is None else xd.reshape(-1, shape[-1])
         ctx.save_for_backward(
-            x2 if need_w or (need_a and xd is None) else None,  # with a mask, dA re-forms x * mask
-            dropped if need_a else None,
+            # The inputs themselves, not reshaped copies, so that a backward with create_graph=True can
+            # differentiate through them (`_backward_with_graph`).
+            x if need_w or (need_a and xd is None) else None,  # with a mask, dA re-forms x * mask
+            xd if need_a else None,
             lanes if lanes is not None and (need_a or need_x) else None,
             xa.t().contiguous() if need_b else None,  # (r, n), the layout dB's product wants
-            weight if need_x else None,
-            lora_A if need_x or need_xd else None,
+            weight if need_x or need_w else None,
+            lora_A,
+            lora_B,
             bt if need_a or need_xd or (need_x and xd is None) else None,
         )
         ctx.scaling = scaling
@@ -186,9 +188,14 @@ class LoraFunction(torch.autograd.Function):
         return out.view(*shape[:-1], out.shape[-1])
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out):
-        x2, xd2, lanes, xa_t, weight, lora_A, bt = ctx.saved_tensors
+        x, xd, lanes, xa_t, weight, lora_A, lora_B, bt = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable themselves
+            return LoraFunction._backward_with_graph(
+                ctx, grad_out, x, xd, lanes, xa_t, weight, lora_A, lora_B
+            )
+        x2 = None if x is None else x.reshape(-1, ctx.shape[-1])
+        xd2 = None if xd is None else xd.reshape(-1, ctx.shape[-1])
         s = ctx.scaling
         shape = ctx.shape
         dy = grad_out.reshape(-1, grad_out.shape[-1])
@@ -227,4 +234,50 @@ class LoraFunction(torch.autograd.Function):
             dw = torch.mm(dy.t(), x2)
         if need_bias:
             dbias = dy.sum(0)
+        return dx, dxd, None, None, dw, dbias, da, db, None
+
+    @staticmethod
+    def _backward_with_graph(ctx, grad_out, x, xd, lanes, xa_t, weight, lora_A, lora_B):
+        """The gradients by autograd of the plain formula on the saved inputs, so that they carry a graph
+        (gradient penalties, `torch.autograd.grad(..., create_graph=True)`, Hessian-vector products).
+
+        y is linear in x (and in xd), so where x was not saved (no parameter gradient needs its value) a
+        zero stands in for it: dy/dx does not depend on x. With lora_A frozen the layer keeps xa = x A^T
+        instead of x; that is exact while nothing upstream of x needs a gradient, and refused otherwise.
+        """
+        need_x, need_xd, _, _, need_w, need_bias, need_a, need_b, _ = ctx.needs_input_grad
+        shape, s = ctx.shape, ctx.scaling
+        x_kept = x is not None or (ctx.has_xd and xd is not None)
+        if need_b and not x_kept and (need_x or need_xd):
+            raise RuntimeError(
+                "a second-order gradient (create_graph=True) through a LoraLinear whose lora_A is frozen: "
+                "d(dB)/dx needs the layer's input, which such a layer does not keep (that is the memory "
+                "it saves). Set `layer.fast_path = False` on the LoraLinear layers of this run (plain "
+                "autograd, any order), or let lora_A train."
+            )
+        with torch.enable_grad():
+            xr = x if x is not None else grad_out.new_zeros(shape).requires_grad_(need_x)
+            if ctx.has_xd:
+                xl = xd if xd is not None else grad_out.new_zeros(shape).requires_grad_(need_xd)
+            elif lanes is not None:
+                xl = xr * torch.lt(lanes.reshape(shape), ctx.threshold).to(xr.dtype)
+            else:
+                xl = xr
+            w = weight if weight is not None else grad_out.new_zeros(grad_out.shape[-1], shape[-1])
+            if x_kept:
+                xa = F.linear(xl, lora_A)
+            else:  # only B trains and nothing upstream needs a gradient: xa is a constant
+                xa = F.linear(xl, lora_A) + (0 if xa_t is None else xa_t.t().reshape(*shape[:-1], -1))
+            y = F.linear(xr, w) + F.linear(xa, lora_B) * s
+            wanted = [(i, t) for i, (flag, t) in enumerate(
+                ((need_x, xr), (need_xd, xl), (need_w, w), (need_a, lora_A), (need_b, lora_B))
+            ) if flag]  # fmt: skip
+            got = torch.autograd.grad(
+                y, [t for _, t in wanted], grad_out, create_graph=True, allow_unused=True
+            )
+        out = [None] * 5
+        for (i, t), g in zip(wanted, got):
+            out[i] = torch.zeros_like(t) if g is None else g
+        dx, dxd, dw, da, db = out
+        dbias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0) if need_bias else None
         return dx, dxd, None, None, dw, dbias, da, db, None

@@ -161,6 +161,9 @@ class LoraLinear(nn.Linear):
         self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=ad))
         self.lora_B = nn.Parameter(torch.empty(out_features, r, device=device, dtype=ad))
         self.merged = False
+        # False: the plain formula through stock autograd instead of `LoraFunction` (slower; for
+        # experiments that need what the hand-written backward refuses).
+        self.fast_path = True
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
@@ -347,7 +350,7 @@ class LoraLinear(nn.Linear):
             return out
         training_dropout = self.lora_dropout_p > 0 and self.training
         x, weight, bias, lora_A, lora_B = self._compute_operands(x)
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or not getattr(self, "fast_path", True):
             # The custom Function's oneDNN calls and in-place adds do not lower through TorchInductor; the
             # plain formula compiles to the same math and lets the compiler fuse it.
             xd = self.lora_dropout(x) if training_dropout else x

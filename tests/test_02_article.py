@@ -23,6 +23,8 @@ from loralib.layers import LoraLinear
 from loralib.qa import squad_null_decision
 from loralib.utils import count_parameters
 
+pytestmark = pytest.mark.numerical  # run again under other CPU kernels (scripts/test.sh)
+
 # ---------------------------------------------------------------- helpers
 
 

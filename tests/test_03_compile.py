@@ -35,6 +35,7 @@ def test_the_compiled_graph_holds_plain_linears_not_the_custom_function():
     assert sum("linear" in t for t in seen) >= 3  # the frozen product and the two thin ones
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_compiled_layer_768_matches_eager(dropout):
     torch._dynamo.reset()
@@ -59,6 +60,7 @@ def test_compiled_layer_768_matches_eager(dropout):
         torch.testing.assert_close(compiled[k], eager[k], atol=1e-3, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_compiled_small_model_matches_eager(tiny_model_dir):
     torch._dynamo.reset()
     torch.manual_seed(0)

@@ -18,6 +18,9 @@ from torch import nn
 from loralib.fast_path import dropout_mask
 from loralib.layers import LoraLinear
 from loralib.measure.memory import saved_tensor_bytes  # noqa: E402
+from loralib.numerics import assert_within_rounding, float64_reference
+
+pytestmark = pytest.mark.numerical  # run again under other CPU kernels (scripts/test.sh)
 
 N = 1 << 25  # 33.5M draws: the keep rate's standard error is <= 8.7e-5 (p = 0.5), 5e-5 at p = 0.1
 
@@ -81,18 +84,19 @@ def test_layer_matches_the_formula_given_its_mask_forward_and_backward(p):
     torch.manual_seed(7)
     keep = dropout_mask(x.shape, p).to(x.dtype)
     assert 0 < keep.sum() < keep.numel()
-    xr = x.detach().double().requires_grad_(True)
-    a = layer.lora_A.detach().double().requires_grad_(True)
-    b = layer.lora_B.detach().double().requires_grad_(True)
-    w, bias = layer.weight.double(), layer.bias.double()
-    ref = xr @ w.t() + bias + layer.scaling * ((xr * keep.double() / (1 - p)) @ a.t()) @ b.t()
-    torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)
     dy = torch.randn(y.shape)
     y.backward(dy)
-    ref.backward(dy.double())
-    torch.testing.assert_close(x.grad.double(), xr.grad, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(layer.lora_A.grad.double(), a.grad, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(layer.lora_B.grad.double(), b.grad, atol=1e-5, rtol=1e-5)
+    s = layer.scaling
+    ref = float64_reference(
+        lambda x, W, b, A, B, keep: x @ W.t() + b + s * ((x * keep / (1 - p)) @ A.t()) @ B.t(),
+        {"x": x, "W": layer.weight, "b": layer.bias, "A": layer.lora_A, "B": layer.lora_B, "keep": keep},
+        grad_output=dy,
+        wrt=("x", "A", "B"),
+    )
+    n = 48 + 40 + 4 + 90 + 4  # in + out + r + rows + the mask's scalings: longer than any chain of sums
+    assert_within_rounding(y, ref.value, ref.magnitude, torch.float32, n, name="y")
+    for k, got in (("x", x.grad), ("A", layer.lora_A.grad), ("B", layer.lora_B.grad)):
+        assert_within_rounding(got, ref.grads[k], ref.grad_magnitudes[k], torch.float32, n, name=f"d{k}")
 
 
 def test_the_lora_branch_is_unbiased_inverted_dropout():
@@ -146,22 +150,25 @@ def test_every_combination_of_requested_gradients_uses_the_same_mask(x_grad, a_g
     y = layer(x)
     torch.manual_seed(11)
     keep = dropout_mask(x.shape, p).double() / (1 - p)
-    leaves = {
-        "x": x.detach().double().requires_grad_(x_grad),
-        "A": layer.lora_A.detach().double().requires_grad_(a_grad),
-        "B": layer.lora_B.detach().double().requires_grad_(b_grad),
-        "W": layer.weight.detach().double().requires_grad_(w_grad),
-    }
-    xr, a, b, w = leaves["x"], leaves["A"], leaves["B"], leaves["W"]
-    ref = xr @ w.t() + layer.bias.double() + layer.scaling * ((xr * keep) @ a.t()) @ b.t()
-    torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)
+    inputs = {"x": x, "A": layer.lora_A, "B": layer.lora_B, "W": layer.weight, "b": layer.bias, "keep": keep}
+    wanted = tuple(k for k, flag in (("x", x_grad), ("A", a_grad), ("B", b_grad), ("W", w_grad)) if flag)
     dy = torch.randn(y.shape)
     y.backward(dy)
-    ref.backward(dy.double())
+    s = layer.scaling
+    ref = float64_reference(
+        lambda x, A, B, W, b, keep: x @ W.t() + b + s * ((x * keep) @ A.t()) @ B.t(),
+        inputs,
+        grad_output=dy,
+        wrt=wanted,
+    )
+    n = 20 + 12 + 3 + 18 + 4  # in + out + r + rows + the mask's scalings
+    assert_within_rounding(y, ref.value, ref.magnitude, torch.float32, n, name="y")
     got = {"x": x.grad, "A": layer.lora_A.grad, "B": layer.lora_B.grad, "W": layer.weight.grad}
-    for name, leaf in leaves.items():
-        if leaf.requires_grad:
-            torch.testing.assert_close(got[name].double(), leaf.grad, atol=1e-5, rtol=1e-5, msg=name)
+    for name in ("x", "A", "B", "W"):
+        if name in wanted:
+            assert_within_rounding(
+                got[name], ref.grads[name], ref.grad_magnitudes[name], torch.float32, n, name=name
+            )
         else:
             assert got[name] is None, name
 

@@ -34,6 +34,8 @@ from loralib.injection import (
 )
 from loralib.layers import LoraLinear
 
+pytestmark = pytest.mark.numerical  # run again under other CPU kernels (scripts/test.sh)
+
 TEXTS = ["The movie was wonderful.", "The hotel room was dirty and the staff were rude, sadly."]
 
 

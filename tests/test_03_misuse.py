@@ -30,6 +30,8 @@ from loralib.injection import (
 )
 from loralib.layers import LoraLinear
 
+pytestmark = pytest.mark.numerical  # run again under other CPU kernels (scripts/test.sh)
+
 
 def _state(model: nn.Module) -> dict:
     """Everything a failed call must not change: tensors, flags, LoRA scalars, module classes."""

@@ -68,6 +68,7 @@ def test_the_toy_profile_names_the_wheel_when_it_is_missing(monkeypatch):
         make_config("sst2", "toy")
 
 
+@pytest.mark.slow
 def test_lora_on_the_pretrained_toy_model_clearly_beats_the_majority_class(tmp_path):
     from loralib.benchmark.run import run_task
 

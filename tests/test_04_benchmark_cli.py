@@ -80,7 +80,8 @@ def test_results_file_has_the_documented_keys_and_valid_metrics(bench, task):
     assert res["task"] == task and res["profile"] == "smoke" and res["smoke"] is True
     assert res["world_size"] == 1 and res["versions"]["torch"] == torch.__version__
     assert 0 < res["trainable_parameters"] < res["total_parameters"]
-    assert res["peak_memory"]["bytes"] > 0 and res["wall_time_s"] >= res["train_time_s"] > 0
+    assert res["peak_memory"]["bytes"] > 0 and res["train_time_s"] > 0  # times are recorded, never judged
+    assert res["wall_time_s"] - res["train_time_s"] >= 0  # the wall time includes the training
     assert [e["epoch"] for e in res["epochs"]] == [1, 2]  # the smoke profile: 2 epochs, one eval each
     steps = [e["step"] for e in res["epochs"]]
     assert steps == [steps[0] * k for k in (1, 2)]
@@ -146,14 +147,20 @@ def test_saved_adapter_holds_only_trained_tensors_and_task_metadata(bench):
     assert any(k.startswith("classifier.") for k in tensors)
 
 
-def test_rerun_skips_finished_tasks_and_overwrite_reruns(bench, capsys):
-    out, first_time = bench
+def test_rerun_skips_finished_tasks_and_overwrite_reruns(bench, capsys, monkeypatch):
+    import loralib.benchmark.run as run_module
+
+    out, _ = bench
     path = out / "sst2" / RESULTS_NAME
     before = path.read_text()
     mtime = path.stat().st_mtime_ns
-    start = time.perf_counter()
-    assert main(["--task", "sst2", "--task", "stsb", "--output-dir", str(out), "--no-progress"]) == 0
-    assert time.perf_counter() - start < first_time / 2  # nothing trained
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished task was trained again")
+
+    with monkeypatch.context() as m:
+        m.setattr(run_module, "build_trainer", no_training)
+        assert main(["--task", "sst2", "--task", "stsb", "--output-dir", str(out), "--no-progress"]) == 0
     assert path.stat().st_mtime_ns == mtime and path.read_text() == before
     assert capsys.readouterr().out.count("[skip]") == 2
     assert main(["--task", "sst2", "--output-dir", str(out), "--overwrite", "--no-progress"]) == 0
@@ -185,6 +192,7 @@ def test_summary_table_is_printed_with_the_smoke_label(bench, capsys):
     assert "| 0.854 |" in text and "| 0.859 |" in text  # the article's m / mm beside the run
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes(tmp_path, tiny_model_dir):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     cmd = [

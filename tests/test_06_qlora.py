@@ -16,6 +16,8 @@ from loralib import peft_backend, qlora  # noqa: E402
 from loralib.measure import qlora_memory, steps  # noqa: E402
 from loralib.utils import set_seed  # noqa: E402
 
+pytestmark = pytest.mark.numerical  # run again under other CPU kernels (scripts/test.sh)
+
 ATTENTION = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense")
 LABELS = {0: "negative", 1: "neutral", 2: "positive"}
 

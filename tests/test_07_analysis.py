@@ -11,6 +11,8 @@ from loralib import analysis
 from loralib.injection import inject_lora
 from loralib.layers import LoraLinear
 
+pytestmark = pytest.mark.numerical  # run again under other CPU kernels (scripts/test.sh)
+
 
 def _orthonormal_rows(k, d, seed):
     g = torch.Generator().manual_seed(seed)
