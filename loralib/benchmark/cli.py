@@ -154,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 2 bad arguments or a conflicting finished run)."""
     from loralib.benchmark import run
     from loralib.benchmark.config import make_config, per_device_batch_size, resolve_tasks
+    from loralib.benchmark.identity import CheckpointError
     from loralib.benchmark.references import format_table, results_table
     from loralib.benchmark.results import ResultsExistError, default_output_dir
 
@@ -199,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                 resume=args.resume,
                 **overrides,
             )
-        except ResultsExistError as e:
+        except (ResultsExistError, CheckpointError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         timings.append((task, "skipped" if res.get("skipped") else "ran", time.perf_counter() - t0))

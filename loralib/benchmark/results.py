@@ -12,8 +12,10 @@ total_parameters, train_examples (SQuAD: windows), train_time_s, wall_time_s, pe
 bytes} (CUDA: max allocated; CPU: the process's peak RSS), world_size, device, precision (bf16 / fp16 /
 fp32), versions (`loralib.utils.versions()`), adapter {path, format, size_bytes}, finished_at. Non-finite numbers (e.g. the
 Pearson correlation of constant predictions) are written as null, so the file is strict JSON. A task whose
-results.json exists is skipped on a rerun unless overwrite=True (CLI --overwrite); a finished run with
-another profile, backend, seed or model in the same directory is an error rather than a silent skip.
+results.json exists is skipped on a rerun unless overwrite=True (CLI --overwrite); a finished run made with
+any other setting that changes the numbers (`loralib.benchmark.identity`) is an error rather than a silent
+skip. A resumed run records each resume under "resumed": [{"checkpoint", "epoch", "changed": {setting:
+[checkpoint's, new]}}].
 
 `metrics` holds the final epoch's metrics with the exact key names `loralib.metrics` returns (fractions for
 GLUE: accuracy, f1, matthews_correlation, pearson, spearmanr; percentages for SQuAD: exact_match/f1, or
@@ -23,8 +25,8 @@ exact/f1/HasAns_exact/... for v2). For a task with one evaluation split it is th
 always nested that way, for code that wants one shape for every task; `final_metric(results)` reads one
 number.
 
-Covers: `read_results`, `final_metric`, the per-epoch records, peak memory, `ResultsExistError` and the
-check that a rerun into the same directory has the same settings. Not here: producing the numbers
+Covers: `read_results`, `final_metric`, the per-epoch records, peak memory and `ResultsExistError`. Not
+here: whether a rerun into the same directory has the same settings (`loralib.benchmark.identity`); producing the numbers
 (`loralib.benchmark.run`), tables and plots beside the references (`loralib.benchmark.references`).
 """
 
@@ -163,19 +165,7 @@ def epoch_records(trainer, splits: Sequence[str] = ()) -> list[dict[str, Any]]:
 
 
 class ResultsExistError(ValueError):
-    """The output directory already holds a finished run made with other settings."""
-
-
-def check_compatible(existing: dict[str, Any], cfg, profile: str, path: Path) -> None:
-    """Refuse to skip onto a finished run made with another profile, backend, seed or model."""
-    mine = {"profile": profile, "backend": cfg.backend, "seed": cfg.seed, "model_id": cfg.model_id}
-    theirs = {k: existing.get(k) for k in ("profile", "backend", "seed")}
-    theirs["model_id"] = existing.get("config", {}).get("model_id")
-    if mine != theirs:
-        raise ResultsExistError(
-            f"{path} holds a finished run with {theirs}, not {mine}; pass overwrite=True (CLI --overwrite) "
-            "to replace it, or choose another output directory."
-        )
+    """The output directory already holds a run (finished, or a checkpoint) made with other settings."""
 
 
 def default_output_dir(profile: str) -> Path:

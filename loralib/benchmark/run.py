@@ -1,6 +1,8 @@
 """Run the benchmark: fine-tune and evaluate one task (`run_task`) or several (`run_benchmark`).
 
-A task whose results.json exists is skipped unless overwrite=True; only process 0 writes files. Not here:
+A task whose results.json exists is skipped unless overwrite=True (and refused if it was made with other
+settings); only process 0 writes files. Not here: what makes two runs the same run
+(`loralib.benchmark.identity`),
 the configuration (`loralib.benchmark.config`), the Trainer (`loralib.benchmark.trainer`), the command
 line (`loralib.benchmark.cli`).
 """
@@ -19,10 +21,17 @@ import torch
 
 from loralib.benchmark.backends import save_adapter
 from loralib.benchmark.config import PROFILES, make_config, resolve_tasks, task_spec
+from loralib.benchmark.identity import (
+    check_resume,
+    check_reuse,
+    manifest_callback,
+    read_manifest,
+    run_identity,
+    usable_checkpoint,
+)
 from loralib.benchmark.results import (
     ADAPTER_DIR,
     RESULTS_NAME,
-    check_compatible,
     default_output_dir,
     epoch_records,
     json_safe,
@@ -34,18 +43,6 @@ from loralib.benchmark.trainer import build_trainer
 from loralib.checks import check_bool
 
 CHECKPOINTS_DIR = "checkpoints"
-
-
-def latest_checkpoint(directory: Path) -> Path | None:
-    """The newest `checkpoint-<step>` in `directory` (the Trainer's naming), or None."""
-    if not directory.is_dir():
-        return None
-    steps = [
-        (int(p.name.split("-")[1]), p)
-        for p in directory.glob("checkpoint-*")
-        if p.name.split("-")[1].isdigit()
-    ]
-    return max(steps)[1] if steps else None
 
 
 def provenance(cfg, model_id: str) -> dict[str, Any]:
@@ -78,9 +75,11 @@ def run_task(
 
     A task whose results.json already exists is skipped (its stored results are returned, with
     "skipped": True) unless overwrite=True. Every epoch ends with a checkpoint in
-    OUTPUT_DIR/<task>/checkpoints/ (model, optimizer, schedule, RNG; the latest only), removed when the
-    run finishes. resume=True (CLI --resume) continues an interrupted run from its latest checkpoint,
-    with the same result as an uninterrupted run; without it a leftover checkpoint is discarded.
+    OUTPUT_DIR/<task>/checkpoints/ (model, optimizer, schedule, RNG; the latest complete one only), removed
+    when the run finishes. resume=True (CLI --resume) continues an interrupted run from its newest
+    complete checkpoint, with the same result as an uninterrupted run, and refuses one made with other
+    settings (`loralib.benchmark.identity`: only more epochs may change); without it a leftover
+    checkpoint is discarded. A finished run in the folder made with other settings is refused too.
     overrides: any TrainConfig field (learning_rate, epochs, backend, model_id, data_dir, ...).
     """
     check_bool(resume, "resume")
@@ -92,7 +91,7 @@ def run_task(
     results_path = task_dir / RESULTS_NAME
     if results_path.exists() and not overwrite:
         existing = read_results(results_path)
-        check_compatible(existing, cfg, profile, results_path)
+        check_reuse(existing, cfg, profile, results_path)  # every setting that changes the numbers
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"[skip] {task}: finished run in {results_path} (overwrite=True / --overwrite to rerun)")
         return {**existing, "skipped": True}
@@ -105,13 +104,32 @@ def run_task(
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         ckpt_dir = task_dir / CHECKPOINTS_DIR
-        last = latest_checkpoint(ckpt_dir) if resume else None
-        if not resume and ckpt_dir.exists() and int(os.environ.get("RANK", "0")) == 0:
+        rank0 = int(os.environ.get("RANK", "0")) == 0
+        identity = run_identity(cfg, profile)
+        last, resumed = None, []
+        if resume:
+            # The newest complete checkpoint (a cut-short or damaged one is skipped, saying so), made
+            # with the same settings: anything else is refused before a model is built.
+            last = usable_checkpoint(ckpt_dir, say=print if rank0 else lambda *_: None)
+            if last is not None:
+                manifest = read_manifest(last)
+                changed = check_resume(manifest, cfg, profile, last)
+                resumed = [*manifest.get("resumed", []), {
+                    "checkpoint": last.name,
+                    "epoch": manifest.get("epoch"),
+                    "changed": {k: list(v) for k, v in changed.items()},
+                }]  # fmt: skip
+                for k, (was, now) in changed.items():
+                    if rank0:
+                        print(f"[resume] {task}: {k} {was} -> {now}; the schedule is re-planned from here")
+        elif ckpt_dir.exists() and rank0:
             shutil.rmtree(ckpt_dir)  # a fresh run must not pick up another run's state
-        trainer, model, _tok, model_id = build_trainer(cfg, ckpt_dir, callbacks, checkpoints=True)
+        trainer, model, _tok, model_id = build_trainer(
+            cfg, ckpt_dir, [manifest_callback(identity, resumed), *callbacks], checkpoints=True
+        )
         params = count_parameters(model)
         t_train = time.perf_counter()
-        if last is not None and int(os.environ.get("RANK", "0")) == 0:
+        if last is not None and rank0:
             print(f"[resume] {task}: continuing from {last}")
         trainer.train(resume_from_checkpoint=str(last) if last is not None else None)
         train_time = time.perf_counter() - t_train
@@ -147,6 +165,7 @@ def run_task(
         "metrics_by_split": by_split,
         "epochs": epochs,
         "config": cfg.to_dict(),
+        "resumed": resumed,
         "trainable_parameters": params.trainable,
         "total_parameters": params.total,
         "train_examples": len(trainer.train_dataset),

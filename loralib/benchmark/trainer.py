@@ -232,7 +232,7 @@ def build_trainer(
     """(trainer, model, tokenizer, model_id) for `cfg`, with data loaded and tokenised.
 
     `work_dir` receives the Trainer's files; with checkpoints=True a checkpoint at the end of every epoch
-    (model, optimizer, schedule and RNG states; only the latest is kept), which `trainer.train(
+    (model, optimizer, schedule and RNG states), which `trainer.train(
     resume_from_checkpoint=...)` continues from. Exposed so tests and notebooks can look at the optimizer
     and schedule; `run_task` is the normal entry point.
     """
@@ -264,7 +264,9 @@ def build_trainer(
         eval_strategy="epoch",
         logging_strategy="epoch",
         save_strategy="epoch" if checkpoints else "no",
-        save_total_limit=1 if checkpoints else None,
+        # No rotation by the Trainer: it deletes the previous checkpoint before on_save, so a save cut short
+        # could leave none complete. loralib.benchmark.identity's callback rotates after the manifest.
+        save_total_limit=None,
         report_to="none",
         seed=cfg.seed,
         data_seed=cfg.seed,
