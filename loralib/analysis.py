@@ -26,35 +26,69 @@ from torch import nn
 
 
 def _as64(m: torch.Tensor, name: str) -> torch.Tensor:
-    if not isinstance(m, torch.Tensor) or m.ndim != 2:
+    if not isinstance(m, torch.Tensor) or m.ndim != 2 or not m.is_floating_point():
         raise ValueError(
-            f"{name} must be a 2-D tensor (a matrix), got {type(m).__name__} {getattr(m, 'shape', '')}."
+            f"{name} must be a 2-D floating-point tensor (a matrix), got {type(m).__name__} "
+            f"{tuple(m.shape) if isinstance(m, torch.Tensor) else ''}".rstrip()
+            + "."
         )
-    return m.detach().to("cpu", torch.float64)
+    if m.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(m.shape)}).")
+    out = m.detach().to("cpu", torch.float64)
+    if not torch.isfinite(out).all():
+        raise ValueError(f"{name} has NaN or infinite entries: it has no singular directions to compare.")
+    return out
+
+
+def numerical_rank(m: torch.Tensor, name: str = "m") -> int:
+    """How many singular values of `m` stand above rounding in its own dtype (max(shape) x eps x s_max)."""
+    s = torch.linalg.svdvals(_as64(m, name))
+    eps = torch.finfo(m.dtype).eps
+    return int((s > max(m.shape) * eps * s[0]).sum()) if s[0] > 0 else 0
+
+
+def _check_index(n, name: str, m: torch.Tensor, matrix: str) -> int:
+    """An index 1 <= n <= rank(m): directions past the rank are arbitrary (any basis of a null space)."""
+    if not isinstance(n, int) or isinstance(n, bool):
+        raise ValueError(f"{name} must be an int, got {n!r}.")
+    rank = numerical_rank(m, matrix)
+    if rank == 0:
+        raise ValueError(
+            f"{matrix} is zero (rank 0; an untrained adapter has B = 0): it has no directions to compare."
+        )
+    if not 1 <= n <= rank:
+        raise ValueError(
+            f"{name} must be in [1, {rank}], got {n}: {matrix} has rank {rank} (shape {tuple(m.shape)}), and "
+            "its directions past the rank are arbitrary."
+        )
+    return n
 
 
 def right_singular_basis(m: torch.Tensor, k: int | None = None) -> torch.Tensor:
-    """The top-k right-singular vectors of `m` as orthonormal rows, shape (k, m.shape[1]) (k: all)."""
-    m = _as64(m, "m")
-    _, _, vh = torch.linalg.svd(m, full_matrices=False)
-    return vh if k is None else vh[:k]
+    """The top-k right-singular vectors of `m` as orthonormal rows, shape (k, m.shape[1]) (k: its rank)."""
+    k = numerical_rank(m) if k is None else _check_index(k, "k", m, "m")
+    _, _, vh = torch.linalg.svd(_as64(m, "m"), full_matrices=False)
+    return vh[:k]
+
+
+def _same_input_space(a1: torch.Tensor, a2: torch.Tensor) -> None:
+    _as64(a1, "a1"), _as64(a2, "a2")
+    if a1.shape[-1] != a2.shape[-1]:
+        raise ValueError(
+            f"a1 and a2 must share their input dimension, got {tuple(a1.shape)} and {tuple(a2.shape)}."
+        )
 
 
 def subspace_similarity(a1: torch.Tensor, a2: torch.Tensor, i: int, j: int) -> float:
     """phi(a1, a2, i, j) = ||V1[:i] V2[:j]^T||_F^2 / min(i, j), in [0, 1] (the LoRA paper, eq. 4).
 
     a1 (r1 x d), a2 (r2 x d): two LoRA A matrices of one layer (or two updates dW, whose right-singular
-    directions live in the same input space). i <= r1, j <= r2.
+    directions live in the same input space). 1 <= i <= rank(a1), 1 <= j <= rank(a2); a zero matrix
+    has no directions and is refused.
     """
-    if a1.shape[-1] != a2.shape[-1]:
-        raise ValueError(
-            f"a1 and a2 must share their input dimension, got {tuple(a1.shape)} and {tuple(a2.shape)}."
-        )
-    for name, n, m in (("i", i, a1), ("j", j, a2)):
-        if not isinstance(n, int) or not 1 <= n <= min(m.shape):
-            raise ValueError(
-                f"{name} must be an int in [1, {min(m.shape)}] (the matrix's rank at most), got {n!r}."
-            )
+    _same_input_space(a1, a2)
+    _check_index(i, "i", a1, "a1")
+    _check_index(j, "j", a2, "a2")
     v1, v2 = right_singular_basis(a1, i), right_singular_basis(a2, j)
     return float((v1 @ v2.T).square().sum() / min(i, j))
 
@@ -63,8 +97,11 @@ def similarity_grid(
     a1: torch.Tensor, a2: torch.Tensor, max_i: int | None = None, max_j: int | None = None
 ) -> torch.Tensor:
     """phi(a1, a2, i, j) for i = 1..max_i, j = 1..max_j (default their ranks), as an (max_i x max_j) tensor."""
-    max_i = max_i or min(a1.shape)
-    max_j = max_j or min(a2.shape)
+    _same_input_space(a1, a2)
+    max_i = numerical_rank(a1, "a1") if max_i is None else max_i
+    max_j = numerical_rank(a2, "a2") if max_j is None else max_j
+    _check_index(max_i, "max_i", a1, "a1")
+    _check_index(max_j, "max_j", a2, "a2")
     v1, v2 = right_singular_basis(a1, max_i), right_singular_basis(a2, max_j)
     overlap = (v1 @ v2.T).square()  # overlap[p, q] = <v1_p, v2_q>^2
     cum = overlap.cumsum(0).cumsum(1)  # cum[i-1, j-1] = ||V1_i^T V2_j||_F^2
@@ -76,17 +113,34 @@ def similarity_grid(
 def random_similarity(d: int, i: int, j: int) -> float:
     """E[phi] for independent uniformly random i- and j-dimensional subspaces of R^d: max(i, j) / d
     (E||P_i V_j||_F^2 = j * i / d, divided by min(i, j))."""
+    for name, v in (("d", d), ("i", i), ("j", j)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}.")
+    if max(i, j) > d:
+        raise ValueError(f"i={i} and j={j} must be at most d={d}: R^d has no larger subspaces.")
     return max(i, j) / d
 
 
 def spectrum(m: torch.Tensor) -> torch.Tensor:
-    """Singular values of `m`, largest first (float64)."""
+    """Singular values of `m`, largest first (float64); a zero matrix gives zeros."""
     return torch.linalg.svdvals(_as64(m, "m"))
 
 
 def energy_share(singular_values: torch.Tensor, k: int) -> float:
-    """Share of ||M||_F^2 = sum s^2 held by the top-k singular directions."""
-    s2 = singular_values.to(torch.float64).square()
+    """Share of ||M||_F^2 = sum s^2 held by the top-k singular directions (singular values largest first,
+    as `spectrum` returns them)."""
+    if not isinstance(singular_values, torch.Tensor) or singular_values.ndim != 1 or not len(singular_values):
+        raise ValueError(
+            f"singular_values must be a non-empty 1-D tensor (from spectrum()), got {singular_values!r:.80}."
+        )
+    sv = singular_values.detach().to(torch.float64)
+    if not torch.isfinite(sv).all() or (sv < 0).any():
+        raise ValueError("singular_values must be finite and non-negative (singular values are).")
+    if (sv[1:] > sv[:-1]).any():
+        raise ValueError("singular_values must be sorted largest first, as spectrum() returns them.")
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= len(sv):
+        raise ValueError(f"k must be an int in [1, {len(sv)}] (the number of singular values), got {k!r}.")
+    s2 = sv.square()
     total = float(s2.sum())
     if total == 0:
         raise ValueError("the matrix is zero (an untrained adapter, B = 0): it has no directions to rank.")
@@ -122,11 +176,16 @@ def amplification(
     w, delta: (out x in). Random directions: `draws` pairs of random orthonormal k-frames (QR of Gaussian
     matrices, seeded), whose expected ||U^T W V||_F^2 is k^2 ||W||_F^2 / (out x in).
     """
-    w, delta = _as64(w, "w"), _as64(delta, "delta")
+    w64, delta64 = _as64(w, "w"), _as64(delta, "delta")
     if w.shape != delta.shape:
         raise ValueError(f"w and delta must have one shape, got {tuple(w.shape)} and {tuple(delta.shape)}.")
-    if not isinstance(k, int) or not 1 <= k <= min(w.shape):
-        raise ValueError(f"k must be an int in [1, {min(w.shape)}], got {k!r}.")
+    _check_index(k, "k", delta, "delta")
+    for name, v in (("draws", draws), ("seed", seed)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < (1 if name == "draws" else 0):
+            raise ValueError(
+                f"{name} must be {'a positive' if name == 'draws' else 'a non-negative'} int, got {v!r}."
+            )
+    w, delta = w64, delta64
     u, v = _top(delta, k)
     uw, vw = _top(w, k)
     g = torch.Generator().manual_seed(seed)

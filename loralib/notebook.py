@@ -37,6 +37,31 @@ class NotebookConfig:
         return f"{self.notebook}: profile {self.profile!r}, model {model}, writing to {self.out}"
 
 
+# What configure() itself wrote into os.environ, by variable: such a value is the previous run of a
+# configuration cell, not a user's override, so an edited cell run again wins over it.
+_WRITTEN: dict[str, str] = {}
+
+
+def _override(key: str) -> str | None:
+    """The user's environment override for `key`, or None (unset, empty, or written by configure)."""
+    var = ENV[key]
+    value = os.environ.get(var)
+    if not value or _WRITTEN.get(var) == value:
+        return None
+    return value
+
+
+def _publish(key: str, value: str | None) -> None:
+    """Make `value` what the rest of the kernel sees for `key` (or take configure's earlier value back)."""
+    var = ENV[key]
+    if value is None:
+        if var in _WRITTEN and os.environ.get(var) == _WRITTEN.pop(var):
+            del os.environ[var]
+        return
+    os.environ[var] = value
+    _WRITTEN[var] = value
+
+
 def configure(
     notebook: str,
     profile: str = "smoke",
@@ -47,21 +72,46 @@ def configure(
 
     The resolved model id and output folder are written back to those variables, so that
     `loralib.default_model_id()` and `loralib.output_dir()` agree with the cell everywhere in the kernel.
+    Values configure wrote itself are not overrides: running an edited cell again applies the edit.
+    An invalid override is named as coming from the environment.
     """
     from loralib.benchmark.config import PROFILES
     from loralib.logs import quiet_loading
     from loralib.utils import output_dir as make_output_dir
 
-    profile = os.environ.get(ENV["profile"]) or profile
+    env_profile = _override("profile")
+    if env_profile is not None and env_profile not in PROFILES:
+        raise ValueError(
+            f"the environment variable {ENV['profile']}={env_profile!r} is not a profile; set it to one of "
+            f"{', '.join(PROFILES)}, or unset it to use the configuration cell's profile."
+        )
+    profile = env_profile or profile
     check_choice(profile, "profile", tuple(PROFILES))
-    model_id = os.environ.get(ENV["model_id"]) or model_id or None
-    if model_id is not None:
-        if not isinstance(model_id, str):
-            raise TypeError(f"model_id must be a hub id or a directory (a string) or None, got {model_id!r}.")
-        os.environ[ENV["model_id"]] = model_id
-    output_dir = os.environ.get(ENV["output_dir"]) or output_dir
-    if output_dir is not None:
-        os.environ[ENV["output_dir"]] = str(Path(output_dir).expanduser())
+    if model_id is not None and not isinstance(model_id, str):
+        raise TypeError(f"model_id must be a hub id or a directory (a string) or None, got {model_id!r}.")
+    env_model = _override("model_id")
+    if env_model is not None and env_model.startswith(("/", "./", "../", "~")):
+        if not Path(env_model).expanduser().is_dir():
+            raise ValueError(
+                f"the environment variable {ENV['model_id']}={env_model!r} is not a directory; set it to a local "
+                "model directory or a hub id, or unset it to use the configuration cell's model."
+            )
+    model_id = env_model or model_id or None
+    env_out = _override("output_dir")
+    if (
+        env_out is not None
+        and Path(env_out).expanduser().exists()
+        and not Path(env_out).expanduser().is_dir()
+    ):
+        raise ValueError(
+            f"the environment variable {ENV['output_dir']}={env_out!r} is a file, not a folder; point it at a "
+            "folder, or unset it to use the configuration cell's output_dir."
+        )
+    if output_dir is not None and not isinstance(output_dir, (str, os.PathLike)):
+        raise TypeError(f"output_dir must be a folder path or None, got {output_dir!r}.")
+    out = env_out or output_dir
+    _publish("model_id", model_id)
+    _publish("output_dir", None if out is None else str(Path(out).expanduser()))
     quiet_loading()
     return NotebookConfig(
         notebook=notebook,

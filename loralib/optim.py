@@ -7,7 +7,7 @@ optimizer, with bitsandbytes' 8-bit AdamW and with the Hugging Face `Trainer` (`
 its scheduler scales every group's rate by the same factor, so the ratio holds all through training).
 
 Covers: `param_groups` (A / B / other trained tensors, with the Trainer's no-decay rule for biases and
-norms) and `make_optimizer`. Works on loralib models (`...lora_A`, `...lora_B`) and PEFT ones
+norms, `decay_parameter_names`) and `make_optimizer`. Works on loralib models (`...lora_A`, `...lora_B`) and PEFT ones
 (`...lora_A.default.weight`). Not here: the LoRA layer (`loralib.layers`), the benchmark's use of it
 (`TrainConfig.loraplus_lr_ratio`, `loralib.benchmark.trainer`).
 """
@@ -25,15 +25,19 @@ from loralib.checks import check_module, check_number
 
 def _kind(name: str) -> str:
     parts = name.split(".")
-    if "lora_B" in parts:
+    if "lora_B" in parts or "lora_embedding_B" in parts:  # PEFT names an embedding's factors so
         return "lora_B"
-    if "lora_A" in parts:
+    if "lora_A" in parts or "lora_embedding_A" in parts:
         return "lora_A"
     return "other"
 
 
-def _no_decay(name: str) -> bool:
-    return name.endswith("bias") or "layernorm" in name.lower() or "layer_norm" in name.lower()
+def decay_parameter_names(model: nn.Module) -> set[str]:
+    """The parameter names the Hugging Face Trainer applies weight decay to: its own rule (no decay inside
+    nn.LayerNorm modules, nor for names with bias / layernorm / rmsnorm / norm), called, not copied."""
+    from transformers import Trainer
+
+    return set(Trainer.get_decay_parameter_names(None, model))  # it reads nothing from the Trainer
 
 
 def param_groups(
@@ -41,7 +45,8 @@ def param_groups(
 ) -> list[dict[str, Any]]:
     """Parameter groups over `model`'s trainable tensors: B at lr x loraplus_lr_ratio, everything else at lr.
 
-    Biases and layer norms get no weight decay (the Trainer's convention); the rest `weight_decay`.
+    Weight decay follows the Trainer's own rule (`decay_parameter_names`: none for biases and norms, by
+    module type and by name); the rest gets `weight_decay`. Every trainable tensor is in exactly one group.
     loraplus_lr_ratio=None gives plain groups (one learning rate). Every group carries a "name" ("lora_A",
     "lora_B", "other", with "/no_decay"), which torch optimizers keep. Empty groups are left out.
     """
@@ -50,11 +55,12 @@ def param_groups(
     check_number(weight_decay, "weight_decay", minimum=0.0)
     if loraplus_lr_ratio is not None:
         check_number(loraplus_lr_ratio, "loraplus_lr_ratio", positive=True, hint="LoRA+ suggests about 16.")
+    decay = decay_parameter_names(model)
     groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
-    for name, p in model.named_parameters():
+    for name, p in model.named_parameters():  # a shared tensor once, under its first name
         if p.requires_grad:
             kind = _kind(name) if loraplus_lr_ratio is not None else "other"
-            groups.setdefault((kind, _no_decay(name)), []).append(p)
+            groups.setdefault((kind, name not in decay), []).append(p)
     if not groups:
         raise ValueError("the model has no trainable parameters; inject LoRA and mark it trainable first.")
     if loraplus_lr_ratio is not None and not any(kind == "lora_B" for kind, _ in groups):

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loralib.checks import check_names, check_number, check_rank
+from loralib.checks import check_alpha, check_bool, check_int, check_names, check_number, check_rank
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,14 @@ class RunSpec:
                 self, "target_modules", tuple(check_names(self.target_modules, "target_modules"))
             )
         check_rank(self.r)
+        check_alpha(self.lora_alpha, "lora_alpha")
+        check_bool(self.use_rslora, "use_rslora")
         check_number(self.learning_rate, "learning_rate", positive=True)
+        if self.loraplus_lr_ratio is not None:
+            check_number(self.loraplus_lr_ratio, "loraplus_lr_ratio", positive=True)
+        check_int(self.epochs, "epochs", 1)
+        check_int(self.batch_size, "batch_size", 1)
+        check_int(self.seed, "seed", 0)
 
 
 @dataclass
@@ -84,6 +91,7 @@ def budget_rank(model: nn.Module, target_modules: Sequence[str] | str, budget: i
     least 1; a tie goes to the smaller), counted as r x (in + out) per matched Linear."""
     from loralib.injection import find_targets
 
+    check_int(budget, "budget", 1, hint="A parameter count, e.g. 73728.")
     modules = dict(model.named_modules())
     per_rank = sum(
         modules[n].in_features + modules[n].out_features for n in find_targets(model, target_modules)
@@ -117,6 +125,10 @@ class Sweep:
 
         from loralib.data import get_task, load_glue, subset_rows, tokenize_glue
 
+        for name, value in (("max_train", max_train), ("max_eval", max_eval)):
+            if value is not None:
+                check_int(value, name, 1, hint="A row count, or None for every row.")
+        check_int(max_length, "max_length", 2)
         spec = get_task(task)
         if spec.is_qa or spec.is_regression:
             raise ValueError(f"Sweep trains classifiers; {task!r} is not a GLUE classification task.")

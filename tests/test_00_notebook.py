@@ -52,6 +52,43 @@ def test_bad_values_are_named(clean_env):
         configure("x", model_id=42)
 
 
+def test_an_edited_cell_run_again_wins_over_what_its_last_run_wrote(clean_env):
+    import loralib
+
+    configure("04_x", profile="gpu", model_id="first/model", output_dir=clean_env / "a")
+    assert os.environ["LORALIB_MODEL_ID"] == "first/model"  # published for the rest of the kernel
+    cfg = configure("04_x", profile="gpu", model_id="second/model", output_dir=clean_env / "b")
+    assert cfg.model_id == "second/model" and cfg.out == clean_env / "b" / "04_x"
+    assert loralib.default_model_id() == "second/model"
+    cfg = configure("04_x", profile="smoke")  # back to the defaults: the earlier values are taken back
+    assert cfg.model_id is None and "LORALIB_MODEL_ID" not in os.environ
+    assert "LORALIB_OUTPUT_DIR" not in os.environ
+
+
+def test_a_user_override_still_wins_after_a_run_of_the_cell(clean_env):
+    configure("04_x", model_id="cell/model")
+    os.environ["LORALIB_MODEL_ID"] = "user/model"  # set by the user between two runs of the cell
+    assert configure("04_x", model_id="cell/model").model_id == "user/model"
+
+
+def test_invalid_environment_overrides_are_named_as_such(clean_env):
+    os.environ["LORALIB_PROFILE"] = "gpux"
+    with pytest.raises(ValueError, match="environment variable LORALIB_PROFILE='gpux' is not a profile"):
+        configure("x", profile="smoke")
+    del os.environ["LORALIB_PROFILE"]
+    os.environ["LORALIB_MODEL_ID"] = str(clean_env / "no-such-dir")
+    with pytest.raises(ValueError, match="environment variable LORALIB_MODEL_ID=.* is not a directory"):
+        configure("x")
+    del os.environ["LORALIB_MODEL_ID"]
+    (clean_env / "f").write_text("x")
+    os.environ["LORALIB_OUTPUT_DIR"] = str(clean_env / "f")
+    with pytest.raises(ValueError, match="environment variable LORALIB_OUTPUT_DIR=.* is a file"):
+        configure("x")
+    with pytest.raises(TypeError, match="output_dir"):
+        os.environ.pop("LORALIB_OUTPUT_DIR")
+        configure("x", output_dir=3)
+
+
 def test_source_of_cuts_between_markers():
     full = source_of(LoraLinear.merge)
     assert full.startswith("@torch.no_grad()\ndef merge(self)")

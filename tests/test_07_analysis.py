@@ -119,3 +119,83 @@ def test_adapter_updates_of_a_model():
         analysis.adapter_updates(model)
     with pytest.raises(ValueError, match="no LoRA layers"):
         analysis.adapter_updates(torch.nn.Linear(2, 2))
+
+
+# ---------------------------------------------------------------- boundaries: errors, never numbers
+
+
+def _rank2(d=6):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(4, 2, generator=g) @ torch.randn(2, d, generator=g)  # (4 x d), rank 2
+
+
+def test_zero_updates_have_no_similarity_no_spectrum_share_and_no_amplification():
+    z = torch.zeros(3, 6)
+    with pytest.raises(ValueError, match="a1 is zero"):
+        analysis.subspace_similarity(z, z, 1, 1)  # not 1.0
+    with pytest.raises(ValueError, match="a2 is zero"):
+        analysis.similarity_grid(torch.randn(3, 6), z)
+    with pytest.raises(ValueError, match="zero"):
+        analysis.energy_share(analysis.spectrum(z), 1)
+    with pytest.raises(ValueError, match="delta is zero"):
+        analysis.amplification(torch.randn(3, 6), z, 1)
+    assert analysis.spectrum(z).tolist() == [0.0, 0.0, 0.0]
+
+
+def test_indices_past_the_rank_are_refused_even_inside_the_shape():
+    a = _rank2()
+    g = torch.Generator().manual_seed(1)
+    a64 = torch.randn(4, 2, generator=g, dtype=torch.float64) @ torch.randn(
+        2, 6, generator=g, dtype=torch.float64
+    )
+    # the rank is judged at the precision the matrix was made in: fp32's rounding is noise, not rank
+    assert analysis.numerical_rank(a) == 2 and analysis.numerical_rank(a64) == 2
+    for i in (3, 4):  # 4 = min(shape): allowed before, but directions 3-4 are noise
+        with pytest.raises(ValueError, match=rf"i must be in \[1, 2\], got {i}: a1 has rank 2"):
+            analysis.subspace_similarity(a, a, i, 1)
+    with pytest.raises(ValueError, match="max_j must be in"):
+        analysis.similarity_grid(a, a, 2, 3)
+    assert analysis.similarity_grid(a, a).shape == (2, 2)  # defaults are the ranks
+    assert analysis.subspace_similarity(a, a, 2, 2) == pytest.approx(1.0, abs=1e-12)
+    with pytest.raises(ValueError, match="k must be in"):
+        analysis.amplification(torch.randn(4, 6), a, 3)
+    with pytest.raises(ValueError, match="k must be in"):
+        analysis.right_singular_basis(a, 0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_inputs_are_named(bad):
+    m = torch.randn(3, 5)
+    m[1, 2] = bad
+    with pytest.raises(ValueError, match="a1 has NaN or infinite"):
+        analysis.subspace_similarity(m, torch.randn(3, 5), 1, 1)
+    with pytest.raises(ValueError, match="m has NaN or infinite"):
+        analysis.spectrum(m)
+    with pytest.raises(ValueError, match="w has NaN or infinite"):
+        analysis.amplification(m, torch.randn(3, 5), 1)
+    with pytest.raises(ValueError, match="finite and non-negative"):
+        analysis.energy_share(torch.tensor([2.0, bad]), 1)
+
+
+def test_other_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="finite and non-negative"):
+        analysis.energy_share(torch.tensor([2.0, -1.0]), 1)
+    with pytest.raises(ValueError, match="largest first"):
+        analysis.energy_share(torch.tensor([1.0, 2.0]), 1)
+    for k in (0, 3, 1.5):
+        with pytest.raises(ValueError, match="k must be an int in"):
+            analysis.energy_share(torch.tensor([2.0, 1.0]), k)
+    with pytest.raises(ValueError, match="d must be a positive int"):
+        analysis.random_similarity(0, 1, 1)
+    with pytest.raises(ValueError, match="at most d"):
+        analysis.random_similarity(4, 5, 1)
+    with pytest.raises(ValueError, match="one shape"):
+        analysis.amplification(torch.randn(3, 5), torch.randn(3, 4), 1)
+    with pytest.raises(ValueError, match="draws must be a positive int"):
+        analysis.amplification(torch.randn(3, 5), torch.randn(3, 5), 1, draws=0)
+    with pytest.raises(ValueError, match="2-D floating-point"):
+        analysis.spectrum(torch.ones(3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="2-D floating-point"):
+        analysis.spectrum(torch.ones(2, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="empty"):
+        analysis.spectrum(torch.ones(0, 3))

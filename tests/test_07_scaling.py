@@ -232,3 +232,40 @@ def test_the_trainer_keeps_the_ratio_through_its_schedule(tiny_model_dir, tmp_pa
     assert len(seen) == 2 and seen[0]["lora_A"] != seen[1]["lora_A"]  # the schedule moved the rates
     for lrs in seen:
         assert lrs["lora_B"] == pytest.approx(16 * lrs["lora_A"]) and lrs["lora_A"] <= cfg.learning_rate
+
+
+class _Block(nn.Module):
+    """Norms the Trainer recognises by type (ln_f: an nn.LayerNorm whose name says nothing) and by name
+    (an RMSNorm called `norm`, a `final_norm`), beside LoRA layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        self.ln_f = nn.LayerNorm(8)
+        self.norm = nn.RMSNorm(8)
+        self.final_norm = nn.RMSNorm(8)
+        self.head = nn.Linear(8, 2)
+        self.tied = self.head  # one module under two names: its tensors once
+
+
+def test_weight_decay_follows_the_trainers_own_rule_and_each_tensor_is_in_one_group():
+    from transformers import Trainer
+
+    model = _Block()
+    inject_lora(model, ["proj"], r=2)
+    model.requires_grad_(True)
+    trainer_decay = set(Trainer.get_decay_parameter_names(None, model))
+    assert "ln_f.weight" not in trainer_decay and "norm.weight" not in trainer_decay  # the reference itself
+    for ratio in (16.0, None):
+        groups = lora_optim.param_groups(model, 1e-3, ratio, weight_decay=0.1)
+        seen = [id(p) for g in groups for p in g["params"]]
+        assert sorted(seen) == sorted({id(p) for p in model.parameters() if p.requires_grad})  # each once
+        names = {id(p): n for n, p in model.named_parameters()}
+        decayed = {names[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+        assert decayed == trainer_decay & set(names.values())
+        lora_optim.make_optimizer(model, 1e-3, ratio, weight_decay=0.1)  # torch accepts the groups
+
+
+def test_peft_embedding_factors_are_a_and_b():
+    assert lora_optim._kind("emb.lora_embedding_B.default") == "lora_B"
+    assert lora_optim._kind("emb.lora_embedding_A.default") == "lora_A"

@@ -61,3 +61,28 @@ def test_bad_settings_are_named(tiny_model_dir):
         RunSpec(learning_rate=-1.0)
     with pytest.raises(ValueError, match="classification"):
         Sweep(tiny_model_dir, task="stsb")
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("epochs", 0), ("epochs", -1), ("epochs", 1.5), ("batch_size", 0), ("batch_size", True), ("seed", -1),
+     ("lora_alpha", 0), ("lora_alpha", float("nan")), ("learning_rate", float("inf")), ("loraplus_lr_ratio", 0),
+     ("use_rslora", 1), ("r", 0)],
+)  # fmt: skip
+def test_a_run_spec_refuses_bad_values_naming_the_field(field, value):
+    with pytest.raises((ValueError, TypeError), match=field):
+        RunSpec(**{field: value})
+
+
+def test_sweep_and_budget_refuse_bad_sizes(tiny_model_dir):
+    for kw, name in (
+        ({"max_train": 0}, "max_train"),
+        ({"max_eval": -3}, "max_eval"),
+        ({"max_length": 0}, "max_length"),
+    ):
+        with pytest.raises((ValueError, TypeError), match=name):
+            Sweep(tiny_model_dir, **kw)
+    model = nn.Sequential(nn.Linear(4, 6))
+    for budget in (0, -5, 2.5):
+        with pytest.raises((ValueError, TypeError), match="budget"):
+            budget_rank(model, ["0"], budget)
