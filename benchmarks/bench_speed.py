@@ -37,6 +37,7 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 import torch  # noqa: E402
 
+from loralib.files import atomic_write  # noqa: E402
 from loralib.measure.layer import LAYER_METHODS, measure_layer  # noqa: E402
 from loralib.measure.steps import (  # noqa: E402
     measure_inference,
@@ -47,7 +48,7 @@ from loralib.measure.steps import (  # noqa: E402
     roberta_step_builders,
 )
 from loralib.measure.timing import ratios  # noqa: E402
-from loralib.utils import atomic_write, versions  # noqa: E402
+from loralib.utils import versions  # noqa: E402
 
 MIB = 2**20
 # (d, r, LoRA dropout, repeats, warmup rounds); the widest layer is slow on a CPU, so it gets fewer.

@@ -18,13 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from loralib.checks import check_bool, check_module
+from loralib.files import atomic_directory, read_files, safetensors_from_bytes
 from loralib.injection import inject_lora, lora_layers, unchanged_on_failure
-from loralib.utils import atomic_directory
 
 WEIGHTS_NAME = "adapter.safetensors"
 CONFIG_NAME = "lora_config.json"
@@ -155,7 +154,7 @@ def save_lora(model: nn.Module, path: str | os.PathLike, **metadata: Any) -> Pat
     """Write the adapter of `model` to directory `path`; extra keyword metadata (task, num_labels,
     base_model...) goes into the config. Returns the weights file's path.
 
-    The directory is written as a whole (see `loralib.utils.atomic_directory`); metadata keys that
+    The directory is written as a whole (see `loralib.files.atomic_directory`); metadata keys that
     collide with the computed ones (RESERVED_KEYS) are refused before anything is written.
     """
     check_module(model)
@@ -196,20 +195,17 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, tor
 
     A format_version 1 config comes back in today's names (lora_alpha, lora_dropout)."""
     weights = _weights_path(path)
-    try:
-        # One pass over the file for both the tensors and the embedded config.
-        with safe_open(str(weights), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(
-            f"{weights} is not a readable safetensors file ({e}); it is corrupt or truncated: re-save it."
-        ) from e
+    # Every file through one handle on the directory: a save running meanwhile swaps whole directories,
+    # so this reads the old adapter or the new one, never one's config with the other's tensors.
+    files = read_files(weights.parent, [weights.name, CONFIG_NAME, PEFT_CONFIG])
+    if files[weights.name] is None:
+        raise FileNotFoundError(f"no adapter at {weights} (it was removed while being read).")
+    tensors, meta = safetensors_from_bytes(files[weights.name], weights)
     if "loralib_config" in meta:
         text, source = meta["loralib_config"], f"the metadata of {weights}"
-    elif (weights.parent / CONFIG_NAME).exists():
-        text, source = (weights.parent / CONFIG_NAME).read_text(), str(weights.parent / CONFIG_NAME)
-    elif (weights.parent / PEFT_CONFIG).exists():
+    elif files[CONFIG_NAME] is not None:
+        text, source = files[CONFIG_NAME].decode("utf-8", "replace"), str(weights.parent / CONFIG_NAME)
+    elif files[PEFT_CONFIG] is not None:
         raise ValueError(
             f"{weights} is a PEFT adapter; load it with loralib.peft_interop.from_peft(model, {str(weights.parent)!r})."
         )

@@ -306,5 +306,6 @@ def unchanged_on_failure(model: nn.Module, params: Iterable[str] = ()) -> Iterat
         for p, flag in flags:
             p.requires_grad_(flag)
         for layer, (alpha, rslora, merged) in scalars.items():
-            layer.lora_alpha, layer.use_rslora, layer.merged = alpha, rslora, merged
+            # the raw values: the weights are restored as they were, so nothing is re-merged
+            layer._lora_alpha, layer._use_rslora, layer.merged = alpha, rslora, merged
         raise

@@ -152,7 +152,7 @@ class LoraLinear(nn.Linear):
         check_bool(use_rslora, "use_rslora")
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.r = r
-        self.lora_alpha = float(r if lora_alpha is None else lora_alpha)
+        self.lora_alpha = r if lora_alpha is None else lora_alpha
         self.use_rslora = use_rslora
         self.init = init
         self.lora_dropout_p = float(lora_dropout)
@@ -173,6 +173,48 @@ class LoraLinear(nn.Linear):
     def scaling(self) -> float:
         """What B @ A is multiplied by: lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora."""
         return lora_scaling(self.lora_alpha, self.r, self.use_rslora)
+
+    # lora_alpha and use_rslora set the scaling of an update a merged weight already holds: changing one
+    # on a merged layer takes the update out with the old scaling and puts it back with the new one.
+    @property
+    def lora_alpha(self) -> float:
+        return self._lora_alpha
+
+    @lora_alpha.setter
+    def lora_alpha(self, value: float) -> None:
+        value = check_alpha(value, "lora_alpha")
+        value = float(self.r if value is None else value)  # None means lora_alpha = r, as at construction
+        self._rescale(lambda: setattr(self, "_lora_alpha", value))
+
+    @property
+    def use_rslora(self) -> bool:
+        return self._use_rslora
+
+    @use_rslora.setter
+    def use_rslora(self, value: bool) -> None:
+        value = check_bool(value, "use_rslora")
+        self._rescale(lambda: setattr(self, "_use_rslora", value))
+
+    @property
+    def r(self) -> int:
+        return self._r
+
+    @r.setter
+    def r(self, value: int) -> None:
+        if "_r" in self.__dict__:
+            raise AttributeError(
+                f"r is fixed by the shapes of lora_A {tuple(self.lora_A.shape)} and lora_B "
+                f"{tuple(self.lora_B.shape)}; inject a new layer (unload_lora(model), then inject_lora(..., r=...))."
+            )
+        self._r = check_rank(value)
+
+    def _rescale(self, change) -> None:
+        merged = self.__dict__.get("merged", False) and "_lora_alpha" in self.__dict__
+        if merged:
+            self.unmerge()
+        change()
+        if merged:
+            self.merge()
 
     @property
     def alpha(self) -> float:
@@ -237,12 +279,24 @@ class LoraLinear(nn.Linear):
     def reset_parameters(self) -> None:  # called by nn.Linear.__init__
         super().reset_parameters()
         if hasattr(self, "lora_A"):
+            self.merged = False  # a freshly drawn weight holds no update
             self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
-        """Re-draw A with the chosen init and set B to zero (the layer then equals the frozen one)."""
+        """Re-draw A with the chosen init and set B to zero (the layer then equals the frozen one).
+
+        On a merged layer the old update is taken out of the weight first (the layer stays merged, with
+        the new, zero update)."""
         if self.lora_A.device.type == "meta":
             return
+        if self.merged:
+            self.unmerge()
+            self._reset_lora()
+            self.merge()
+        else:
+            self._reset_lora()
+
+    def _reset_lora(self) -> None:
         with torch.no_grad():
             if self.init == "kaiming":
                 nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))

@@ -39,8 +39,9 @@ from loralib.checks import (
     check_rank,
     read_json,
 )
+from loralib.files import atomic_directory
 from loralib.injection import TASK_HEADS
-from loralib.utils import atomic_directory, default_device
+from loralib.utils import default_device
 
 # The article's PEFT recipe: all attention and feed-forward linears, plus norms and heads trained in full.
 ARTICLE_TARGETS: tuple[str, ...] = ("query", "key", "value", "intermediate.dense", "output.dense")
@@ -390,7 +391,7 @@ def save_peft_model(model, directory: str | os.PathLike, **metadata: Any) -> Pat
     PEFT's adapter_config.json does not record the head's size or label names, so
     `AutoPeftModelForSequenceClassification.from_pretrained(directory)` rebuilds a 2-label head and
     fails (or, for 2 labels, silently loses the names). `load_peft_model(directory)` reads the extra
-    file and needs no argument. The directory is written as one atomic unit (`loralib.utils.atomic_directory`).
+    file and needs no argument. The directory is written as one atomic unit (`loralib.files.atomic_directory`).
     Extra keyword metadata (task name, ...) is stored too. Returns the directory.
     """
     if not hasattr(model, "peft_config"):

@@ -36,13 +36,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from loralib.checks import check_alpha, check_bool, check_choice, check_module, read_json
+from loralib.checks import check_alpha, check_bool, check_choice, check_module
+from loralib.files import atomic_directory, read_files, safetensors_from_bytes
 from loralib.injection import HEAD_NAMES, inject_lora, lora_layers, unchanged_on_failure
 from loralib.layers import LoraLinear
-from loralib.utils import atomic_directory
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -269,7 +269,7 @@ def to_peft(
     setting and `modules_to_save`. task_type: "auto" infers SEQ_CLS / QUESTION_ANS / ... from the model
     class (PEFT then also expects the head in the file). save_heads: always save the task heads
     (classifier, qa_outputs) in full, trained or not, because a fresh `from_pretrained` initialises them
-    at random. The directory is written as one atomic unit (`loralib.utils.atomic_directory`).
+    at random. The directory is written as one atomic unit (`loralib.files.atomic_directory`).
     """
     check_module(model)
     if not isinstance(directory, (str, os.PathLike)):
@@ -290,28 +290,35 @@ def read_peft_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], dic
     """(adapter_config, tensors without the "base_model.model." prefix) of a PEFT adapter directory."""
     d = Path(directory)
     cfg_path, w_path = d / CONFIG_NAME, d / WEIGHTS_NAME
-    if not cfg_path.exists():
+    if not d.is_dir():
+        raise FileNotFoundError(f"{d} is not a directory: not a PEFT adapter directory.")
+    # One handle on the directory for every file: a save running meanwhile swaps whole directories, so
+    # the config and the tensors always come from the same adapter.
+    files = read_files(d, [CONFIG_NAME, WEIGHTS_NAME, "adapter_model.bin", "lora_config.json"])
+    if files[CONFIG_NAME] is None:
         hint = (
-            " (it looks like a loralib adapter: use loralib.load_lora)"
-            if (d / "lora_config.json").exists()
-            else ""
+            " (it looks like a loralib adapter: use loralib.load_lora)" if files["lora_config.json"] else ""
         )
         raise FileNotFoundError(f"no {CONFIG_NAME} in {d}: not a PEFT adapter directory{hint}.")
-    if not w_path.exists():
-        bin_path = d / "adapter_model.bin"
+    if files[WEIGHTS_NAME] is None:
         raise FileNotFoundError(
             f"no {WEIGHTS_NAME} in {d}"
             + (
                 " (only the pickle adapter_model.bin: re-save it with safe_serialization=True)."
-                if bin_path.exists()
+                if files["adapter_model.bin"] is not None
                 else "."
             )
         )
-    config = read_json(cfg_path, "a PEFT adapter_config.json")
+    try:
+        config = json.loads(files[CONFIG_NAME])
+    except ValueError as e:
+        raise ValueError(
+            f"{cfg_path} is not valid JSON ({e}); it should be a PEFT adapter_config.json."
+        ) from None
     if not isinstance(config, dict):
         raise ValueError(f"{cfg_path} is not a JSON object; it should be a PEFT adapter_config.json.")
-    tensors = {k.removeprefix(PREFIX): v for k, v in load_file(str(w_path)).items()}
-    return config, tensors
+    tensors, _ = safetensors_from_bytes(files[WEIGHTS_NAME], w_path)
+    return config, {k.removeprefix(PREFIX): v for k, v in tensors.items()}
 
 
 def _check_supported(config: dict[str, Any], directory) -> None:

@@ -1,22 +1,15 @@
 """Small helpers every module uses: seeding, package versions, devices and mixed precision, parameter
-counts, atomic file and directory writes, output folders.
+counts, output folders.
 
 Not here: anything LoRA-specific beyond counting (see `loralib.layers` / `loralib.injection`), the
-default model (`loralib.tiny.default_model_id`).
+default model (`loralib.tiny.default_model_id`), atomic writes and consistent reads (`loralib.files`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import functools
 import os
 import platform
 import random
-import shutil
-import sys
-import tempfile
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -139,129 +132,6 @@ def count_parameters(model: nn.Module) -> ParameterCount:
         total += n
         trainable += n if p.requires_grad else 0
     return ParameterCount(total=total, trainable=trainable, rows=rows)
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> None:
-    """Produce `path` by calling `write(tmp)` on a temporary sibling, then renaming it into place.
-
-    A crash or exception never leaves a half-written `path`: the old file (if any) stays intact and
-    the temporary is removed. The result is world-readable like any checkpoint (mkstemp makes
-    0600 files) and flushed to disk before the rename, so a power cut cannot leave the new name
-    pointing at nothing.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-@contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
-    """Write a directory as one atomic unit: yield an empty staging directory, then put it in place.
-
-    Fill the yielded directory; when the block ends without an exception, it replaces `path` whole.
-    A crash or exception at any point leaves the previous `path` complete (never new files beside old
-    ones) and removes the staging directory. Entries of the previous `path` that the new write does
-    not produce are carried over (hard links), as a plain save into an existing folder would keep them.
-    On Linux the swap is one `renameat2(RENAME_EXCHANGE)`; where that is missing, the old directory is
-    renamed aside and the new one into place, and the old one is deleted only after that.
-    """
-    path = Path(path)
-    if path.is_symlink():  # write where the link points; swapping would replace the link itself
-        path = path.resolve()
-    if path.exists() and not path.is_dir():
-        raise NotADirectoryError(f"{path} exists and is a file; choose a directory path for the save.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        yield stage
-        # Only what this write produced: carried-over entries are hard links to files that are already
-        # on disk, and a chmod of a link would change the owner's original.
-        _fsync_tree(stage)
-        if path.exists():
-            for entry in path.iterdir():
-                if not (stage / entry.name).exists():
-                    _link_tree(entry, stage / entry.name)
-        _swap_into_place(stage, path)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)  # after a swap it holds the previous contents
-
-
-def _link_tree(src: Path, dst: Path) -> None:
-    if src.is_symlink():
-        os.symlink(os.readlink(src), dst)
-    elif src.is_dir():
-        shutil.copytree(src, dst, copy_function=_link_or_copy, symlinks=True)
-    else:
-        _link_or_copy(src, dst)
-
-
-def _link_or_copy(src, dst) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:  # a filesystem without hard links
-        shutil.copy2(src, dst)
-
-
-def _fsync_tree(root: Path) -> None:
-    """Make files world-readable like any checkpoint (mkstemp/mkdtemp create private ones) and flush them."""
-    os.chmod(root, 0o755)
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            f = os.path.join(dirpath, name)
-            if os.path.islink(f):
-                continue
-            os.chmod(f, 0o644)
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-
-
-@functools.cache
-def _renameat2():
-    if sys.platform != "linux":
-        return None
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    return fn
-
-
-def _swap_into_place(stage: Path, path: Path) -> None:
-    """Put `stage` at `path`; afterwards `stage` holds what `path` held (or is gone)."""
-    if not path.exists():
-        os.rename(stage, path)
-    else:
-        fn = _renameat2()
-        at_fdcwd, rename_exchange = -100, 2
-        if fn is None or fn(at_fdcwd, os.fsencode(stage), at_fdcwd, os.fsencode(path), rename_exchange) != 0:
-            # No atomic exchange here (old kernel, other OS, filesystem without it): two renames. A crash
-            # between them leaves the previous directory complete under the aside name.
-            aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.rmdir(aside)
-            os.rename(path, aside)
-            os.rename(stage, path)
-            os.rename(aside, stage)
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def repo_root() -> Path:

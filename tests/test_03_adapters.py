@@ -266,3 +266,136 @@ def test_saved_files_are_shareable(stock, tmp_path):
     save_lora(trained(stock), tmp_path)
     for p in tmp_path.iterdir():
         assert p.stat().st_mode & 0o777 == 0o644, p.name
+
+
+# ---------------------------------------------------------------- where and how an adapter directory is written
+
+
+def _small(r=2, seed=0):
+    from torch import nn
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    inject_lora(model, ["0", "2"], r=r)
+    for _, layer in lora_layers(model):
+        torch.nn.init.normal_(layer.lora_B)
+    return model
+
+
+@pytest.fixture
+def in_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_saving_into_the_working_directory_and_a_relative_path(in_dir):
+    import os
+
+    model = _small()
+    (in_dir / "here").mkdir()
+    os.chdir(in_dir / "here")
+    save_lora(model, ".", task="dot")
+    assert os.getcwd() == str(in_dir / "here") and (in_dir / "here" / adapters.WEIGHTS_NAME).exists()
+    save_lora(model, ".", task="dot again")  # replaces the directory the process stands in
+    assert read_adapter(".")[0]["task"] == "dot again" and os.path.samefile(".", in_dir / "here")
+    os.chdir(in_dir)
+    save_lora(model, "rel/adapter", task="rel")
+    assert read_adapter(in_dir / "rel" / "adapter")[0]["task"] == "rel"
+    fresh = _small(seed=1)
+    for _, layer in lora_layers(fresh):
+        torch.nn.init.zeros_(layer.lora_B)
+    load_lora(fresh, "rel/adapter")
+    assert all(
+        torch.equal(a, b) for a, b in zip(lora_state_dict(fresh).values(), lora_state_dict(model).values())
+    )
+    assert sorted(p.name for p in in_dir.iterdir()) == ["here", "rel"]  # no staging directory left
+
+
+def test_a_directory_name_near_the_255_byte_limit(tmp_path):
+    name = "a" * 250  # the staging sibling ".<name>.<random>.tmp" would be over 255 bytes
+    save_lora(_small(), tmp_path / name, task="long")
+    save_lora(_small(), tmp_path / name, task="long again")
+    assert read_adapter(tmp_path / name)[0]["task"] == "long again"
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
+def test_an_existing_directorys_permissions_are_kept_and_new_ones_follow_the_umask(tmp_path):
+    import os
+    import stat
+
+    private = tmp_path / "private"
+    private.mkdir()
+    private.chmod(0o700)
+    save_lora(_small(), private)
+    assert stat.S_IMODE(private.stat().st_mode) == 0o700
+    old = os.umask(0o077)
+    try:
+        save_lora(_small(), tmp_path / "new")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "new").stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "new" / adapters.WEIGHTS_NAME).stat().st_mode) == 0o600
+    save_lora(_small(), tmp_path / "plain")
+    assert stat.S_IMODE((tmp_path / "plain").stat().st_mode) == 0o777 & ~old
+
+
+def test_a_permission_error_names_the_adapter_directory(tmp_path, monkeypatch):
+    import tempfile
+
+    def denied(*args, dir=None, prefix="", **kwargs):
+        raise PermissionError(13, "Permission denied", f"{dir}/{prefix}x1y2z3.tmp")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", denied)  # as root nothing is denied: simulate a read-only parent
+    with pytest.raises(PermissionError) as info:
+        save_lora(_small(), tmp_path / "adapter")
+    assert str(tmp_path / "adapter") in str(info.value) and "x1y2z3" not in str(info.value)
+    assert info.value.filename == str(tmp_path / "adapter")
+
+
+@pytest.mark.parametrize("fmt", ["loralib", "peft"])
+def test_a_read_during_a_save_gets_one_whole_adapter(tmp_path, fmt):
+    """A writer alternates two adapters of different rank in one directory; every concurrent read must
+    see a config whose rank matches its tensors (the old adapter or the new one, never a mix)."""
+    import threading
+    import time as clock
+
+    from loralib.peft_interop import read_peft_adapter, to_peft
+
+    def save(model, tag):
+        if fmt == "loralib":
+            save_lora(model, tmp_path / "a", tag=tag)
+        else:
+            to_peft(model, tmp_path / "a", base_model_name_or_path=tag)
+
+    def read():
+        if fmt == "loralib":
+            cfg, tensors = read_adapter(tmp_path / "a")
+            return cfg["r"], tensors["0.lora_A"].shape[0]
+        cfg, tensors = read_peft_adapter(tmp_path / "a")
+        return cfg["r"], tensors["0.lora_A.weight"].shape[0]
+
+    models = {2: _small(r=2), 4: _small(r=4)}
+    save(models[2], "2")
+    stop, errors, reads = threading.Event(), [], []
+
+    def writer():
+        k = 0
+        while not stop.is_set():
+            save(models[4 if k % 2 else 2], str(k))
+            k += 1
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        deadline = clock.monotonic() + 1.5
+        while clock.monotonic() < deadline:
+            try:
+                reads.append(read())
+            except Exception as e:  # noqa: BLE001 - any failure of a read is the finding
+                errors.append(repr(e))
+    finally:
+        stop.set()
+        t.join()
+    assert not errors, errors[:3]
+    assert reads and all(r == n for r, n in reads), [x for x in reads if x[0] != x[1]][:3]
+    assert {r for r, _ in reads} == {2, 4}  # the reads really overlapped both versions

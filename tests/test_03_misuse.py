@@ -17,7 +17,7 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, RobertaConfig, RobertaForMaskedLM
 
 import loralib.adapters as adapters
-import loralib.utils as utils
+import loralib.files as files
 from loralib.adapters import load_lora, read_adapter, save_lora
 from loralib.checks import ArgumentTypeError
 from loralib.injection import (
@@ -390,7 +390,7 @@ def test_a_crash_during_save_leaves_the_previous_adapter_complete(model, tmp_pat
     elif fault == "config":
         monkeypatch.setattr(adapters.Path, "write_text", boom)
     else:
-        monkeypatch.setattr(utils, "_swap_into_place", boom)
+        monkeypatch.setattr(files, "_swap_into_place", boom)
     with pytest.raises(OSError, match="disk full"):
         save_lora(model, tmp_path / "a", task="new")
     assert _tree(tmp_path / "a") == old
@@ -402,7 +402,7 @@ def test_a_crash_during_save_leaves_the_previous_adapter_complete(model, tmp_pat
 
 
 def test_the_fallback_swap_without_renameat2_is_complete_too(model, tmp_path, monkeypatch):
-    monkeypatch.setattr(utils, "_renameat2", lambda: None)
+    monkeypatch.setattr(files, "_renameat2", lambda: None)
     inject_lora(model, ["query"], r=2)
     save_lora(model, tmp_path / "a", task="old")
     save_lora(model, tmp_path / "a", task="new")
@@ -654,3 +654,60 @@ def test_carrying_a_foreign_file_over_leaves_its_permissions_alone(model, tmp_pa
     os.chmod(mine, 0o600)
     save_lora(model, tmp_path / "a")
     assert oct(mine.stat().st_mode & 0o777) == "0o600" and mine.read_text() == "mine"
+
+
+# ---------------------------------------------------------------- every method of a merged layer
+
+
+def _merged_layer(seed=0):
+    torch.manual_seed(seed)
+    layer = LoraLinear(12, 10, r=4, lora_alpha=8)
+    nn.init.normal_(layer.lora_B)
+    w0 = layer.weight.detach().clone()
+    layer.merge()
+    return layer, w0
+
+
+def _plain(layer, w0, x):
+    """The unmerged formula in float64: W0 x + b + s (x A^T) B^T."""
+    a, b = layer.lora_A.double(), layer.lora_B.double()
+    return x.double() @ w0.double().T + layer.bias.double() + layer.scaling * (x.double() @ a.T) @ b.T
+
+
+def test_resetting_a_merged_layers_adapter_takes_the_old_update_out():
+    layer, w0 = _merged_layer()
+    layer.reset_lora_parameters()
+    assert layer.merged and torch.count_nonzero(layer.lora_B) == 0
+    torch.testing.assert_close(layer.weight, w0, atol=1e-6, rtol=0)  # not W0 + the old update
+    layer.unmerge()
+    torch.testing.assert_close(layer.weight, w0, atol=1e-6, rtol=0)
+
+
+def test_reset_parameters_on_a_merged_layer_leaves_an_unmerged_fresh_layer():
+    layer, _ = _merged_layer()
+    layer.reset_parameters()
+    assert not layer.merged and torch.count_nonzero(layer.lora_B) == 0
+    fresh = layer.weight.detach().clone()
+    layer.unmerge()
+    assert torch.equal(layer.weight, fresh)  # nothing subtracted from the new weight
+
+
+@pytest.mark.parametrize("change", [{"lora_alpha": 3.0}, {"use_rslora": True}])
+def test_changing_the_scaling_of_a_merged_layer_re_merges_it(change):
+    layer, w0 = _merged_layer()
+    x = torch.randn(5, 12)
+    for k, v in change.items():
+        setattr(layer, k, v)
+    assert layer.merged
+    torch.testing.assert_close(layer(x).double(), _plain(layer, w0, x), atol=1e-5, rtol=1e-5)
+    layer.unmerge()
+    torch.testing.assert_close(layer.weight, w0, atol=1e-5, rtol=0)
+
+
+def test_the_rank_of_a_layer_cannot_be_changed_in_place():
+    layer, _ = _merged_layer()
+    with pytest.raises(AttributeError, match="r is fixed by the shapes"):
+        layer.r = 8
+    with pytest.raises(ValueError, match="lora_alpha"):
+        layer.lora_alpha = float("nan")
+    assert layer.r == 4 and layer.lora_alpha == 8.0

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from loralib.benchmark.results import ResultsExistError
-from loralib.utils import atomic_write
+from loralib.files import atomic_write
 
 MANIFEST_NAME = "loralib_run.json"
 MANIFEST_FORMAT = 1

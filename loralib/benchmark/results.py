@@ -46,7 +46,7 @@ import torch
 from loralib.checks import (
     read_json,
 )
-from loralib.utils import atomic_write
+from loralib.files import atomic_write
 
 RESULTS_NAME = "results.json"
 # Metrics the Trainer adds to every evaluation; they are run statistics, not task metrics.
