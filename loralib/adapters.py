@@ -326,7 +326,7 @@ def load_lora(
 
 
 def _inject_from_config(model: nn.Module, cfg: dict[str, Any]) -> None:
-    """Inject LoRA as the adapter's config describes."""
+    """Inject LoRA into exactly the layers the adapter's config names (full names: no suffix matching)."""
     per_layer = cfg.get("per_layer") or {}
     for name in cfg["target_modules"]:
         spec = per_layer.get(name, {})
@@ -338,6 +338,7 @@ def _inject_from_config(model: nn.Module, cfg: dict[str, Any]) -> None:
             lora_dropout=cfg.get("lora_dropout") or 0.0,
             init=cfg.get("init") or "kaiming",
             use_rslora=bool(spec.get("use_rslora", False)),
+            exact=True,
         )
 
 

@@ -107,10 +107,15 @@ def inject_lora(
     autocast_adapter_dtype: bool = True,
     *,
     use_rslora: bool = False,
+    exact: bool = False,
     alpha=UNSET,
     dropout=UNSET,
 ) -> list[str]:
     """Replace the targeted `nn.Linear` modules of `model` in place by `LoraLinear`; return their names.
+
+    exact=True: `target_modules` is a list of full module names (as `save_lora` records them), each
+    adapted as named and nothing else; a name the model lacks is an error. Reloads use it, so an adapter
+    saved from layers chosen by a pattern reloads into exactly those layers.
 
     r, lora_alpha (None: = r), lora_dropout, init, use_rslora (scale by lora_alpha / sqrt(r)): as for
     `LoraLinear` (PEFT's names; alpha= and dropout= are their former names). The original weights are
@@ -124,7 +129,26 @@ def inject_lora(
     r, lora_alpha, lora_dropout = check_lora_args(r, lora_alpha, lora_dropout, init)
     check_bool(autocast_adapter_dtype, "autocast_adapter_dtype")
     check_bool(use_rslora, "use_rslora")
-    names = find_targets(model, target_modules)
+    check_bool(exact, "exact")
+    if exact:
+        names = list(check_names(target_modules, "target_modules", allow_empty=False))
+        modules = dict(model.named_modules())
+        absent = [n for n in names if n not in modules]
+        if absent:
+            raise ValueError(
+                f"target_modules names modules this model lacks: {absent[:5]} (exact=True matches full "
+                f"names only). Linear modules in this model: {', '.join(_linear_names(model)[:20])} ..."
+            )
+    else:
+        names = find_targets(model, target_modules)
+    if not names and target_modules == "all-linear":
+        adapted = [n for n, layer in lora_layers(model) if not _is_head(model, n, layer)]
+        if adapted:
+            raise ValueError(
+                f"the model already has LoRA on every linear layer 'all-linear' selects ({len(adapted)} layers, "
+                f"e.g. {adapted[:3]}); call loralib.unload_lora(model) (or unmerge and unload) before "
+                "injecting again, or load an adapter into it with load_lora."
+            )
     if not names:
         linears = _linear_names(model)
         shown = ", ".join(linears[:40]) + (" ..." if len(linears) > 40 else "")
@@ -145,7 +169,8 @@ def inject_lora(
         module = modules[name]
         if isinstance(module, LoraLinear):
             raise TypeError(
-                f"{name!r} already has LoRA; call unload_lora(model) first or choose other targets."
+                f"the model already has LoRA on {name!r}; call loralib.unload_lora(model) before injecting "
+                "again, or choose other targets."
             )
         if not isinstance(module, nn.Linear):
             raise TypeError(

@@ -471,6 +471,7 @@ def from_peft(model: nn.Module, directory: str | os.PathLike, trainable: bool = 
                     lora_alpha=alphas[name],
                     lora_dropout=dropout,
                     use_rslora=rslora,
+                    exact=True,  # the adapter's full module names: nothing else is adapted
                 )
             have = dict(lora_layers(model))
         else:

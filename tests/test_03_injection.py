@@ -23,6 +23,7 @@ from transformers import (
     AutoTokenizer,
 )
 
+from loralib.adapters import load_lora, save_lora
 from loralib.injection import (
     find_targets,
     inject_lora,
@@ -311,3 +312,48 @@ def test_unload_gives_a_stock_model(stock, model, batch, tmp_path, tiny_model_di
     model.save_pretrained(tmp_path)
     reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
     assert torch.equal(logits(reloaded, batch), y_merged)
+
+
+def test_injecting_all_linear_twice_says_the_model_already_has_lora():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    inject_lora(model, "all-linear", r=2)
+    before = [type(m) for m in model]
+    with pytest.raises(ValueError, match="already has LoRA on every linear layer 'all-linear' selects"):
+        inject_lora(model, "all-linear", r=2)
+    with pytest.raises(TypeError, match="already has LoRA on '0'"):
+        inject_lora(model, ["0"], r=2)
+    assert [type(m) for m in model] == before
+
+
+def _nested():
+    torch.manual_seed(0)
+    # "0" is a full name here and also the last part of "2.0": a suffix match would adapt both
+    return nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Sequential(nn.Linear(4, 4)), nn.Linear(4, 2))
+
+
+@pytest.mark.parametrize("fmt", ["loralib", "peft"])
+def test_an_adapter_saved_from_a_pattern_reloads_into_exactly_its_layers(tmp_path, fmt):
+    from loralib.peft_interop import from_peft, to_peft
+
+    model = _nested()
+    assert inject_lora(model, r"0", r=2) == ["0"]  # a regex: the whole name must match
+    for _, layer in lora_layers(model):
+        nn.init.normal_(layer.lora_B)
+    x = torch.randn(3, 4)
+    want = model(x)
+    fresh = _nested()
+    if fmt == "loralib":
+        save_lora(model, tmp_path / "a")
+        load_lora(fresh, tmp_path / "a")
+    else:
+        to_peft(model, tmp_path / "a", base_model_name_or_path="nested")
+        from_peft(fresh, tmp_path / "a")
+    assert [n for n, _ in lora_layers(fresh)] == ["0"]
+    torch.testing.assert_close(fresh(x), want, rtol=0, atol=0)
+
+
+def test_exact_names_that_the_model_lacks_are_named():
+    model = _nested()
+    with pytest.raises(ValueError, match=r"lacks: \['9'\]"):
+        inject_lora(model, ["0", "9"], r=2, exact=True)
+    assert not any(True for _ in lora_layers(model))
