@@ -1,7 +1,8 @@
 """LoraLinear's fast path: the hand-written autograd Function and what makes it fast.
 
 Covers: `LoraFunction` (y = x W^T + b + s (xd A^T) B^T with a backward that computes only the
-gradients autograd asks for and saves only x, an (n x r) activation and the parameters), the routing
+gradients autograd asks for and saves only x, an (n x r) activation and the parameters; under
+create_graph=True its backward is autograd of the plain formula, so higher-order gradients work), the routing
 of its thin products to oneDNN on CPU (`mm_t`), LoRA dropout's CPU mask (`mask_lanes`, `dropout_mask`: 16-bit
 lanes of SFC64 words seeded from torch's generator, kept for the backward instead of a dropped fp32
 copy of x) and the per-thread scratch buffer its temporaries reuse. Not here: the layer's

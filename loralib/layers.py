@@ -10,7 +10,8 @@ against the frozen nn.Linear, PEFT and full fine-tuning.
 
 Covers: the layer, its arguments (one check, PEFT's names, the former ones accepted), its
 initialisations, the dtype of its adapter weights, merge/unmerge and the merged state in the state
-dict, and the plain formula it hands `torch.compile`. Not here: the autograd Function and LoRA
+dict (and what each method does on a merged layer: re-initialising or rescaling re-merges, r is
+fixed), and the plain formula it hands `torch.compile` (or any caller, with `fast_path = False`). Not here: the autograd Function and LoRA
 dropout's CPU mask (`loralib.fast_path`), finding layers in a model and swapping them in
 (`loralib.injection`), saving adapters (`loralib.adapters`).
 """

@@ -24,7 +24,13 @@ CLOCK_CALLS = {
     "time",
     "time_ns",
 }
-TIMING_CALLS = {"measure_throughput", "time_call", "interleaved_medians"}
+TIMING_CALLS = {
+    "measure_throughput",
+    "time_interleaved",
+    "time_interleaved_samples",
+    "measure_layer",
+    "measure_steps",
+}
 TIMING_WORDS = ("time_s", "wall_time", "seconds", "elapsed", "flops_per_s", "samples_per_second")
 # Fields of a timed object that do not depend on the clock (an estimate's exact step count, a device name).
 EXACT_FIELDS = {
@@ -64,6 +70,14 @@ def _is_sign_check(node: ast.AST) -> bool:
 def _tainted(node: ast.AST, tainted: set[str]) -> bool:
     if _is_sign_check(node):
         return False
+    if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "len":
+        return False  # a count of samples, not a time
+    if isinstance(node, (ast.GeneratorExp, ast.ListComp, ast.SetComp)):  # judged by what it yields
+        local = set(tainted)
+        for gen in node.generators:
+            if _tainted(gen.iter, local):
+                local |= _names(gen.target)
+        return _tainted(node.elt, local) or any(_tainted(c, local) for g in node.generators for c in g.ifs)
     if _is_source(node):
         return True
     if isinstance(node, ast.Name):
@@ -77,31 +91,60 @@ def _names(node: ast.AST) -> set[str]:
     return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
 
 
-def timing_asserts(source: str) -> list[str]:
-    """The asserts of `source` that read a value derived from a wall-clock measurement."""
-    tree = ast.parse(source)
-    tainted: set[str] = set()
+def _scope_nodes(scope: ast.AST) -> list[ast.AST]:
+    """The nodes of one scope: a function's whole body, or the module without its functions' bodies."""
+    if not isinstance(scope, ast.Module):
+        return list(ast.walk(scope))
+    out, todo = [], list(scope.body)
+    while todo:
+        node = todo.pop()
+        out.append(node)
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            todo.extend(ast.iter_child_nodes(node))
+    return out
+
+
+def _taint(nodes: list[ast.AST], tainted: set[str]) -> set[str]:
+    tainted = set(tainted)
     changed = True
-    while changed:  # flow-insensitive: follow assignments until nothing new is tainted
+    while changed:  # flow-insensitive within the scope: follow assignments until nothing new is tainted
         changed = False
-        for node in ast.walk(tree):
+        for node in nodes:
+            new: set[str] = set()
             if isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)) and node.value is not None:
                 targets = node.targets if isinstance(node, ast.Assign) else [node.target]
                 if _tainted(node.value, tainted):
                     new = set().union(*(_names(t) for t in targets)) - tainted
-                    if new:
-                        tainted |= new
-                        changed = True
             elif isinstance(node, (ast.For, ast.comprehension)) and _tainted(node.iter, tainted):
                 new = _names(node.target) - tainted
-                if new:
-                    tainted |= new
-                    changed = True
-    return [
-        ast.get_source_segment(source, node) or f"line {node.lineno}"
-        for node in ast.walk(tree)
-        if isinstance(node, ast.Assert) and _tainted(node.test, tainted)
-    ]
+            if new:
+                tainted |= new
+                changed = True
+    return tainted
+
+
+def timing_asserts(source: str) -> list[str]:
+    """The asserts of `source` that read a value derived from a wall-clock measurement. Names are
+    followed within their scope (a test function, or a notebook's cells together); an assert marked
+    `# not wall-clock` (a fake clock, say) is left out."""
+    tree = ast.parse(source)
+    lines = source.splitlines()
+    module_taint = _taint(_scope_nodes(tree), set())
+    found = []
+    for scope in [
+        tree,
+        *(n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))),
+    ]:
+        nodes = _scope_nodes(scope)
+        tainted = _taint(nodes, module_taint)
+        for node in nodes:
+            if isinstance(node, ast.Assert) and _tainted(node.test, tainted):
+                if "# not wall-clock" in lines[node.end_lineno - 1]:
+                    continue
+                text = ast.get_source_segment(source, node) or f"line {node.lineno}"
+                if text not in found:
+                    found.append(text)
+    return found
 
 
 def notebook_source(path: Path) -> str:
@@ -133,3 +176,6 @@ def test_the_scanner_finds_timing_asserts_through_assignments():
     assert timing_asserts("r = run()\nassert r['wall_time_s'] < 60\n") == ["assert r['wall_time_s'] < 60"]
     assert timing_asserts("e = estimate(measure_throughput(m))\nassert e.train_steps == 4\n") == []
     assert timing_asserts("x = model(y)\nassert x.shape == (2, 3)\n") == []
+    two_tests = "def a():\n    y = time.perf_counter()\n\ndef b():\n    y = model(x)\n    assert y > 3\n"
+    assert timing_asserts(two_tests) == []  # one test's timing does not taint another's names
+    assert timing_asserts("t = time.perf_counter()\nassert t < 9  # not wall-clock: a fake clock\n") == []

@@ -232,7 +232,8 @@ def build_trainer(
     """(trainer, model, tokenizer, model_id) for `cfg`, with data loaded and tokenised.
 
     `work_dir` receives the Trainer's files; with checkpoints=True a checkpoint at the end of every epoch
-    (model, optimizer, schedule and RNG states), which `trainer.train(
+    (model, optimizer, schedule and RNG states; `run_task` adds `loralib.benchmark.identity`'s callback,
+    which writes each one's manifest and keeps only the latest complete one), which `trainer.train(
     resume_from_checkpoint=...)` continues from. Exposed so tests and notebooks can look at the optimizer
     and schedule; `run_task` is the normal entry point.
     """
