@@ -4,7 +4,7 @@
 setup:
 	@bash scripts/setup.sh
 
-# Main job: execute notebooks 01-06 headless on the offline default; executed copies and figures go to outputs/.
+# Main job: execute notebooks 01-07 headless on the offline default; executed copies and figures go to outputs/.
 notebooks: setup
 	@.venv/bin/python scripts/run_notebooks.py --output-dir outputs
 
@@ -13,8 +13,9 @@ test: setup
 	@bash scripts/test.sh
 
 # Open the series in JupyterLab inside the project's environment (http://localhost:8888; LAB_ARGS for more).
+# Containers and many cloud machines run as root, which Jupyter refuses without --allow-root.
 lab: setup
-	@.venv/bin/jupyter lab --notebook-dir=notebooks $(LAB_ARGS)
+	@.venv/bin/jupyter lab --notebook-dir=notebooks $$( [ "$$(id -u)" = 0 ] && echo --allow-root ) $(LAB_ARGS)
 
 lint: setup
 	@.venv/bin/ruff check loralib tests benchmarks scripts notebooks

@@ -228,7 +228,10 @@ def read_files(directory: str | os.PathLike, names: Sequence[str], tries: int = 
                     continue
                 with os.fdopen(fd, "rb") as f:
                     out[name] = f.read()
-            swapped = os.fstat(dfd).st_ino != os.stat(directory).st_ino
+            try:
+                swapped = os.fstat(dfd).st_ino != os.stat(directory).st_ino
+            except FileNotFoundError:  # between the two renames of a save without renameat2
+                swapped = True
         finally:
             os.close(dfd)
         if not (swapped and any(v is None for v in out.values())):

@@ -156,8 +156,7 @@ class LoraLinear(nn.Linear):
         self.lora_alpha = r if lora_alpha is None else lora_alpha
         self.use_rslora = use_rslora
         self.init = init
-        self.lora_dropout_p = float(lora_dropout)
-        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.lora_dropout_p = lora_dropout
         ad = adapter_dtype(self.weight.dtype, autocast_adapter_dtype)
         self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=ad))
         self.lora_B = nn.Parameter(torch.empty(out_features, r, device=device, dtype=ad))
@@ -208,6 +207,18 @@ class LoraLinear(nn.Linear):
                 f"{tuple(self.lora_B.shape)}; inject a new layer (unload_lora(model), then inject_lora(..., r=...))."
             )
         self._r = check_rank(value)
+
+    @property
+    def lora_dropout_p(self) -> float:
+        """LoRA dropout's probability; setting it also replaces the `lora_dropout` module (CUDA and
+        `torch.compile` use that module, the CPU path its own mask), so the two never disagree."""
+        return self._lora_dropout_p
+
+    @lora_dropout_p.setter
+    def lora_dropout_p(self, value: float) -> None:
+        value = float(check_dropout(value, "lora_dropout"))
+        self._lora_dropout_p = value
+        self.lora_dropout = nn.Dropout(value) if value > 0 else nn.Identity()
 
     def _rescale(self, change) -> None:
         merged = self.__dict__.get("merged", False) and "_lora_alpha" in self.__dict__

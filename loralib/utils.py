@@ -134,17 +134,24 @@ def count_parameters(model: nn.Module) -> ParameterCount:
     return ParameterCount(total=total, trainable=trainable, rows=rows)
 
 
-def repo_root() -> Path:
-    """The checkout this loralib was imported from (used to find outputs/ next to notebooks/)."""
-    return Path(__file__).resolve().parent.parent
+def repo_root() -> Path | None:
+    """The checkout this loralib was imported from, or None when it was installed as a package (then
+    there is no checkout next to it: nothing may be written inside site-packages)."""
+    root = Path(__file__).resolve().parent.parent
+    is_checkout = (root / "pyproject.toml").is_file() and (root / "notebooks").is_dir()
+    return root if is_checkout else None
 
 
 def output_dir(*parts: str) -> Path:
-    """Where notebooks and runs write figures and results: $LORALIB_OUTPUT_DIR or <repo>/outputs.
+    """Where notebooks and runs write figures and results: $LORALIB_OUTPUT_DIR, else <checkout>/outputs
+    when loralib is imported from a checkout, else ./outputs in the working directory (an installed
+    package never writes into site-packages).
 
     Tests point LORALIB_OUTPUT_DIR at a temporary directory so they never write into the checkout.
     """
-    root = Path(os.environ.get("LORALIB_OUTPUT_DIR") or repo_root() / "outputs")
+    checkout = repo_root()
+    default = checkout / "outputs" if checkout is not None else Path.cwd() / "outputs"
+    root = Path(os.environ.get("LORALIB_OUTPUT_DIR") or default)
     path = root.joinpath(*parts)
     path.mkdir(parents=True, exist_ok=True)
     return path

@@ -23,5 +23,11 @@ fi
 $PIP install -q -r requirements.txt
 $PIP install -q --no-deps -r requirements-nodeps.txt
 $PIP install -q --no-deps --no-build-isolation -e .
+# JupyterLab autosaves outputs into the notebooks: git stores them stripped (.gitattributes names the
+# filter; without this line git would store what the working copy holds).
+if git rev-parse --git-dir >/dev/null 2>&1; then
+  git config filter.strip-outputs.clean "python3 scripts/strip_outputs.py"
+  git config filter.strip-outputs.smudge cat
+fi
 echo "$want" > $STAMP
 echo "[setup] done: $($VENV/bin/python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)')"

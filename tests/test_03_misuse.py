@@ -711,3 +711,15 @@ def test_the_rank_of_a_layer_cannot_be_changed_in_place():
     with pytest.raises(ValueError, match="lora_alpha"):
         layer.lora_alpha = float("nan")
     assert layer.r == 4 and layer.lora_alpha == 8.0
+
+
+def test_changing_lora_dropout_after_construction_reaches_every_path():
+    layer = LoraLinear(8, 6, r=2)
+    assert isinstance(layer.lora_dropout, nn.Identity)
+    layer.lora_dropout_p = 0.3
+    assert isinstance(layer.lora_dropout, nn.Dropout) and layer.lora_dropout.p == 0.3  # CUDA / compile use it
+    layer.lora_dropout_p = 0
+    assert isinstance(layer.lora_dropout, nn.Identity)
+    with pytest.raises(ValueError, match="lora_dropout"):
+        layer.lora_dropout_p = 1.5
+    assert layer.lora_dropout_p == 0.0
