@@ -84,3 +84,41 @@ def test_quiet_loading_hides_the_expected_report_and_keeps_a_real_one(tmp_path, 
     AutoModelForSequenceClassification.from_pretrained(damaged, num_labels=2)
     reports = [m for m in collected if "LOAD REPORT" in m]
     assert len(reports) == 1 and "attention.self.query.weight" in reports[0]
+
+
+def test_the_cli_with_no_progress_prints_no_bars_no_expected_report_and_no_bnb_notice(tmp_path):
+    """In a fresh process (bitsandbytes' notice comes once, at import): what a reader of the CLI sees."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "loralib.benchmark",
+        "--task",
+        "rte",
+        "--output-dir",
+        str(tmp_path),
+        "--no-progress",
+    ]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    seen = out.stdout + out.stderr
+    for noise in ("it/s]", "examples/s]", "LOAD REPORT", "Failed to load CPU gemm_4bit_forward"):
+        assert noise not in seen, f"{noise!r} reached the reader:\n{seen[-1500:]}"
+    assert "| rte | validation | accuracy |" in out.stdout  # the results still are there
+
+
+def test_no_progress_bars_restores_the_bars_after_the_block():
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    from loralib.logs import no_progress_bars
+
+    datasets.enable_progress_bars()
+    hf_logging.enable_progress_bar()
+    with no_progress_bars():
+        assert not datasets.is_progress_bar_enabled() and not hf_logging.is_progress_bar_enabled()
+    assert datasets.is_progress_bar_enabled() and hf_logging.is_progress_bar_enabled()

@@ -157,9 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     from loralib.benchmark.identity import CheckpointError
     from loralib.benchmark.references import format_table, results_table
     from loralib.benchmark.results import ResultsExistError, default_output_dir
+    from loralib.logs import quiet_loading
 
     ap = build_parser()
     args = ap.parse_args(argv)
+    quiet_loading()  # expected load reports and bitsandbytes' optional-kernel notice stay hidden
     overrides = {k: getattr(args, k) for k in OVERRIDE_ARGS if getattr(args, k) is not None}
     if args.no_progress:
         overrides["progress"] = False

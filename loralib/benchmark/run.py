@@ -9,6 +9,7 @@ line (`loralib.benchmark.cli`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -41,6 +42,7 @@ from loralib.benchmark.results import (
 )
 from loralib.benchmark.trainer import build_trainer
 from loralib.checks import check_bool
+from loralib.logs import no_progress_bars
 
 CHECKPOINTS_DIR = "checkpoints"
 
@@ -85,6 +87,12 @@ def run_task(
     check_bool(resume, "resume")
     t0 = time.perf_counter()
     cfg = make_config(task, profile, **overrides)
+    # progress=False (CLI --no-progress): no bars at all, the data's and the checkpoints' included.
+    with contextlib.nullcontext() if cfg.progress else no_progress_bars():
+        return _run_task(task, profile, cfg, output_dir, overwrite, callbacks, resume, t0)
+
+
+def _run_task(task, profile, cfg, output_dir, overwrite, callbacks, resume, t0) -> dict[str, Any]:
     spec = task_spec(task)
     root = Path(output_dir) if output_dir is not None else default_output_dir(profile)
     task_dir = root / task
