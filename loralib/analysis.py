@@ -40,25 +40,45 @@ def _as64(m: torch.Tensor, name: str) -> torch.Tensor:
     return out
 
 
+def _rank(s: torch.Tensor, m: torch.Tensor) -> int:
+    """How many singular values `s` of `m` stand above rounding in m's own dtype (max(shape) x eps x s_max)."""
+    return int((s > max(m.shape) * torch.finfo(m.dtype).eps * s[0]).sum()) if s[0] > 0 else 0
+
+
 def numerical_rank(m: torch.Tensor, name: str = "m") -> int:
     """How many singular values of `m` stand above rounding in its own dtype (max(shape) x eps x s_max)."""
-    s = torch.linalg.svdvals(_as64(m, name))
-    eps = torch.finfo(m.dtype).eps
-    return int((s > max(m.shape) * eps * s[0]).sum()) if s[0] > 0 else 0
+    return _rank(torch.linalg.svdvals(_as64(m, name)), m)
 
 
-def _check_index(n, name: str, m: torch.Tensor, matrix: str) -> int:
-    """An index 1 <= n <= rank(m): directions past the rank are arbitrary (any basis of a null space)."""
+@dataclass(frozen=True)
+class _Svd:
+    """One matrix checked and decomposed once: float64 copy, thin SVD and numerical rank."""
+
+    m64: torch.Tensor
+    u: torch.Tensor
+    vh: torch.Tensor
+    rank: int
+    shape: tuple[int, ...]
+    name: str
+
+
+def _svd(m: torch.Tensor, name: str) -> _Svd:
+    m64 = _as64(m, name)
+    u, s, vh = torch.linalg.svd(m64, full_matrices=False)
+    return _Svd(m64, u, vh, _rank(s, m), tuple(m.shape), name)
+
+
+def _check_index(n, name: str, d: _Svd) -> int:
+    """An index 1 <= n <= rank: directions past the rank are arbitrary (any basis of a null space)."""
     if not isinstance(n, int) or isinstance(n, bool):
         raise ValueError(f"{name} must be an int, got {n!r}.")
-    rank = numerical_rank(m, matrix)
-    if rank == 0:
+    if d.rank == 0:
         raise ValueError(
-            f"{matrix} is zero (rank 0; an untrained adapter has B = 0): it has no directions to compare."
+            f"{d.name} is zero (rank 0; an untrained adapter has B = 0): it has no directions to compare."
         )
-    if not 1 <= n <= rank:
+    if not 1 <= n <= d.rank:
         raise ValueError(
-            f"{name} must be in [1, {rank}], got {n}: {matrix} has rank {rank} (shape {tuple(m.shape)}), and "
+            f"{name} must be in [1, {d.rank}], got {n}: {d.name} has rank {d.rank} (shape {d.shape}), and "
             "its directions past the rank are arbitrary."
         )
     return n
@@ -66,17 +86,17 @@ def _check_index(n, name: str, m: torch.Tensor, matrix: str) -> int:
 
 def right_singular_basis(m: torch.Tensor, k: int | None = None) -> torch.Tensor:
     """The top-k right-singular vectors of `m` as orthonormal rows, shape (k, m.shape[1]) (k: its rank)."""
-    k = numerical_rank(m) if k is None else _check_index(k, "k", m, "m")
-    _, _, vh = torch.linalg.svd(_as64(m, "m"), full_matrices=False)
-    return vh[:k]
+    d = _svd(m, "m")
+    return d.vh[: d.rank if k is None else _check_index(k, "k", d)]
 
 
-def _same_input_space(a1: torch.Tensor, a2: torch.Tensor) -> None:
-    _as64(a1, "a1"), _as64(a2, "a2")
+def _same_input_space(a1: torch.Tensor, a2: torch.Tensor) -> tuple[_Svd, _Svd]:
+    d1, d2 = _svd(a1, "a1"), _svd(a2, "a2")
     if a1.shape[-1] != a2.shape[-1]:
         raise ValueError(
             f"a1 and a2 must share their input dimension, got {tuple(a1.shape)} and {tuple(a2.shape)}."
         )
+    return d1, d2
 
 
 def subspace_similarity(a1: torch.Tensor, a2: torch.Tensor, i: int, j: int) -> float:
@@ -86,10 +106,8 @@ def subspace_similarity(a1: torch.Tensor, a2: torch.Tensor, i: int, j: int) -> f
     directions live in the same input space). 1 <= i <= rank(a1), 1 <= j <= rank(a2); a zero matrix
     has no directions and is refused.
     """
-    _same_input_space(a1, a2)
-    _check_index(i, "i", a1, "a1")
-    _check_index(j, "j", a2, "a2")
-    v1, v2 = right_singular_basis(a1, i), right_singular_basis(a2, j)
+    d1, d2 = _same_input_space(a1, a2)
+    v1, v2 = d1.vh[: _check_index(i, "i", d1)], d2.vh[: _check_index(j, "j", d2)]
     return float((v1 @ v2.T).square().sum() / min(i, j))
 
 
@@ -97,12 +115,10 @@ def similarity_grid(
     a1: torch.Tensor, a2: torch.Tensor, max_i: int | None = None, max_j: int | None = None
 ) -> torch.Tensor:
     """phi(a1, a2, i, j) for i = 1..max_i, j = 1..max_j (default their ranks), as an (max_i x max_j) tensor."""
-    _same_input_space(a1, a2)
-    max_i = numerical_rank(a1, "a1") if max_i is None else max_i
-    max_j = numerical_rank(a2, "a2") if max_j is None else max_j
-    _check_index(max_i, "max_i", a1, "a1")
-    _check_index(max_j, "max_j", a2, "a2")
-    v1, v2 = right_singular_basis(a1, max_i), right_singular_basis(a2, max_j)
+    d1, d2 = _same_input_space(a1, a2)
+    max_i = _check_index(d1.rank if max_i is None else max_i, "max_i", d1)
+    max_j = _check_index(d2.rank if max_j is None else max_j, "max_j", d2)
+    v1, v2 = d1.vh[:max_i], d2.vh[:max_j]
     overlap = (v1 @ v2.T).square()  # overlap[p, q] = <v1_p, v2_q>^2
     cum = overlap.cumsum(0).cumsum(1)  # cum[i-1, j-1] = ||V1_i^T V2_j||_F^2
     i = torch.arange(1, max_i + 1, dtype=torch.float64)[:, None]
@@ -163,11 +179,6 @@ class Amplification:
         return self.delta_norm / self.along_delta
 
 
-def _top(m: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    u, _, vh = torch.linalg.svd(m, full_matrices=False)
-    return u[:, :k], vh[:k].T
-
-
 def amplification(
     w: torch.Tensor, delta: torch.Tensor, k: int, draws: int = 20, seed: int = 0
 ) -> Amplification:
@@ -176,18 +187,18 @@ def amplification(
     w, delta: (out x in). Random directions: `draws` pairs of random orthonormal k-frames (QR of Gaussian
     matrices, seeded), whose expected ||U^T W V||_F^2 is k^2 ||W||_F^2 / (out x in).
     """
-    w64, delta64 = _as64(w, "w"), _as64(delta, "delta")
+    dw, dd = _svd(w, "w"), _svd(delta, "delta")
     if w.shape != delta.shape:
         raise ValueError(f"w and delta must have one shape, got {tuple(w.shape)} and {tuple(delta.shape)}.")
-    _check_index(k, "k", delta, "delta")
+    _check_index(k, "k", dd)
     for name, v in (("draws", draws), ("seed", seed)):
         if not isinstance(v, int) or isinstance(v, bool) or v < (1 if name == "draws" else 0):
             raise ValueError(
                 f"{name} must be {'a positive' if name == 'draws' else 'a non-negative'} int, got {v!r}."
             )
-    w, delta = w64, delta64
-    u, v = _top(delta, k)
-    uw, vw = _top(w, k)
+    w, delta = dw.m64, dd.m64
+    u, v = dd.u[:, :k], dd.vh[:k].T
+    uw, vw = dw.u[:, :k], dw.vh[:k].T
     g = torch.Generator().manual_seed(seed)
     rand = []
     for _ in range(draws):
