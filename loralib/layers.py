@@ -184,7 +184,7 @@ class LoraLinear(nn.Linear):
     def lora_alpha(self, value: float) -> None:
         value = check_alpha(value, "lora_alpha")
         value = float(self.r if value is None else value)  # None means lora_alpha = r, as at construction
-        self._rescale(lambda: setattr(self, "_lora_alpha", value))
+        self._with_update_taken_out(lambda: setattr(self, "_lora_alpha", value))
 
     @property
     def use_rslora(self) -> bool:
@@ -193,7 +193,7 @@ class LoraLinear(nn.Linear):
     @use_rslora.setter
     def use_rslora(self, value: bool) -> None:
         value = check_bool(value, "use_rslora")
-        self._rescale(lambda: setattr(self, "_use_rslora", value))
+        self._with_update_taken_out(lambda: setattr(self, "_use_rslora", value))
 
     @property
     def r(self) -> int:
@@ -220,8 +220,10 @@ class LoraLinear(nn.Linear):
         self._lora_dropout_p = value
         self.lora_dropout = nn.Dropout(value) if value > 0 else nn.Identity()
 
-    def _rescale(self, change) -> None:
-        merged = self.__dict__.get("merged", False) and "_lora_alpha" in self.__dict__
+    def _with_update_taken_out(self, change) -> None:
+        """Run `change` (of the update or its scaling) with a merged update taken out of the weight, then
+        merge the new one. During __init__ `merged` is not set yet: nothing to take out."""
+        merged = self.__dict__.get("merged", False)
         if merged:
             self.unmerge()
         change()
@@ -301,12 +303,7 @@ class LoraLinear(nn.Linear):
         the new, zero update)."""
         if self.lora_A.device.type == "meta":
             return
-        if self.merged:
-            self.unmerge()
-            self._reset_lora()
-            self.merge()
-        else:
-            self._reset_lora()
+        self._with_update_taken_out(self._reset_lora)
 
     def _reset_lora(self) -> None:
         with torch.no_grad():
