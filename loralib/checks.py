@@ -150,3 +150,15 @@ def check_alpha(alpha: Any, name: str = "alpha") -> float | None:
 def check_dropout(p: Any, name: str = "dropout") -> float:
     """A dropout probability in [0, 1)."""
     return check_number(p, name, minimum=0.0, below=1.0, hint="It is a probability in [0, 1); 0 disables it.")
+
+
+def missing_model_dir(model_id: str | None) -> bool:
+    """True when `model_id` is written as a local path (/, ./, ../, ~) and no such directory exists: a
+    typo or a missing folder, which the hub would only report later as an unknown model id."""
+    import os
+
+    return (
+        bool(model_id)
+        and model_id.startswith(("/", "./", "../", "~"))
+        and not os.path.isdir(os.path.expanduser(model_id))
+    )

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loralib.checks import check_choice
+from loralib.checks import check_choice, missing_model_dir
 
 ENV = {"profile": "LORALIB_PROFILE", "model_id": "LORALIB_MODEL_ID", "output_dir": "LORALIB_OUTPUT_DIR"}
 
@@ -90,12 +90,11 @@ def configure(
     if model_id is not None and not isinstance(model_id, str):
         raise TypeError(f"model_id must be a hub id or a directory (a string) or None, got {model_id!r}.")
     env_model = _override("model_id")
-    if env_model is not None and env_model.startswith(("/", "./", "../", "~")):
-        if not Path(env_model).expanduser().is_dir():
-            raise ValueError(
-                f"the environment variable {ENV['model_id']}={env_model!r} is not a directory; set it to a local "
-                "model directory or a hub id, or unset it to use the configuration cell's model."
-            )
+    if missing_model_dir(env_model):
+        raise ValueError(
+            f"the environment variable {ENV['model_id']}={env_model!r} is not a directory; set it to a local "
+            "model directory or a hub id, or unset it to use the configuration cell's model."
+        )
     model_id = env_model or model_id or None
     env_out = _override("output_dir")
     if (

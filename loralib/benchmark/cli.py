@@ -157,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     from loralib.benchmark.identity import CheckpointError
     from loralib.benchmark.references import format_table, results_table
     from loralib.benchmark.results import ResultsExistError, default_output_dir
+    from loralib.checks import missing_model_dir
     from loralib.logs import quiet_loading
 
     ap = build_parser()
@@ -170,12 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         tasks = resolve_tasks(args.task)
         for task in tasks:  # cross-field rules: warm-up < epochs, batch divisible by processes x steps
             per_device_batch_size(make_config(task, args.profile, **overrides))
-        model_path = os.path.expanduser(args.model_id or "")
-        if (
-            args.model_id
-            and args.model_id.startswith(("/", "./", "../", "~"))
-            and not os.path.isdir(model_path)
-        ):
+        if missing_model_dir(args.model_id):
             raise ValueError(
                 f"--model-id {args.model_id!r} is not a directory; give a local model dir or a hub id"
             )
