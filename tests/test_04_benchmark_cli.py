@@ -327,3 +327,10 @@ def test_cli_takes_peft_names_for_rank_alpha_and_dropout(tmp_path, monkeypatch):
     assert "use_rslora" not in seen and "loraplus_lr_ratio" not in seen  # the recipe's defaults stay
     args = ["--task", "rte", "--output-dir", str(out), "--use-rslora", "--loraplus-lr-ratio", "16"]
     assert main(args) == 0 and seen["use_rslora"] is True and seen["loraplus_lr_ratio"] == 16.0
+
+
+def test_a_model_id_written_as_a_missing_path_is_refused_before_anything_loads(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--task", "rte", "--model-id", str(tmp_path / "no-such-model"), "--output-dir", str(tmp_path)])
+    assert info.value.code == 2
+    assert "--model-id" in capsys.readouterr().err and not (tmp_path / "rte").exists()
