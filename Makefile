@@ -1,5 +1,5 @@
 # The two commands the README documents. Both do their own set-up (scripts/setup.sh).
-.PHONY: notebooks test lab setup lint bench
+.PHONY: notebooks test lab setup lint bench colab-check
 
 setup:
 	@bash scripts/setup.sh
@@ -22,3 +22,8 @@ lint: setup
 
 bench: setup
 	@.venv/bin/python benchmarks/bench_speed.py --output-dir outputs/benchmarks
+
+# Notebooks 01, 04 and 07 opened alone, as on Colab, in two prepared environments: Colab-like recent
+# packages, and every runtime requirement at its floor (scripts/colab_check.py; ~20 min, not in `test`).
+colab-check: setup
+	@.venv/bin/python scripts/colab_check.py
