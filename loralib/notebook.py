@@ -1,7 +1,9 @@
 """What the notebooks' first cells call: the configuration cell, and showing the package's own code.
 
 Covers `configure` (a notebook's settings: the values its configuration cell sets, each overridden by
-its environment variable, checked, then made visible to every loralib call in the kernel; it also
+its environment variable, checked, then made visible to every loralib call in the kernel; with no
+output folder given and Google Drive mounted (Colab), outputs go to Drive so they outlive the session;
+it also
 hides transformers' expected load reports, `loralib.logs.quiet_loading`) and `show_source` (a
 function's or class's source, or the lines between two markers, as a highlighted code block, so a
 notebook shows the code it teaches instead of a copy that could drift). Not here: the setup cell that
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import sys
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +23,16 @@ from typing import Any
 from loralib.checks import check_choice, missing_model_dir
 
 ENV = {"profile": "LORALIB_PROFILE", "model_id": "LORALIB_MODEL_ID", "output_dir": "LORALIB_OUTPUT_DIR"}
+# Where Colab mounts Google Drive (`from google.colab import drive; drive.mount("/content/drive")`): a
+# folder there outlives the session, so results and checkpoints go there by default once it is mounted.
+DRIVE = Path("/content/drive/MyDrive")
+DRIVE_OUTPUTS = ("lora-from-scratch", "outputs")
+MOUNT_HINT = 'from google.colab import drive; drive.mount("/content/drive")'
+
+
+def on_colab() -> bool:
+    """True in a Colab runtime (its kernel sets COLAB_RELEASE_TAG)."""
+    return bool(os.environ.get("COLAB_RELEASE_TAG")) or "google.colab" in sys.modules
 
 
 @dataclass(frozen=True)
@@ -109,6 +122,15 @@ def configure(
     if output_dir is not None and not isinstance(output_dir, (str, os.PathLike)):
         raise TypeError(f"output_dir must be a folder path or None, got {output_dir!r}.")
     out = env_out or output_dir
+    if out is None and DRIVE.is_dir():  # Drive is mounted: what this run writes outlives the session
+        out = DRIVE.joinpath(*DRIVE_OUTPUTS)
+        print(f"Google Drive is mounted: results and checkpoints go to {out} (set OUTPUT_DIR to change it).")
+    elif out is None and on_colab() and not PROFILES[profile].smoke:
+        print(
+            "Results and checkpoints go to this Colab session's disk and end with it. To keep them and resume "
+            f"after a disconnect, mount Google Drive ({MOUNT_HINT}) and run this cell again: they then go "
+            f"to {DRIVE.joinpath(*DRIVE_OUTPUTS)}."
+        )
     _publish("model_id", model_id)
     _publish("output_dir", None if out is None else str(Path(out).expanduser()))
     quiet_loading()

@@ -37,7 +37,7 @@ JUPYTER = ["ipykernel==7.4.0", "nbclient==0.11.0", "nbformat==5.11.1", "ipywidge
 # What a Colab GPU runtime brings that this project uses, at versions like Colab's (a guess at a
 # recent image: newer transformers and accelerate than requirements.txt pins, older numpy/matplotlib).
 COLAB = [
-    "transformers==5.25.0",
+    "transformers==5.24.0",  # what Colab shipped when this was written (5.25 needs kernels 0.19, not on PyPI's mirror here)
     "accelerate==1.16.0",
     "peft==0.21.2",
     "datasets==4.8.5",

@@ -105,3 +105,28 @@ def test_source_of_cuts_between_markers():
 def test_the_environment_is_left_as_it_was():
     # Runs after the tests above (file order): nbval's kernels inherit this process's environment.
     assert os.environ.get("LORALIB_MODEL_ID") != "some/model"
+
+
+def test_a_mounted_drive_is_the_default_output_folder(clean_env, monkeypatch, capsys):
+    import loralib.notebook as nb
+
+    drive = clean_env / "MyDrive"
+    monkeypatch.setattr(nb, "DRIVE", drive)
+    cfg = configure("04_x", profile="colab")
+    assert cfg.out != drive / "lora-from-scratch" / "outputs" / "04_x"  # not mounted: the usual default
+    drive.mkdir()
+    cfg = configure("04_x", profile="colab")
+    assert cfg.out == drive / "lora-from-scratch" / "outputs" / "04_x" and cfg.out.is_dir()
+    assert "Google Drive is mounted" in capsys.readouterr().out
+    assert configure("04_x", profile="colab", output_dir=clean_env / "mine").out == clean_env / "mine" / "04_x"
+
+
+def test_on_colab_without_drive_a_real_run_says_how_to_keep_its_outputs(clean_env, monkeypatch, capsys):
+    import loralib.notebook as nb
+
+    monkeypatch.setattr(nb, "DRIVE", clean_env / "not-mounted")
+    monkeypatch.setenv("COLAB_RELEASE_TAG", "release-colab-test")
+    configure("04_x", profile="colab")
+    assert 'drive.mount("/content/drive")' in capsys.readouterr().out
+    configure("04_x", profile="smoke")  # seconds of synthetic data: nothing worth keeping
+    assert "drive.mount" not in capsys.readouterr().out
