@@ -43,7 +43,12 @@ class NotebookConfig:
     profile: str
     model_id: str | None
     out: Path
-    smoke: bool
+    kind: str  # the profile's: "smoke", "toy" or "real" (loralib.benchmark.config.Profile)
+
+    @property
+    def benchmark(self) -> bool:
+        """True when this notebook's runs are benchmark numbers (a real profile)."""
+        return self.kind == "real"
 
     def describe(self) -> str:
         model = self.model_id or "the profile's model"
@@ -125,7 +130,7 @@ def configure(
     if out is None and DRIVE.is_dir():  # Drive is mounted: what this run writes outlives the session
         out = DRIVE.joinpath(*DRIVE_OUTPUTS)
         print(f"Google Drive is mounted: results and checkpoints go to {out} (set OUTPUT_DIR to change it).")
-    elif out is None and on_colab() and not PROFILES[profile].smoke:
+    elif out is None and on_colab() and PROFILES[profile].benchmark:
         print(
             "Results and checkpoints go to this Colab session's disk and end with it. To keep them and resume "
             f"after a disconnect, mount Google Drive ({MOUNT_HINT}) and run this cell again: they then go "
@@ -139,7 +144,7 @@ def configure(
         profile=profile,
         model_id=model_id,
         out=make_output_dir(notebook),
-        smoke=PROFILES[profile].smoke,
+        kind=PROFILES[profile].kind,
     )
 
 

@@ -12,6 +12,8 @@ answer is lost to truncation (the article truncated contexts instead). This foll
   tokens, None elsewhere) to map logits back to text.
 - `postprocess_qa_predictions`: the best span over all windows of each question (n-best start x end
   logits, valid spans only) and, for v2, the "no answer" decision against the smallest null score.
+- `fragile_questions`: the questions whose answer a logit change of at most delta could flip (how far
+  two evaluations of one model under fp16/bf16 may differ).
 - `squad_null_decision`: the same decision for one window of tokens, batched in torch (the article
   wrapper's inference).
 - `predict_qa` (a model's logits on SQuAD rows) and `no_answer_sweep` (v2 scores as the no-answer
@@ -188,6 +190,25 @@ def postprocess_qa_predictions(
     gets "" and difference +inf. The differences can be passed to `squad_metrics` as no_answer_probs
     (they are logit differences, not probabilities: best_*_thresh are then in logit units).
     """
+    predictions: dict[str, str] = {}
+    null_diffs: dict[str, float] = {}
+    for qid, context, null_score, candidates in _scored_questions(
+        examples, features, start_logits, end_logits, n_best_size, max_answer_length
+    ):
+        best = next(((sc, a, b) for sc, a, b in candidates[:n_best_size] if context[a:b]), None)
+        if best is None:
+            predictions[qid], null_diffs[qid] = "", float("inf")
+            continue
+        diff = null_score - best[0]
+        null_diffs[qid] = diff
+        answer = context[best[1] : best[2]]
+        predictions[qid] = "" if version_2 and diff > null_score_diff_threshold else answer
+    return predictions, null_diffs
+
+
+def _scored_questions(examples, features, start_logits, end_logits, n_best_size, max_answer_length):
+    """(question id, context, null score, candidate spans best first as (score, start_char, end_char))
+    for every question, the rules of `postprocess_qa_predictions`."""
     start_logits, end_logits = np.asarray(start_logits), np.asarray(end_logits)
     example_ids = [str(x) for x in _column(examples, "id")]
     contexts = _column(examples, "context")
@@ -214,8 +235,6 @@ def postprocess_qa_predictions(
             raise ValueError(f"window {f} belongs to question {qid!r}, which is not among the examples.")
         windows_of[index_of[qid]].append(f)
 
-    predictions: dict[str, str] = {}
-    null_diffs: dict[str, float] = {}
     for e, qid in enumerate(example_ids):
         null_score = None
         candidates: list[tuple[float, int, int]] = []  # (score, start_char, end_char)
@@ -237,15 +256,46 @@ def postprocess_qa_predictions(
         if null_score is None:
             raise ValueError(f"question {qid!r} has no window among the features.")
         candidates.sort(key=lambda c: c[0], reverse=True)
-        best = next(((sc, a, b) for sc, a, b in candidates[:n_best_size] if contexts[e][a:b]), None)
-        if best is None:
-            predictions[qid], null_diffs[qid] = "", float("inf")
-            continue
-        diff = null_score - best[0]
-        null_diffs[qid] = diff
-        answer = contexts[e][best[1] : best[2]]
-        predictions[qid] = "" if version_2 and diff > null_score_diff_threshold else answer
-    return predictions, null_diffs
+        yield qid, contexts[e], null_score, candidates
+
+
+def fragile_questions(
+    examples: Any,
+    features: Any,
+    start_logits: Any,
+    end_logits: Any,
+    delta: float,
+    version_2: bool = False,
+    n_best_size: int = 20,
+    max_answer_length: int = 30,
+    null_score_diff_threshold: float = 0.0,
+) -> list[str]:
+    """Ids of the questions whose answer could change if every logit moved by at most `delta`.
+
+    A span's score and the null score each add two logits, so each moves by at most 2 delta: the answer
+    text can change only where the best span leads the best span with another text by at most 4 delta,
+    and (v2) the "no answer" decision only where the null difference lies within 4 delta of the
+    threshold. Every other question keeps its answer. So two evaluations whose logits differ by at most
+    `delta` (e.g. the same model under fp16 autocast, batched differently) differ in at most
+    len(result) answers: `exact` by at most 100 * len(result) / total. (A span just outside the n-best
+    lists is not considered, as in `postprocess_qa_predictions`.)
+    """
+    if not np.isfinite(delta) or delta < 0:
+        raise ValueError(f"delta must be a finite number >= 0, got {delta!r}.")
+    fragile = []
+    for qid, context, null_score, candidates in _scored_questions(
+        examples, features, start_logits, end_logits, n_best_size, max_answer_length
+    ):
+        texts = [(sc, context[a:b]) for sc, a, b in candidates[:n_best_size] if context[a:b]]
+        if not texts:
+            continue  # no valid span at all: "" whatever the logits
+        best_score, best_text = texts[0]
+        rival = next((sc for sc, text in texts[1:] if text != best_text), None)
+        close_rival = rival is not None and best_score - rival <= 4 * delta
+        close_null = version_2 and abs(null_score - best_score - null_score_diff_threshold) <= 4 * delta
+        if close_rival or close_null:
+            fragile.append(qid)
+    return fragile
 
 
 def predict_qa(

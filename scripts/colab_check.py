@@ -127,9 +127,7 @@ def check_notebook(py: Path, image_name: str, stem: str, repo_url: str, work: Pa
     folder.mkdir()
     shutil.copy(notebook, folder / notebook.name)
     image = packages(py)
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("LORALIB_", "VIRTUAL_ENV", "PYTHONPATH"))
-    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LORALIB_", "VIRTUAL_ENV", "PYTHONPATH"))}
     env.update(LORALIB_REPO=repo_url, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", MPLBACKEND="Agg")
     env["PATH"] = f"{py.parent}:{env.get('PATH', '')}"
     done = subprocess.run(

@@ -28,7 +28,7 @@ def test_the_cell_values_apply_and_reach_the_library(clean_env):
     import loralib
 
     cfg = configure("04_x", profile="gpu", model_id="some/model", output_dir=clean_env / "o")
-    assert (cfg.profile, cfg.model_id, cfg.smoke) == ("gpu", "some/model", False)
+    assert (cfg.profile, cfg.model_id, cfg.kind, cfg.benchmark) == ("gpu", "some/model", "real", True)
     assert cfg.out == clean_env / "o" / "04_x" and cfg.out.is_dir()
     assert loralib.default_model_id() == "some/model"
     assert loralib.output_dir("x") == clean_env / "o" / "x"
@@ -39,7 +39,7 @@ def test_environment_variables_override_the_cell(clean_env):
     os.environ["LORALIB_PROFILE"] = "toy"
     os.environ["LORALIB_OUTPUT_DIR"] = str(clean_env / "env")
     cfg = configure("05_x", profile="gpu", output_dir=clean_env / "cell")
-    assert cfg.profile == "toy" and cfg.smoke and cfg.model_id is None
+    assert cfg.profile == "toy" and cfg.kind == "toy" and not cfg.benchmark and cfg.model_id is None
     assert cfg.out == clean_env / "env" / "05_x"
 
 
@@ -118,7 +118,9 @@ def test_a_mounted_drive_is_the_default_output_folder(clean_env, monkeypatch, ca
     cfg = configure("04_x", profile="colab")
     assert cfg.out == drive / "lora-from-scratch" / "outputs" / "04_x" and cfg.out.is_dir()
     assert "Google Drive is mounted" in capsys.readouterr().out
-    assert configure("04_x", profile="colab", output_dir=clean_env / "mine").out == clean_env / "mine" / "04_x"
+    assert (
+        configure("04_x", profile="colab", output_dir=clean_env / "mine").out == clean_env / "mine" / "04_x"
+    )
 
 
 def test_on_colab_without_drive_a_real_run_says_how_to_keep_its_outputs(clean_env, monkeypatch, capsys):

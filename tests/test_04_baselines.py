@@ -10,7 +10,7 @@ import pytest
 
 from loralib.benchmark.baselines import majority_class, no_answer, trivial_baseline, untrained_qa
 from loralib.benchmark.config import make_config
-from loralib.benchmark.references import smoke_label
+from loralib.benchmark.references import run_label
 from loralib.benchmark.trainer import load_raw_data
 
 
@@ -74,13 +74,25 @@ def test_lora_on_the_pretrained_toy_model_clearly_beats_the_majority_class(tmp_p
 
     res = run_task("sst2", "toy", output_dir=tmp_path)
     base = majority_class(make_config("sst2", "toy"))["metrics"]["validation"]["accuracy"]
-    assert res["smoke"] is True and res["pretrained"] is True
+    assert res["run_kind"] == "toy" and res["benchmark"] is False and res["pretrained"] is True
     assert res["metrics"]["accuracy"] >= base + 0.3
-    assert smoke_label([res]) == "SMOKE RUN (pretrained small model on bundled synthetic data)"
+    assert run_label([res]) == "TOY RUN (pretrained small model on bundled synthetic data)"
 
 
-def test_smoke_labels_say_what_ran():
-    assert smoke_label([{"smoke": False}]) is None
-    assert smoke_label([{"smoke": True, "pretrained": False}]).startswith("SMOKE RUN (tiny random model")
-    both = smoke_label([{"smoke": True, "pretrained": False}, {"smoke": True, "pretrained": True}])
-    assert "tiny random model and pretrained small model" in both
+def test_run_labels_say_what_ran():
+    assert run_label([{"run_kind": "real"}]) is None
+    assert run_label([{"run_kind": "smoke"}]).startswith("SMOKE RUN (tiny random model")
+    assert run_label([{"run_kind": "toy"}]).startswith("TOY RUN (pretrained small model")
+    both = run_label([{"run_kind": "toy"}, {"run_kind": "smoke"}, {"run_kind": "real"}])
+    assert both.startswith("SMOKE RUN") and "and TOY RUN" in both
+
+
+def test_results_written_before_run_kind_read_as_what_they_were(tmp_path):
+    import json
+
+    from loralib.benchmark.results import read_results
+
+    for smoke, pretrained, kind in ((True, False, "smoke"), (True, True, "toy"), (False, True, "real")):
+        (tmp_path / "results.json").write_text(json.dumps({"smoke": smoke, "pretrained": pretrained}))
+        res = read_results(tmp_path)
+        assert (res["run_kind"], res["benchmark"], "smoke" in res) == (kind, not smoke, False)

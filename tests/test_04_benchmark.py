@@ -36,7 +36,14 @@ def test_defaults_are_the_article_recipe():
     assert TrainConfig(backend="article").formulation == "article"
     assert TrainConfig(backend="article", learning_rate=1e-4).learning_rate == 1e-4
     assert PROFILES["gpu"].model_id == "FacebookAI/roberta-base" and PROFILES["gpu"].overrides == {}
-    assert PROFILES["smoke"].smoke and not PROFILES["gpu"].smoke and not PROFILES["cpu"].smoke
+    assert [PROFILES[p].kind for p in ("smoke", "toy", "cpu", "colab", "gpu")] == [
+        "smoke",
+        "toy",
+        "real",
+        "real",
+        "real",
+    ]
+    assert PROFILES["gpu"].benchmark and not PROFILES["toy"].benchmark
 
 
 @pytest.mark.parametrize(
@@ -232,7 +239,7 @@ def test_bundled_data_or_random_weights_are_never_labelled_a_benchmark(tmp_path,
         "rte", "cpu", output_dir=tmp_path, model_id=tiny_model_dir, data_dir="bundled",
         epochs=1, warmup_epochs=0.5, max_train_samples=16, max_eval_samples=8, progress=False,
     )  # fmt: skip
-    assert res["smoke"] is True and "SMOKE RUN despite the 'cpu' profile" in res["note"]
+    assert res["run_kind"] == "smoke" and "SMOKE RUN despite the 'cpu' profile" in res["note"]
     assert (res["data_source"], res["pretrained"]) == ("bundled", False)
     from loralib.benchmark.references import format_table, results_table
 
@@ -254,7 +261,12 @@ def test_the_gpu_profiles_code_path_runs_on_cpu(tmp_path, tiny_model_dir, task):
     cfg = res["config"]
     assert (cfg["batch_size"], cfg["learning_rate"], cfg["r"]) == (16, 5e-4, 8)
     assert (cfg["max_length"], cfg["qa_max_length"], cfg["qa_stride"]) == (128, 384, 128)
-    assert res["smoke"] is True and res["profile"] == "gpu" and res["data_source"] == "bundled"
+    assert (res["run_kind"], res["benchmark"], res["profile"], res["data_source"]) == (
+        "smoke",
+        False,
+        "gpu",
+        "bundled",
+    )
     model, _, _ = load_trained_model(tmp_path / task, device="cpu")
     assert next(model.parameters()).device == torch.device("cpu") and not model.training
 
@@ -319,3 +331,22 @@ def test_a_run_interrupted_after_epoch_1_resumes_to_the_same_result(tmp_path, ba
         )
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
     assert not (tmp_path / "cut" / "sst2" / CHECKPOINTS_DIR).exists()  # a finished run keeps only the adapter
+
+
+def test_unwrap_autocast_takes_the_trainers_mixed_precision_forward_off():
+    import torch
+    from accelerate import Accelerator
+
+    from loralib.benchmark.trainer import unwrap_autocast
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 64)
+    x = torch.randn(8, 64)
+    exact = torch.nn.functional.linear(x.double(), layer.weight.double(), layer.bias.double())
+    wrapped = Accelerator(mixed_precision="bf16", cpu=True).prepare(layer)
+    with torch.no_grad():
+        under_autocast = (wrapped(x).double() - exact).abs().max()
+        assert under_autocast > 1e-3  # bf16 rounding: what a comparison would measure instead of the model
+        plain = unwrap_autocast(wrapped)
+        assert plain is layer and (plain(x).double() - exact).abs().max() < 1e-5
+        assert unwrap_autocast(plain) is plain  # nothing to take off: unchanged

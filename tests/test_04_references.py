@@ -36,9 +36,34 @@ def test_references_cover_every_task_on_the_metrics_scale():
                     assert (0 < v <= 1) if not task.startswith("squad") else (1 < v <= 100)
 
 
-def test_format_table_labels_smoke_runs():
+@pytest.mark.parametrize("kind", ["smoke", "toy"])
+def test_format_table_labels_smoke_and_toy_runs_and_sets_no_reference_beside_them(kind):
     row = dict(task="rte", split="validation", metric="accuracy", value=0.5, article=0.74, lora_paper=0.866)
-    smoke = format_table([{**row, "smoke": True}])
-    real = format_table([{**row, "smoke": False}])
-    assert "SMOKE" in smoke and "NOT benchmark numbers" in smoke and "SMOKE" not in real
+    synthetic = format_table([{**row, "run_kind": kind}])
+    real = format_table([{**row, "run_kind": "real"}])
+    assert f"{kind.upper()} RUN" in synthetic and "NOT benchmark numbers" in synthetic
+    assert "0.740" not in synthetic and "0.866" not in synthetic and "LoRA paper" not in synthetic
+    assert "| rte | validation | accuracy | 0.500 |" in synthetic
+    assert "RUN" not in real and "| rte | validation | accuracy | 0.500 | 0.740 | 0.866 |" in real
     assert "| rte | validation | accuracy | 0.500 | 0.740 | 0.866 |" in real
+
+
+@pytest.mark.parametrize("kind", ["toy", "real"])
+def test_the_reference_bars_are_drawn_only_beside_a_real_run(tmp_path, kind):
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from loralib.benchmark.references import plot_vs_references
+
+    (tmp_path / "rte").mkdir()
+    res = {
+        "task": "rte", "run_kind": kind, "profile": "x", "main_metric": "accuracy",
+        "metrics_by_split": {"validation": {"accuracy": 0.5}},
+    }  # fmt: skip
+    (tmp_path / "rte" / "results.json").write_text(json.dumps(res))
+    fig = plot_vs_references(tmp_path)
+    heights = sorted(round(p.get_height(), 3) for p in fig.axes[0].patches)
+    assert heights == ([0.5] if kind == "toy" else [0.5, 0.74, 0.866])
+    assert fig.axes[0].get_title().startswith("TOY RUN") is (kind == "toy")

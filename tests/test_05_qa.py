@@ -392,3 +392,54 @@ def test_predict_qa_scores_under_the_recorded_precision(tmp_path):
     with pytest.raises(ValueError, match="precision must be"):
         predict_qa(model, tok, rows, precision="int8")
     assert not torch.is_autocast_enabled("cpu")  # no autocast left enabled
+
+
+def _synthetic_questions(rng, n_questions=200, words=8):
+    """Questions with one hand-made window each: <s> then one token per context word."""
+    contexts = [" ".join(f"w{q}_{k}" for k in range(words)) for q in range(n_questions)]
+    offsets = []
+    for ctx in contexts:
+        spans, pos = [None], 0
+        for w in ctx.split(" "):
+            spans.append((pos, pos + len(w)))
+            pos += len(w) + 1
+        offsets.append(spans)
+    examples = {"id": [f"q{q}" for q in range(n_questions)], "context": contexts}
+    features = {"example_id": examples["id"], "offset_mapping": offsets}
+    # Coarse logits make near ties (and near-threshold null differences) common.
+    start = np.round(rng.normal(size=(n_questions, words + 1)), 1)
+    end = np.round(rng.normal(size=(n_questions, words + 1)), 1)
+    return examples, features, start, end
+
+
+@pytest.mark.parametrize("version_2", [False, True])
+@pytest.mark.parametrize("seed", range(5))
+def test_only_fragile_questions_change_answer_when_logits_move_by_delta(seed, version_2):
+    from loralib.qa import fragile_questions
+
+    rng = np.random.default_rng(seed)
+    examples, feats, start, end = _synthetic_questions(rng)
+    delta = 0.05
+    fragile = set(fragile_questions(examples, feats, start, end, delta, version_2=version_2))
+    before, _ = postprocess_qa_predictions(examples, feats, start, end, version_2=version_2)
+    changed_anywhere = set()
+    for _ in range(20):
+        moved_s = start + rng.uniform(-delta, delta, start.shape)
+        moved_e = end + rng.uniform(-delta, delta, end.shape)
+        after, _ = postprocess_qa_predictions(examples, feats, moved_s, moved_e, version_2=version_2)
+        changed = {q for q in before if before[q] != after[q]}
+        assert changed <= fragile, sorted(changed - fragile)
+        changed_anywhere |= changed
+    assert changed_anywhere, "the test must move some answers, or it checks nothing"
+    assert 0 < len(fragile) < len(before)
+
+
+def test_no_logit_change_leaves_only_exact_ties_fragile():
+    from loralib.qa import fragile_questions
+
+    examples, feats, start, end = _synthetic_questions(np.random.default_rng(0))
+    noise = np.random.default_rng(1).normal(scale=1e-3, size=(2, *start.shape))
+    start, end = start + noise[0], end + noise[1]  # no exact ties left
+    assert fragile_questions(examples, feats, start, end, 0.0, version_2=True) == []
+    with pytest.raises(ValueError, match="delta must be a finite number >= 0"):
+        fragile_questions(examples, feats, start, end, -1.0)

@@ -175,13 +175,24 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class Profile:
-    """A named set of defaults: which model, which data, how much of it, and whether results are smoke."""
+    """A named set of defaults: which model, which data, how much of it, and what kind of run it makes.
+
+    kind: "smoke" (a random model: checks the pipeline), "toy" (a pretrained small model on synthetic
+    data: shows learning) or "real" (a pretrained model on the real datasets). Only a real run's numbers
+    are benchmark numbers (`benchmark`).
+    """
 
     name: str
     description: str
     model_id: str | None  # None: the offline tiny RoBERTa; TOY_MODEL: the installed pretrained MiniLM
-    smoke: bool
+    kind: str
     overrides: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def benchmark(self) -> bool:
+        """True when the profile's runs are benchmark numbers (real data, a pretrained model)."""
+        return self.kind == "real"
+
     # Per-task changes on top of `overrides` (e.g. fewer SQuAD epochs in the colab profile).
     task_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -195,7 +206,7 @@ PROFILES: dict[str, Profile] = {
         "tiny random RoBERTa (loralib.tiny) on the bundled synthetic mini datasets, 2 epochs: checks the "
         "pipeline offline in seconds per task. NOT benchmark numbers.",
         model_id=None,
-        smoke=True,
+        kind="smoke",
         overrides=dict(
             data_dir="bundled",
             epochs=2,
@@ -216,7 +227,7 @@ PROFILES: dict[str, Profile] = {
         "synthetic data, 3 epochs at lr 1e-3: real learning in about a CPU minute per task (SST-2 and SQuAD "
         "v1 carry enough rows for it). A toy run on synthetic data: NOT benchmark numbers.",
         model_id=TOY_MODEL,
-        smoke=True,
+        kind="toy",
         overrides=dict(
             data_dir="bundled",
             epochs=3,
@@ -235,7 +246,7 @@ PROFILES: dict[str, Profile] = {
         "3 epochs (1 warm-up): real learning on a laptop CPU in minutes per task; needs the internet. "
         "Not comparable to the references (smaller model, less data).",
         model_id="distilbert/distilroberta-base",
-        smoke=False,
+        kind="real",
         overrides=dict(epochs=3, warmup_epochs=1.0, max_train_samples=2000, max_eval_samples=500),
     ),
     "colab": Profile(
@@ -246,7 +257,7 @@ PROFILES: dict[str, Profile] = {
         "loralib.benchmark.estimates' assumed throughput, so 2-3 hours if a T4 sustains half of it). Real "
         "numbers; SQuAD's are not the 6-epoch recipe's.",
         model_id="FacebookAI/roberta-base",
-        smoke=False,
+        kind="real",
         overrides={},
         task_overrides={
             "squad": dict(epochs=2, warmup_epochs=2 / 3),
@@ -258,7 +269,7 @@ PROFILES: dict[str, Profile] = {
         "the article's setup: FacebookAI/roberta-base, full datasets from the hub, 6 epochs (2 warm-up), "
         "batch 16, rank 8 on query/value; bf16 on CUDA. Hours per large task (QQP, MNLI, SQuAD).",
         model_id="FacebookAI/roberta-base",
-        smoke=False,
+        kind="real",
         overrides={},
     ),
 }

@@ -3,7 +3,8 @@
 Covers: the hub splits' sizes (`SPLIT_ROWS`), optimizer steps per task (`train_steps`), the FLOPs of a
 training step and of an evaluation pass (`forward_flops_per_token`), peak training memory
 (`training_memory`), device throughput (`Throughput`: `GPUS`, assumed, or `measure_throughput`, timed on
-the device you have), and `estimate_task` / `estimate_tasks` / `estimate_table`. `python -m
+the device you have), `estimate_task` / `estimate_tasks` / `estimate_table`, and `plan_session` (which tasks one free
+Colab session finishes, with a margin for the assumed throughput). `python -m
 loralib.benchmark.estimates --task glue --device t4` prints the table. Not here: running a task
 (`loralib.benchmark.run`), the speed suite (`benchmarks/bench_speed.py`).
 
@@ -293,6 +294,66 @@ def estimate_tasks(
     from loralib.benchmark.config import resolve_tasks
 
     return [estimate_task(t, device, profile, **kwargs) for t in resolve_tasks(tasks)]
+
+
+# What a free Colab T4 session can be counted on for. Colab caps a free session at 12 hours but ends
+# them earlier when it likes (idle 90 minutes, or demand); 3 hours is what one usually gets in a go.
+FREE_SESSION_HOURS = 3.0
+# The T4's throughput is assumed, not measured: a plan must fit even if the card sustains half of it.
+SESSION_MARGIN = 2.0
+
+
+@dataclass
+class SessionPlan:
+    """Which tasks one session trains: `chosen` fit `hours` with `margin` x their estimate; `left` do not."""
+
+    chosen: list[Estimate]
+    left: list[Estimate]
+    hours: float
+    margin: float
+
+    @property
+    def tasks(self) -> list[str]:
+        return [e.task for e in self.chosen]
+
+    @property
+    def estimated_hours(self) -> float:
+        return sum(e.hours for e in self.chosen)
+
+    def describe(self) -> str:
+        device = self.chosen[0].device if self.chosen else (self.left[0].device if self.left else "?")
+        text = (
+            f"{len(self.chosen)} task(s) for one {device} session: {', '.join(self.tasks) or 'none'}; "
+            f"estimated {self.estimated_hours:.2f} h, {self.margin:g}x that ({self.margin * self.estimated_hours:.2f} h) "
+            f"within the {self.hours:g} h a session is counted on"
+        )
+        if self.left:
+            text += f". Left for another session: {', '.join(e.task for e in self.left)} ({sum(e.hours for e in self.left):.2f} h)"
+        return text + "."
+
+
+def plan_session(
+    tasks: str | Iterable[str],
+    device: str | Throughput = "t4",
+    profile: str = "colab",
+    hours: float = FREE_SESSION_HOURS,
+    margin: float = SESSION_MARGIN,
+    **kwargs: Any,
+) -> SessionPlan:
+    """The tasks, in order, that one session of `hours` finishes even if each takes `margin` x its
+    estimate (a task that does not fit is left out; a later, shorter one may still be chosen)."""
+    from loralib.checks import check_number
+
+    hours = check_number(hours, "hours", positive=True)
+    margin = check_number(margin, "margin", minimum=1.0, hint="(1 trusts the estimate exactly)")
+    chosen, left, used = [], [], 0.0
+    for est in estimate_tasks(tasks, device, profile, **kwargs):
+        if est.fits is not False and used + margin * est.hours <= hours:
+            chosen.append(est)
+            used += margin * est.hours
+        else:
+            left.append(est)
+    return SessionPlan(chosen, left, hours, margin)
 
 
 def estimate_table(estimates: Sequence[Estimate]) -> str:

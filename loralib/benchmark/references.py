@@ -1,7 +1,7 @@
 """Published reference numbers for RoBERTa-base + LoRA, and the table and plots that set a run beside them.
 
 Covers: `ARTICLE` (the seed article's own run), `LORA_PAPER` (Hu et al. 2021, Table 2), `references_for`,
-`results_table` / `format_table` (a run directory -> rows -> markdown), `smoke_label` (what a smoke run
+`results_table` / `format_table` (a run directory -> rows -> markdown), `run_label` (what a smoke or toy run
 was), and the plots of notebooks 04 and 05: `plot_vs_references`, `plot_epoch_curves`,
 `plot_learning_curve`, `plot_no_answer_sweep`. Not here: training (`loralib.benchmark.run`), computing
 metrics (`loralib.metrics`) or the trivial baselines (`loralib.benchmark.baselines`).
@@ -105,7 +105,7 @@ def load_all_results(results_dir: str | os.PathLike) -> dict[str, dict[str, Any]
 def results_table(results_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """One row per task, split and shown metric: the run's final value beside both references.
 
-    Row keys: task, split, metric, value, article, lora_paper, smoke, pretrained, profile, model_id.
+    Row keys: task, split, metric, value, article, lora_paper, run_kind, pretrained, profile, model_id.
     """
     rows = []
     for task, res in load_all_results(results_dir).items():
@@ -120,7 +120,7 @@ def results_table(results_dir: str | os.PathLike) -> list[dict[str, Any]]:
                         "metric": metric,
                         "value": metrics[metric],
                         **references_for(task, split, metric),
-                        "smoke": bool(res.get("smoke")),
+                        "run_kind": res.get("run_kind", "real"),
                         "pretrained": res.get("pretrained"),
                         "profile": res.get("profile"),
                         "model_id": res.get("model_id"),
@@ -129,21 +129,24 @@ def results_table(results_dir: str | os.PathLike) -> list[dict[str, Any]]:
     return rows
 
 
-def smoke_label(records: Iterable[Mapping[str, Any]]) -> str | None:
-    """What the smoke runs among `records` (results or table rows) were, or None when none is a smoke run.
+KIND_LABELS = {
+    "smoke": "SMOKE RUN (tiny random model on bundled synthetic data)",
+    "toy": "TOY RUN (pretrained small model on bundled synthetic data)",
+}
 
-    A smoke run is never a benchmark number; the label says whether it trained a random model (a
-    pipeline check) or a pretrained one on synthetic data (a toy run that shows learning).
-    """
-    smoke = [r for r in records if r.get("smoke")]
-    if not smoke:
-        return None
-    kinds = []
-    if any(not r.get("pretrained") for r in smoke):
-        kinds.append("tiny random model")
-    if any(r.get("pretrained") for r in smoke):
-        kinds.append("pretrained small model")
-    return f"SMOKE RUN ({' and '.join(kinds)} on bundled synthetic data)"
+
+def run_label(records: Iterable[Mapping[str, Any]]) -> str | None:
+    """What the runs among `records` (results or table rows) that are not benchmark numbers were, or None
+    when every one is a real run: a smoke run trained a random model (a pipeline check), a toy run a
+    pretrained one on synthetic data (it shows learning)."""
+    kinds = {r.get("run_kind", "real") for r in records}
+    labels = [KIND_LABELS[k] for k in ("smoke", "toy") if k in kinds]
+    return " and ".join(labels) or None
+
+
+def is_benchmark(records: Iterable[Mapping[str, Any]]) -> bool:
+    """True when every record is a real run, so its numbers may sit beside the published ones."""
+    return run_label(records) is None
 
 
 def _fmt(v: float | None, metric: str) -> str:
@@ -153,14 +156,21 @@ def _fmt(v: float | None, metric: str) -> str:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """Markdown table of `results_table` rows; a SMOKE banner heads it when any row is a smoke run."""
+    """Markdown table of `results_table` rows. Real runs sit beside the article's and the LoRA paper's
+    numbers; smoke and toy runs get a banner and no reference columns (synthetic data is not comparable)."""
     if not rows:
         return "(no finished runs)"
     lines = []
-    label = smoke_label(rows)
+    label = run_label(rows)
     if label:
-        head, _, rest = label.partition(" (")
-        lines.append(f"**{head}** ({rest}: NOT benchmark numbers.\n")
+        lines.append(
+            f"**{label}**: NOT benchmark numbers, so the published ones are not shown beside them.\n"
+        )
+        lines.append("| task | split | metric | this run |")
+        lines.append("|---|---|---|---:|")
+        for r in rows:
+            lines.append(f"| {r['task']} | {r['split']} | {r['metric']} | {_fmt(r['value'], r['metric'])} |")
+        return "\n".join(lines)
     lines.append("| task | split | metric | this run | article | LoRA paper |")
     lines.append("|---|---|---|---:|---:|---:|")
     for r in rows:
@@ -173,8 +183,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _smoke_title(results: dict[str, dict[str, Any]], title: str) -> str:
-    label = smoke_label(results.values())
+def _run_title(results: dict[str, dict[str, Any]], title: str) -> str:
+    label = run_label(results.values())
     if label:
         return f"{label}: not benchmark numbers\n{title}"
     profiles = sorted({str(r.get("profile")) for r in results.values()})
@@ -209,7 +219,10 @@ def plot_vs_references(results_dir: str | os.PathLike, ax=None):
         series["lora_paper"].append(np.nan if r["lora_paper"] is None else r["lora_paper"] * scale)
     x = np.arange(len(rows))
     width = 0.27
-    colors = {"this run": "tab:red" if any(r["smoke"] for r in rows) else "tab:blue"}
+    real = is_benchmark(rows)
+    if not real:  # synthetic data: the published numbers on the real dev sets are not comparable
+        series = {"this run": series["this run"]}
+    colors = {"this run": "tab:blue" if real else "tab:red"}
     names = {
         "this run": "this run",
         "article": "article (published run)",
@@ -217,12 +230,14 @@ def plot_vs_references(results_dir: str | os.PathLike, ax=None):
     }
     for i, (key, values) in enumerate(series.items()):
         shown = not all(np.isnan(v) for v in values)  # no legend entry for a reference with no figure here
-        ax.bar(x + (i - 1) * width, values, width, label=names[key] if shown else None, color=colors.get(key))
+        offset = (i - 1) * width if len(series) > 1 else 0.0
+        ax.bar(x + offset, values, width, label=names[key] if shown else None, color=colors.get(key))
     ax.set_xticks(x, labels, fontsize=8)
     ax.set_ylabel("score (GLUE as fraction, SQuAD / 100)")
     ax.axhline(0, color="black", linewidth=0.5)
     ax.legend(fontsize=8)
-    ax.set_title(_smoke_title(results, "RoBERTa + LoRA: this run vs published references"), fontsize=10)
+    heading = "RoBERTa + LoRA: this run vs published references" if real else "RoBERTa + LoRA: this run"
+    ax.set_title(_run_title(results, heading), fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -259,7 +274,7 @@ def plot_epoch_curves(results_dir: str | os.PathLike):
     else:
         ax_l.set_ylabel("mean training loss")
     ax_l.legend(fontsize=7)
-    fig.suptitle(_smoke_title(results, "per-epoch validation metric and training loss"), fontsize=10)
+    fig.suptitle(_run_title(results, "per-epoch validation metric and training loss"), fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -295,8 +310,8 @@ def plot_learning_curve(
         ax.axhline(
             baseline["metrics"][split][metric], color="gray", ls="--", label=f"baseline: {baseline['name']}"
         )
-    # A smoke run's data is synthetic: a published number on the real dev set is not comparable.
-    refs = {} if results.get("smoke") else references_for(results["task"], split, metric)
+    # A smoke or toy run's data is synthetic: a published number on the real dev set is not comparable.
+    refs = {} if not is_benchmark([results]) else references_for(results["task"], split, metric)
     for key, name, color in (
         ("article", "article (roberta-base)", "tab:orange"),
         ("lora_paper", "LoRA paper", "tab:green"),
@@ -309,12 +324,12 @@ def plot_learning_curve(
     ax.set_xlabel("epoch")
     ax.set_ylabel(f"{split} {metric}")
     ax.legend(fontsize=8)
-    ax.set_title(_smoke_title({results["task"]: results}, f"{results['task']}: learning curve"), fontsize=10)
+    ax.set_title(_run_title({results["task"]: results}, f"{results['task']}: learning curve"), fontsize=10)
     fig.tight_layout()
     return fig
 
 
-def plot_no_answer_sweep(rows: list[dict[str, Any]], smoke: bool, default_threshold: float = 0.0):
+def plot_no_answer_sweep(rows: list[dict[str, Any]], run_kind: str, default_threshold: float = 0.0):
     """SQuAD v2 exact / F1 (all, answerable, unanswerable) and the abstention rate against the no-answer
     threshold (rows from `loralib.qa.no_answer_sweep`). Returns the Figure."""
     import matplotlib.pyplot as plt
@@ -332,8 +347,9 @@ def plot_no_answer_sweep(rows: list[dict[str, Any]], smoke: bool, default_thresh
     ax.set_ylabel("score (%)")
     ax.legend(fontsize=8)
     title = "SQuAD v2: the no-answer decision"
-    if smoke:
-        title = f"SMOKE RUN (bundled synthetic data): not benchmark numbers\n{title}"
+    label = run_label([{"run_kind": run_kind}])
+    if label:
+        title = f"{label}: not benchmark numbers\n{title}"
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return fig

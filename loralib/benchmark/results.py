@@ -2,9 +2,9 @@
 
 Results layout: OUTPUT_DIR/<task>/results.json and OUTPUT_DIR/<task>/adapter/ (loralib's adapter format
 for the loralib backend, the wrapper's `save_lora` for "article", PEFT's format plus loralib_task.json for
-"peft"/"qlora"; `load_trained_model` reads all three). results.json holds: task, profile, backend, smoke
-(True for the smoke profile, and for any run on bundled synthetic data or the tiny random model, whatever
-its profile: never benchmark numbers), note, data_source (hub / bundled / local), pretrained and weights
+"peft"/"qlora"; `load_trained_model` reads all three). results.json holds: task, profile, backend, run_kind
+("smoke": the tiny random model; "toy": a pretrained model on bundled synthetic data; "real"), benchmark
+(True only for a real run: the others are never benchmark numbers, whatever their profile), note, data_source (hub / bundled / local), pretrained and weights
 (a pretrained checkpoint, or random loralib.tiny), model_id, seed, main_metric, metrics, metrics_by_split, epochs (one record per epoch: epoch, step,
 learning_rate (the rate of the epoch's last optimizer step), train_loss (mean over the epoch), metrics
 {split: {...}}, eval_loss {split: loss} (GLUE only)), config (every TrainConfig field), trainable_parameters,
@@ -82,7 +82,12 @@ def read_results(path: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(
             f"no {RESULTS_NAME} at {p}; run `python -m loralib.benchmark --task ...` first."
         )
-    return read_json(p, "a results.json written by run_task")
+    results = read_json(p, "a results.json written by run_task")
+    if "run_kind" not in results and "smoke" in results:  # written before run_kind: smoke meant not real
+        smoke = results.pop("smoke")
+        results["run_kind"] = ("toy" if results.get("pretrained") else "smoke") if smoke else "real"
+        results["benchmark"] = not smoke
+    return results
 
 
 def final_metric(results: dict[str, Any], metric: str | None = None, split: str | None = None) -> float:

@@ -49,8 +49,8 @@ CHECKPOINTS_DIR = "checkpoints"
 
 def provenance(cfg, model_id: str) -> dict[str, Any]:
     """Where a run's numbers come from: the data (hub / bundled / local) and whether the weights are a
-    pretrained checkpoint or the tiny random model. A run on bundled data or random weights is a smoke
-    run whatever its profile."""
+    pretrained checkpoint or the tiny random model. A run on random weights is a smoke run, one on bundled
+    data a toy run, whatever its profile (`run_kind_of`)."""
     from loralib.tiny import default_cache_dir
 
     data = "hub" if cfg.data_dir in (None, "") else ("bundled" if str(cfg.data_dir) == "bundled" else "local")
@@ -62,6 +62,16 @@ def provenance(cfg, model_id: str) -> dict[str, Any]:
         "pretrained": not tiny,
         "weights": "random (loralib.tiny.tiny_roberta)" if tiny else "pretrained checkpoint",
     }
+
+
+def run_kind_of(profile_kind: str, source: dict[str, Any]) -> str:
+    """ "smoke" for random weights, "toy" for a pretrained model on synthetic data (or a toy profile),
+    "real" otherwise: what a run's numbers are, whatever its profile promised."""
+    if not source["pretrained"]:
+        return "smoke"
+    if profile_kind != "real" or source["data_source"] == "bundled":
+        return "toy"
+    return "real"
 
 
 def run_task(
@@ -149,11 +159,11 @@ def _run_task(task, profile, cfg, output_dir, overwrite, callbacks, resume, t0) 
     by_split = epochs[-1]["metrics"]
     metrics = by_split if len(by_split) > 1 else next(iter(by_split.values()))
     source = provenance(cfg, model_id)
-    smoke = PROFILES[profile].smoke or source["data_source"] == "bundled" or not source["pretrained"]
+    run_kind = run_kind_of(PROFILES[profile].kind, source)
     note = PROFILES[profile].description
-    if smoke and not PROFILES[profile].smoke:
+    if run_kind != PROFILES[profile].kind:
         note = (
-            f"SMOKE RUN despite the {profile!r} profile: "
+            f"{run_kind.upper()} RUN despite the {profile!r} profile: "
             + ("bundled synthetic data" if source["data_source"] == "bundled" else "")
             + (" and " if source["data_source"] == "bundled" and not source["pretrained"] else "")
             + ("a randomly initialised model" if not source["pretrained"] else "")
@@ -163,7 +173,8 @@ def _run_task(task, profile, cfg, output_dir, overwrite, callbacks, resume, t0) 
         "task": task,
         "profile": profile,
         "backend": cfg.backend,
-        "smoke": smoke,
+        "run_kind": run_kind,
+        "benchmark": run_kind == "real",
         "note": note,
         **source,
         "model_id": model_id if cfg.model_id else "loralib.tiny.tiny_roberta()",

@@ -3,7 +3,8 @@
 Covers: `load_raw_data` (the task's splits, subset by max_train/eval_samples) and `eval_rows` (the exact
 rows a finished run was scored on), tokenisation for GLUE and SQuAD, the Trainer subclass (epoch-based
 warm-up and decay; GLUE metrics via `loralib.metrics.glue_metrics`, SQuAD via `loralib.qa`
-post-processing and `loralib.metrics.squad_metrics`), and `build_trainer`. Precision: bf16 on GPUs with
+post-processing and `loralib.metrics.squad_metrics`), `build_trainer`, and `unwrap_autocast` (a trained
+model without the Trainer's mixed-precision forward, for comparisons after training). Precision: bf16 on GPUs with
 native bf16, fp16 with gradient scaling on other GPUs, fp32 on CPU; gradient accumulation and DDP are the
 Trainer's. Not here: the models (`loralib.benchmark.backends`), the results file (`loralib.benchmark.results`).
 """
@@ -324,3 +325,13 @@ def build_trainer(
         # Without bars the Trainer prints every log dict instead; results.json keeps them all anyway.
         trainer.remove_callback(PrinterCallback)
     return trainer, model, tokenizer, model_id
+
+
+def unwrap_autocast(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` (the same object) with the mixed-precision wrapper a bf16 / fp16 Trainer put on its forward
+    taken off, so that it computes as it would after a reload: comparing a trained model with its
+    reloaded copy while one of them still runs under autocast measures the autocast, not the reload.
+    A model with no such wrapper (fp32, CPU) is returned unchanged."""
+    from accelerate.utils import extract_model_from_parallel
+
+    return extract_model_from_parallel(model, keep_fp32_wrapper=False)
