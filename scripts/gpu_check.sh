@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # A prepared check for a CUDA machine with no internet, in under 5 minutes: the CUDA-only tests
-# (pytest -m gpu: LoraLinear under bf16 / fp16 autocast, LoRA dropout, torch.compile, QLoRA, Trainer steps
-# of a roberta-base-sized model in bf16 and fp16), the speed suite on CUDA (quick: layer, training step,
+# (pytest -m gpu: LoraLinear under bf16 / fp16 autocast, LoRA dropout, torch.compile that must really
+# compile, QLoRA and LoRA merges that must keep the adapter, Trainer steps of a roberta-base-sized model in
+# bf16 and fp16, the project's bf16/fp16 decision against the GPU's compute capability, and notebook 05's
+# pipeline -- train, reload, re-score -- under both precisions), the speed suite on CUDA (quick: layer, training step,
 # inference), where bitsandbytes is installed the full FT / LoRA / QLoRA memory table, and the measured LoRA
 # step throughput with the task time estimates it gives (estimates.md, throughput.json). Everything goes
 # to $OUT (default outputs/gpu_check). Needs only torch, transformers and peft; nothing is downloaded: the

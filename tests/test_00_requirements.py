@@ -82,3 +82,14 @@ def test_the_setup_cell_installs_only_what_is_unmet(tmp_path):
 def test_the_runtime_file_is_satisfied_here_so_the_setup_cell_installs_nothing():
     assert _unmet()(ROOT / "requirements-runtime.txt") == []
     assert _unmet()(ROOT / "requirements-nodeps.txt") == []
+
+
+def test_the_package_declares_the_runtime_ranges():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = [Requirement(r) for r in project["dependencies"]]
+    declared += [Requirement(r) for extra in project["optional-dependencies"].values() for r in extra]
+    assert {r.name.lower(): str(r.specifier) for r in declared} == {
+        name: str(req.specifier) for name, req in RUNTIME.items()
+    }

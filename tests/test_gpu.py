@@ -1,5 +1,7 @@
 """CUDA-only checks (`pytest -m gpu`, run by scripts/gpu_check.sh): LoraLinear under bf16 / fp16 autocast,
-LoRA dropout on CUDA, torch.compile, QLoRA, and Trainer steps of a roberta-base-sized model in bf16 and fp16.
+LoRA dropout on CUDA, torch.compile (that it really compiled), QLoRA (that a merge keeps the adapter),
+Trainer steps of a roberta-base-sized model in bf16 and fp16, the project's precision decision against
+the GPU's compute capability, and the notebook pipeline (train, reload, re-score) under both precisions.
 
 Skipped where there is no CUDA device. Written to run where only torch, transformers and peft are installed
 and nothing can be downloaded: parts that need bitsandbytes skip with a message.
@@ -85,8 +87,12 @@ def test_compiled_layer_matches_eager_on_cuda():
     ye.square().sum().backward()
     ga = layer.lora_A.grad.clone()
     layer.zero_grad(set_to_none=True)
-    yc = torch.compile(layer)(xc)
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    yc = torch.compile(layer, fullgraph=True)(xc)  # fullgraph: a graph break is an error, not eager code
     yc.square().sum().backward()
+    assert counters["stats"]["unique_graphs"] >= 1, "torch.compile fell back to eager: nothing was compiled"
     torch.testing.assert_close(yc, ye, atol=1e-3, rtol=1e-3)
     torch.testing.assert_close(layer.lora_A.grad, ga, atol=1e-2, rtol=1e-3)
 
@@ -108,8 +114,11 @@ def test_qlora_trains_and_merges_on_cuda(tiny_model_dir, tmp_path):
         opt.zero_grad()
     peft_backend.save_peft_model(model, tmp_path)
     merged = qlora.merge_adapter(tmp_path, onto="dequantized", device=DEV)
-    cpu_batch = {k: v.cpu() for k, v in batch.items()}
-    assert qlora.output_difference(model, merged, cpu_batch)["max_abs"] < 5e-2
+    with model.disable_adapter():  # the same 4-bit model without LoRA: what a merge that drops it gives
+        dropped = qlora.model_outputs(model, batch)
+    effect = float((qlora.model_outputs(model, batch) - dropped).abs().max())
+    assert effect > 1e-3, "the adapter must have learned something for this test to tell"
+    assert qlora.output_difference(model, merged, batch)["max_abs"] < 0.1 * effect
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
@@ -140,3 +149,75 @@ def test_trainer_steps_of_a_roberta_base_sized_model(precision, tmp_path):
     layers = dict(lora_layers(model))
     assert all(m.lora_A.dtype == torch.float32 for m in layers.values())
     assert any(m.lora_B.abs().sum() > 0 for m in layers.values())
+
+
+def _pipeline_precision(precision, monkeypatch):
+    """Make the pipeline choose `precision` on this GPU: fp16 is what a T4 (no native bf16) gets."""
+    if precision == "bf16" and not native_bf16(DEV):
+        pytest.skip("this GPU has no native bf16")
+    if precision == "fp16" and native_bf16(DEV):
+        import loralib.utils
+
+        monkeypatch.setattr(loralib.utils, "mixed_precision", lambda device=None: "fp16")
+
+
+def test_the_projects_precision_decision_follows_the_hardware(tmp_path):
+    from loralib.benchmark.config import make_config
+    from loralib.benchmark.trainer import build_trainer
+    from loralib.utils import mixed_precision
+
+    # The reference is the hardware itself: bf16 units arrived with compute capability 8 (Ampere).
+    native = torch.cuda.get_device_capability(0)[0] >= 8
+    assert native_bf16(DEV) is native
+    assert mixed_precision(DEV) == ("bf16" if native else "fp16")
+    trainer, *_ = build_trainer(
+        make_config("rte", "smoke", max_train_samples=16, max_eval_samples=8), tmp_path
+    )
+    assert (trainer.args.bf16, trainer.args.fp16) == (native, not native)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_the_notebook_pipeline_trains_reloads_and_rescores(precision, tmp_path, monkeypatch):
+    """Notebook 05 on this GPU: train SQuAD v2 under `precision`, reload the adapter, re-score the
+    validation windows, and agree with the Trainer's own evaluation within the questions that the
+    two passes' logit difference could flip (`loralib.qa.fragile_questions`)."""
+    _pipeline_precision(precision, monkeypatch)
+    import numpy as np
+
+    from loralib.benchmark import eval_rows, load_trained_model, run_task
+    from loralib.qa import fragile_questions, no_answer_sweep, predict_qa
+
+    out = run_task("squad_v2", "smoke", output_dir=tmp_path, epochs=1, warmup_epochs=0.5, progress=False)
+    assert out["precision"] == precision and out["device"].startswith("cuda")
+    model, tok, res = load_trained_model(tmp_path / "squad_v2", device=DEV)
+    assert next(model.parameters()).is_cuda
+    rows, c = eval_rows(res), res["config"]
+    feats, s, e = predict_qa(model, tok, rows, c["qa_max_length"], c["qa_stride"], precision=precision)
+    _, s32, e32 = predict_qa(model, tok, rows, c["qa_max_length"], c["qa_stride"])
+    delta = 2 * float(max(np.abs(s - s32).max(), np.abs(e - e32).max()))
+    assert 0 < delta < 0.5  # autocast rounds (delta > 0: it was on), and not wildly
+    (at_zero,) = no_answer_sweep(rows, feats, s, e, [0.0])
+    tol = 100 * len(fragile_questions(rows, feats, s, e, delta, version_2=True)) / at_zero["total"] + 1e-6
+    for key in ("exact", "f1"):
+        assert abs(at_zero[key] - res["metrics"][key]) <= tol, (key, at_zero[key], res["metrics"][key], tol)
+
+
+def test_a_merge_keeps_the_adapter_on_cuda():
+    """Merged == unmerged to rounding, while dropping the adapter moves the outputs far more."""
+    from loralib.injection import merge_lora
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 64)).to(DEV)
+    x = torch.randn(32, 256, device=DEV)
+    with torch.no_grad():
+        base = model(x)
+    inject_lora(model, ["0", "2"], r=8, lora_alpha=16)
+    for _, layer in lora_layers(model):
+        nn.init.normal_(layer.lora_B, std=0.05)
+    model.eval()
+    with torch.no_grad():
+        unmerged = model(x)
+        merged = merge_lora(model)(x)
+    effect = (unmerged - base).abs().max()
+    assert effect > 1e-2
+    assert (merged - unmerged).abs().max() <= 1e-3 * effect  # a merge that drops BA would be off by `effect`
