@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from loralib.checks import check_bool, check_choice, check_module, check_names
-from loralib.layers import UNSET, LoraLinear, check_lora_args, module_kind, resolve_lora_names
+from loralib.layers import LoraLinear, check_lora_args, module_kind
 
 # Task heads stay full-precision, fully trained modules: "all-linear" never adapts them (as PEFT).
 # The heads of the classification and question-answering models this project trains.
@@ -100,16 +100,14 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 def inject_lora(
     model: nn.Module,
     target_modules: str | Sequence[str],
+    *,
     r: int = 8,
-    lora_alpha: float | None = UNSET,
-    lora_dropout: float = UNSET,
+    lora_alpha: float | None = None,
+    lora_dropout: float = 0.0,
     init: str = "kaiming",
     autocast_adapter_dtype: bool = True,
-    *,
     use_rslora: bool = False,
     exact: bool = False,
-    alpha=UNSET,
-    dropout=UNSET,
 ) -> list[str]:
     """Replace the targeted `nn.Linear` modules of `model` in place by `LoraLinear`; return their names.
 
@@ -118,14 +116,13 @@ def inject_lora(
     saved from layers chosen by a pattern reloads into exactly those layers.
 
     r, lora_alpha (None: = r), lora_dropout, init, use_rslora (scale by lora_alpha / sqrt(r)): as for
-    `LoraLinear` (PEFT's names; alpha= and dropout= are their former names). The original weights are
+    `LoraLinear` (PEFT's names, keyword-only). The original weights are
     reused and frozen; B starts at zero so outputs do not change until training. A and B are fp32 on a
     half-precision base unless autocast_adapter_dtype=False. Raises ValueError if nothing matches
     (listing the Linear names that exist) and TypeError if a match is not an `nn.Linear` or already
     carries LoRA; the model is untouched then.
     """
     check_module(model)
-    lora_alpha, lora_dropout = resolve_lora_names("inject_lora", lora_alpha, lora_dropout, alpha, dropout)
     r, lora_alpha, lora_dropout = check_lora_args(r, lora_alpha, lora_dropout, init)
     check_bool(autocast_adapter_dtype, "autocast_adapter_dtype")
     check_bool(use_rslora, "use_rslora")

@@ -8,7 +8,7 @@ matmuls of O(n d r) instead of O(d^2 r) per call. A custom autograd function (`l
 keeps forward + backward close to the frozen layer's cost. benchmarks/bench_speed.py measures it
 against the frozen nn.Linear, PEFT and full fine-tuning.
 
-Covers: the layer, its arguments (one check, PEFT's names, the former ones accepted), its
+Covers: the layer, its arguments (one check, PEFT's names, keyword-only after the sizes), its
 initialisations, the dtype of its adapter weights, merge/unmerge and the merged state in the state
 dict (and what each method does on a merged layer: re-initialising or rescaling re-merges, r is
 fixed), and the plain formula it hands `torch.compile` (or any caller, with `fast_path = False`). Not here: the autograd Function and LoRA
@@ -19,7 +19,6 @@ dropout's CPU mask (`loralib.fast_path`), finding layers in a model and swapping
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -42,33 +41,6 @@ def check_lora_args(
     if not isinstance(init, str) or init not in INITS:
         raise ValueError(f"unknown LoRA init {init!r}; choose one of {INITS}.")
     return r, lora_alpha, lora_dropout
-
-
-UNSET = object()
-
-
-def resolve_lora_names(where: str, lora_alpha, lora_dropout, alpha, dropout) -> tuple[float | None, float]:
-    """(lora_alpha, lora_dropout) from PEFT's names or their former ones (alpha=, dropout=).
-
-    Unset arguments are `UNSET`; the defaults are lora_alpha None (= r) and lora_dropout 0. Passing
-    both names of one argument is an error; a former name alone works, with a FutureWarning.
-    """
-    out = []
-    for new_name, new_value, old_name, old_value, default in (
-        ("lora_alpha", lora_alpha, "alpha", alpha, None),
-        ("lora_dropout", lora_dropout, "dropout", dropout, 0.0),
-    ):
-        if old_value is not UNSET:
-            if new_value is not UNSET:
-                raise TypeError(f"{where}: pass {new_name}= only ({old_name}= is its former name).")
-            warnings.warn(
-                f"{where}: {old_name}= is now {new_name}= (PEFT's name); {old_name}= will be removed.",
-                FutureWarning,
-                stacklevel=3,
-            )
-            new_value = old_value
-        out.append(default if new_value is UNSET else new_value)
-    return out[0], out[1]
 
 
 def lora_scaling(lora_alpha: float, r: int, use_rslora: bool = False) -> float:
@@ -123,7 +95,9 @@ class LoraLinear(nn.Linear):
         autocast_adapter_dtype: keep A and B in fp32 when the base is fp16/bf16 (PEFT's default and
             name); False stores them in the base dtype. The forward computes in the base's (or
             autocast's) dtype either way.
-        alpha, dropout: the former names of lora_alpha and lora_dropout (FutureWarning).
+
+    Every argument after the two sizes is keyword-only: `LoraLinear(768, 768, 16)` is an error, not a
+    layer with bias=16 and the default rank (Microsoft's loralib passes the rank third).
 
     State: `merge()` folds the update into `weight`. A merged layer's state dict says so (an extra
     `lora_merged` entry), and loading a state dict adopts its merged state, so a merged model's
@@ -134,20 +108,17 @@ class LoraLinear(nn.Linear):
         self,
         in_features: int,
         out_features: int,
+        *,
         bias: bool = True,
         r: int = 8,
-        lora_alpha: float | None = UNSET,
-        lora_dropout: float = UNSET,
+        lora_alpha: float | None = None,
+        lora_dropout: float = 0.0,
         init: str = "kaiming",
         device=None,
         dtype=None,
         autocast_adapter_dtype: bool = True,
-        *,
         use_rslora: bool = False,
-        alpha=UNSET,
-        dropout=UNSET,
     ) -> None:
-        lora_alpha, lora_dropout = resolve_lora_names("LoraLinear", lora_alpha, lora_dropout, alpha, dropout)
         r, lora_alpha, lora_dropout = check_lora_args(r, lora_alpha, lora_dropout, init)
         check_bool(autocast_adapter_dtype, "autocast_adapter_dtype")
         check_bool(use_rslora, "use_rslora")
@@ -230,28 +201,17 @@ class LoraLinear(nn.Linear):
         if merged:
             self.merge()
 
-    @property
-    def alpha(self) -> float:
-        """The former name of `lora_alpha`."""
-        return self.lora_alpha
-
-    @alpha.setter
-    def alpha(self, value: float) -> None:
-        self.lora_alpha = value
-
     @classmethod
     def from_linear(
         cls,
         linear: nn.Linear,
+        *,
         r: int = 8,
-        lora_alpha: float | None = UNSET,
-        lora_dropout: float = UNSET,
+        lora_alpha: float | None = None,
+        lora_dropout: float = 0.0,
         init: str = "kaiming",
         autocast_adapter_dtype: bool = True,
-        *,
         use_rslora: bool = False,
-        alpha=UNSET,
-        dropout=UNSET,
     ) -> LoraLinear:
         """Wrap an existing `nn.Linear`: its weight and bias tensors are reused (not copied) and frozen."""
         if isinstance(linear, LoraLinear):
@@ -260,9 +220,6 @@ class LoraLinear(nn.Linear):
             )
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"LoraLinear.from_linear expects an nn.Linear, got {module_kind(linear)}.")
-        lora_alpha, lora_dropout = resolve_lora_names(
-            "LoraLinear.from_linear", lora_alpha, lora_dropout, alpha, dropout
-        )
         r, lora_alpha, lora_dropout = check_lora_args(r, lora_alpha, lora_dropout, init)
         check_bool(autocast_adapter_dtype, "autocast_adapter_dtype")
         w = linear.weight

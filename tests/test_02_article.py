@@ -600,7 +600,8 @@ def test_bad_forward_inputs_fail_clearly(tiny_model_dir, tokenizer):
         squad_null_decision(torch.zeros(3), torch.zeros(3))
 
 
-def test_the_wrapper_takes_r_and_its_former_name_lora_rank(tiny_model_dir):
-    with pytest.warns(FutureWarning, match="lora_rank= is now r="):
-        w = LoraWrapperRoberta(task_type="glue", num_classes=2, model_id=tiny_model_dir, lora_rank=4)
+def test_the_wrapper_takes_r_and_no_longer_its_former_name_lora_rank(tiny_model_dir):
+    w = LoraWrapperRoberta(task_type="glue", num_classes=2, model_id=tiny_model_dir, r=4)
     assert w.r == 4 and w.lora_metadata()["r"] == 4 and "lora_rank" not in w.lora_metadata()
+    with pytest.raises(TypeError, match="lora_rank"):
+        LoraWrapperRoberta(task_type="glue", num_classes=2, model_id=tiny_model_dir, lora_rank=4)

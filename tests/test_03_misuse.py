@@ -584,17 +584,30 @@ def test_parameters_that_are_views_of_one_buffer_are_not_taken_for_tied():
 # ---------------------------------------------------------------- PEFT's vocabulary, and the former names
 
 
-def test_former_keyword_names_still_work_with_a_future_warning(model):
-    with pytest.warns(FutureWarning, match="alpha= is now lora_alpha="):
-        layer = LoraLinear(8, 4, r=2, alpha=4)
-    assert layer.lora_alpha == layer.alpha == 4.0 and layer.scaling == 2.0
-    with pytest.warns(FutureWarning, match="dropout= is now lora_dropout="):
-        assert LoraLinear.from_linear(nn.Linear(8, 4), r=2, dropout=0.1).lora_dropout_p == 0.1
-    with pytest.warns(FutureWarning, match="inject_lora: alpha= is now lora_alpha="):
+def test_the_former_names_are_gone(model):
+    """The package is unreleased: alpha= / dropout= are no longer accepted anywhere (PEFT's names only)."""
+    with pytest.raises(TypeError, match="alpha"):
+        LoraLinear(8, 4, r=2, alpha=4)
+    with pytest.raises(TypeError, match="dropout"):
+        LoraLinear.from_linear(nn.Linear(8, 4), r=2, dropout=0.1)
+    with pytest.raises(TypeError, match="alpha"):
         inject_lora(model, ["query"], r=2, alpha=4)
-    assert {m.lora_alpha for _, m in lora_layers(model)} == {4.0}
-    with pytest.raises(TypeError, match="pass lora_alpha= only"):
-        LoraLinear(8, 4, r=2, alpha=4, lora_alpha=4)
+    assert not list(lora_layers(model)) and not hasattr(LoraLinear(8, 4, r=2), "alpha")
+    from loralib.benchmark.config import make_config
+
+    with pytest.raises(TypeError, match="unknown TrainConfig field.*alpha"):
+        make_config("rte", "smoke", alpha=16)
+
+
+def test_a_rank_passed_positionally_is_an_error_not_a_bias(model):
+    """Microsoft's NLU code calls Linear(768, 768, 16): here that must not build a rank-8 layer with bias=16."""
+    with pytest.raises(TypeError, match="positional"):
+        LoraLinear(768, 768, 16)
+    with pytest.raises(TypeError, match="positional"):
+        LoraLinear.from_linear(nn.Linear(8, 4), 2)
+    with pytest.raises(TypeError, match="positional"):
+        inject_lora(model, ["query"], 2)
+    assert not list(lora_layers(model))
 
 
 def test_an_adapter_saved_in_format_version_1_still_loads(model, tmp_path, tiny_model_dir):

@@ -253,8 +253,8 @@ def test_final_metric_reads_one_number(bench):
     [
         (["--epochs", "0"], "--epochs"),
         (["--epochs", "two"], "--epochs"),
-        (["--rank", "0"], "--rank"),
-        (["--rank", "2.5"], "--rank"),
+        (["--lora-r", "0"], "--lora-r"),
+        (["--lora-r", "2.5"], "--lora-r"),
         (["--learning-rate", "-1e-4"], "--learning-rate"),
         (["--learning-rate", "nan"], "--learning-rate"),
         (["--batch-size", "0"], "--batch-size"),
@@ -324,7 +324,7 @@ def test_cli_takes_peft_names_for_rank_alpha_and_dropout(tmp_path, monkeypatch):
         == 0
     )
     assert (seen["r"], seen["lora_alpha"], seen["lora_dropout"]) == (4, 16.0, 0.05)
-    assert main(["--task", "rte", "--output-dir", str(out), "--rank", "2"]) == 0 and seen["r"] == 2
+    assert main(["--task", "rte", "--output-dir", str(out), "--lora-r", "2"]) == 0 and seen["r"] == 2
     assert seen["resume"] is False
     assert main(["--task", "rte", "--output-dir", str(out), "--resume"]) == 0 and seen["resume"] is True
     seen.clear()

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -176,15 +175,8 @@ class LoraWrapperRoberta(nn.Module):
         null_score_diff_threshold: float = 0.0,
         base_model: nn.Module | None = None,
         tokenizer: Any = None,
-        *,
-        lora_rank: int | None = None,
     ) -> None:
         super().__init__()
-        if lora_rank is not None:
-            warnings.warn(
-                "LoraWrapperRoberta: lora_rank= is now r= (PEFT's name).", FutureWarning, stacklevel=2
-            )
-            r = lora_rank
         task_type, num_classes = _check_task(task_type, num_classes)
         check_article_args(r, formulation, lora_alpha, lora_dropout)
         check_dropout(dropout_rate, "dropout_rate")

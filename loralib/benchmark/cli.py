@@ -102,9 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size", type=_number(int, minimum=1), default=None, help="effective batch (all processes)"
     )
     ap.add_argument("--gradient-accumulation-steps", type=_number(int, minimum=1), default=None)
-    ap.add_argument(
-        "--lora-r", "--rank", dest="r", type=_number(int, minimum=1), default=None, help="LoRA rank r"
-    )
+    ap.add_argument("--lora-r", dest="r", type=_number(int, minimum=1), default=None, help="LoRA rank r")
     ap.add_argument(
         "--lora-alpha",
         type=_number(float, positive=True),

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -331,30 +330,13 @@ def resolve_tasks(names: str | Iterable[str]) -> list[str]:
     return out
 
 
-# Fields renamed to PEFT's vocabulary; results files and callers from before still work.
-RENAMED_FIELDS = {"alpha": "lora_alpha"}
-
-
-def upgrade_fields(values: dict[str, Any], warn: bool = True) -> dict[str, Any]:
-    """`values` with renamed TrainConfig fields (alpha) under today's names (lora_alpha)."""
-    out = dict(values)
-    for old, new in RENAMED_FIELDS.items():
-        if old in out:
-            if new in out:
-                raise TypeError(f"pass {new}= only ({old}= is its former name).")
-            if warn:
-                warnings.warn(
-                    f"{old}= is now {new}= (PEFT's name); {old}= will be removed.",
-                    FutureWarning,
-                    stacklevel=3,
-                )
-            out[new] = out.pop(old)
-    return out
+# TrainConfig fields that results files written before PEFT's vocabulary name otherwise; read back only.
+_FILE_FIELD_RENAMES = {"alpha": "lora_alpha"}
 
 
 def config_from_results(results: dict[str, Any]) -> TrainConfig:
     """The TrainConfig a finished run recorded in its results file (older files included)."""
-    values = upgrade_fields(results["config"], warn=False)
+    values = {_FILE_FIELD_RENAMES.get(k, k): v for k, v in results["config"].items()}
     return TrainConfig(**{**values, "target_modules": tuple(values["target_modules"])})
 
 
@@ -367,7 +349,6 @@ def make_config(task: str, profile: str = "smoke", **overrides: Any) -> TrainCon
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}.")
     task_spec(task)
-    overrides = upgrade_fields(overrides)
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(overrides) - known)
     if unknown:
