@@ -357,3 +357,25 @@ def test_unwrap_autocast_takes_the_trainers_mixed_precision_forward_off():
         plain = unwrap_autocast(layer)
         assert plain is layer and (plain(x).double() - exact).abs().max() < 1e-5
         assert unwrap_autocast(plain) is plain  # nothing to take off: unchanged
+
+
+def test_notebook_04s_training_cell_continues_after_a_disconnect(tmp_path):
+    """run_benchmark(..., resume=True), run again after a disconnect in the second task: the finished task
+    is read back, the interrupted one continues from its checkpoint instead of starting over."""
+    from transformers import TrainerCallback
+
+    from loralib.benchmark.run import run_benchmark
+
+    class DisconnectInSst2(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if "sst2" in str(args.output_dir):
+                raise _Disconnect(f"disconnected at step {state.global_step}")
+
+    kw = dict(profile="smoke", output_dir=tmp_path, epochs=2, warmup_epochs=0.5, progress=False, resume=True)
+    with pytest.raises(_Disconnect):
+        run_benchmark(["rte", "sst2"], callbacks=[DisconnectInSst2()], **kw)
+    assert (tmp_path / "rte" / "results.json").exists() and not (tmp_path / "sst2" / "results.json").exists()
+    again = run_benchmark(["rte", "sst2"], **kw)
+    assert again["rte"]["skipped"] is True and not again["sst2"].get("skipped")
+    assert [r["epoch"] for r in again["sst2"]["resumed"]] == [1]  # continued from epoch 1's checkpoint
+    assert [e["epoch"] for e in again["sst2"]["epochs"]] == [1, 2]

@@ -195,3 +195,27 @@ def test_measure_throughput_needs_something_to_train():
     model.requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameter"):
         estimates.measure_throughput(model, batch_size=2, seq_len=8, steps=1)
+
+
+def test_plan_session_keeps_the_tasks_that_fit_with_the_margin():
+    plan = estimates.plan_session("glue", "t4", "colab")
+    each = {e.task: e.hours for e in estimates.estimate_tasks("glue", "t4", "colab")}
+    # The reference: a greedy pass in task order over the same estimates, by hand.
+    used, chosen = 0.0, []
+    for task, hours in each.items():
+        if used + 2.0 * hours <= 3.0:
+            chosen.append(task)
+            used += 2.0 * hours
+    assert plan.tasks == chosen and [e.task for e in plan.left] == [t for t in each if t not in chosen]
+    assert plan.margin * plan.estimated_hours <= plan.hours == estimates.FREE_SESSION_HOURS
+    assert {"qqp", "mnli"} <= {e.task for e in plan.left}  # the two big tasks never fit one free session
+    assert "sst2" in plan.tasks and "left for another session: qqp" in plan.describe().lower()
+    assert estimates.plan_session("colab", "t4", "colab").left == []  # --task colab fits, as documented
+
+
+def test_plan_session_checks_its_budget():
+    assert estimates.plan_session(["rte"], hours=1e-6).tasks == []
+    with pytest.raises(ValueError, match="hours must be a positive number"):
+        estimates.plan_session("glue", hours=0)
+    with pytest.raises(ValueError, match="margin must be in"):
+        estimates.plan_session("glue", margin=0.5)
