@@ -3,8 +3,9 @@
 The names exported here are the core a reader of notebook 03 needs; everything else is reached by
 its module. One module (or folder) per concept:
 
-    layers        LoraLinear: the layer, its initialisations, merge/unmerge
-    fast_path     its custom autograd Function, thin-product routing and LoRA dropout's CPU mask
+    layers/       base (LoraLayer: what every LoRA layer shares; the registry base type -> LoRA class),
+                  linear (LoraLinear), embedding (LoraEmbedding): initialisations, merge/unmerge
+    fast_path     LoraLinear's custom autograd Function, thin-product routing and LoRA dropout's CPU mask
     injection     inject_lora, mark_only_lora_as_trainable, merge/unmerge/unload, rollback on failure
     adapters      save_lora / load_lora (safetensors + JSON, one atomic directory)
     checks        argument validation, one wording for every entry point
@@ -36,7 +37,7 @@ from loralib.injection import (
     unload_lora,
     unmerge_lora,
 )
-from loralib.layers import LoraLinear
+from loralib.layers import LoraEmbedding, LoraLayer, LoraLinear
 from loralib.utils import count_parameters, output_dir, print_versions, set_seed
 
 __version__ = "0.1.0"
@@ -61,6 +62,8 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "LoraEmbedding",
+    "LoraLayer",
     "LoraLinear",
     "count_parameters",
     "find_targets",

@@ -1,4 +1,7 @@
-"""Put `LoraLinear` into any model by module name, choose what trains, and take LoRA out again.
+"""Put LoRA layers into any model by module name, choose what trains, and take LoRA out again.
+
+Which LoRA class adapts a module comes from `loralib.layers`' registry (`nn.Linear` -> `LoraLinear`,
+`nn.Embedding` -> `LoraEmbedding`); nothing here knows a layer type.
 
 Covers: `inject_lora` (PEFT-style name matching, regex, "all-linear"), `mark_only_lora_as_trainable`
 (PEFT's `bias` vocabulary plus layer norms, embeddings and `modules_to_save`), `merge_lora`,
@@ -17,7 +20,7 @@ import torch
 from torch import nn
 
 from loralib.checks import check_bool, check_choice, check_module, check_names
-from loralib.layers import LoraLinear, check_lora_args, module_kind
+from loralib.layers import LoraLayer, check_lora_args, lora_class_for, module_kind, supported_types
 
 # Task heads stay full-precision, fully trained modules: "all-linear" never adapts them (as PEFT).
 # The heads of the classification and question-answering models this project trains.
@@ -26,10 +29,10 @@ HEAD_NAMES = (*TASK_HEADS, "lm_head", "score", "cls", "head", "pooler_head")
 BIAS_CHOICES = ("none", "all", "lora_only")
 
 
-def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
-    """Yield (qualified name, layer) for every `LoraLinear` in `model`."""
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
+    """Yield (qualified name, layer) for every LoRA layer (`loralib.layers.LoraLayer`) in `model`."""
     for name, module in model.named_modules():
-        if isinstance(module, LoraLinear):
+        if isinstance(module, LoraLayer):
             yield name, module
 
 
@@ -65,7 +68,7 @@ def find_targets(model: nn.Module, target_modules: str | Sequence[str]) -> list[
         return [
             n
             for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) and not isinstance(m, LoraLinear) and not _is_head(model, n, m)
+            if isinstance(m, nn.Linear) and not isinstance(m, LoraLayer) and not _is_head(model, n, m)
         ]
     if isinstance(target_modules, str):
         try:
@@ -82,7 +85,7 @@ def find_targets(model: nn.Module, target_modules: str | Sequence[str]) -> list[
 
 
 def _candidate_names(model: nn.Module) -> list[str]:
-    """Module names a target can select: not the model itself, nor anything inside a LoraLinear."""
+    """Module names a target can select: not the model itself, nor anything inside a LoRA layer."""
     inside = [n + "." for n, _ in lora_layers(model)]
     return [n for n, _ in model.named_modules() if n and not any(n.startswith(p) for p in inside)]
 
@@ -109,7 +112,10 @@ def inject_lora(
     use_rslora: bool = False,
     exact: bool = False,
 ) -> list[str]:
-    """Replace the targeted `nn.Linear` modules of `model` in place by `LoraLinear`; return their names.
+    """Replace the targeted modules of `model` in place by their LoRA layers; return their names.
+
+    Each target's class comes from the registry (`loralib.layers.lora_class_for`): `nn.Linear` ->
+    `LoraLinear`, `nn.Embedding` -> `LoraEmbedding`.
 
     exact=True: `target_modules` is a list of full module names (as `save_lora` records them), each
     adapted as named and nothing else; a name the model lacks is an error. Reloads use it, so an adapter
@@ -120,7 +126,7 @@ def inject_lora(
     reused and frozen; B starts at zero so outputs do not change until training. A and B are fp32 on a
     half-precision base unless autocast_adapter_dtype=False. Raises ValueError if nothing matches
     (listing the Linear names that exist) and TypeError if a match is not an `nn.Linear` or already
-    carries LoRA; the model is untouched then.
+    carries LoRA; the model is untouched then. "all-linear" selects Linear layers only (as PEFT).
     """
     check_module(model)
     r, lora_alpha, lora_dropout = check_lora_args(r, lora_alpha, lora_dropout, init)
@@ -164,18 +170,19 @@ def inject_lora(
     modules = dict(model.named_modules())
     for name in names:
         module = modules[name]
-        if isinstance(module, LoraLinear):
+        if isinstance(module, LoraLayer):
             raise TypeError(
                 f"the model already has LoRA on {name!r}; call loralib.unload_lora(model) before injecting "
                 "again, or choose other targets."
             )
-        if not isinstance(module, nn.Linear):
+        if lora_class_for(module) is None:
             raise TypeError(
-                f"{name!r} matched target_modules={target_modules!r} but is a {module_kind(module)}, not an "
-                "nn.Linear; LoRA here adapts Linear layers only, so name the Linear layers inside it."
+                f"{name!r} matched target_modules={target_modules!r} but is a {module_kind(module)}, not a type "
+                f"LoRA adapts here ({supported_types()}; a subclass only if it keeps the base forward), so "
+                "name the layers inside it."
             )
     new = {
-        name: LoraLinear.from_linear(
+        name: lora_class_for(modules[name]).from_module(
             modules[name],
             r=r,
             lora_alpha=lora_alpha,
@@ -225,15 +232,15 @@ def mark_only_lora_as_trainable(
     for p in model.parameters():
         p.requires_grad_(False)
     for name, module in model.named_modules():
-        if isinstance(module, LoraLinear):
+        if isinstance(module, LoraLayer):
             module.lora_A.requires_grad_(True)
             module.lora_B.requires_grad_(True)
-            if bias == "lora_only" and module.bias is not None:
+            if bias == "lora_only" and getattr(module, "bias", None) is not None:
                 module.bias.requires_grad_(True)
         if train_layer_norms and _is_layer_norm(name, module):
             for p in module.parameters(recurse=False):
                 p.requires_grad_(True)
-        if train_embeddings and isinstance(module, nn.Embedding):
+        if train_embeddings and isinstance(module, nn.Embedding) and not isinstance(module, LoraLayer):
             module.weight.requires_grad_(True)
     if bias == "all":
         for name, p in model.named_parameters():
@@ -291,11 +298,12 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
 
 
 def unload_lora(model: nn.Module) -> nn.Module:
-    """Merge, then put plain `nn.Linear` modules back: a stock model with the original state-dict keys."""
+    """Merge, then put the base modules back (`nn.Linear`, `nn.Embedding`): a stock model with the original
+    state-dict keys."""
     check_module(model)
     _check_untied(model)
     for name, layer in list(lora_layers(model)):
-        _set_module(model, name, layer.to_linear())
+        _set_module(model, name, layer.to_base())
     return model
 
 

@@ -4,12 +4,14 @@
 `adapter_model.safetensors` exactly as `PeftModel.save_pretrained` would for the same adapter, so
 `PeftModel.from_pretrained(base, directory)` (or `AutoPeftModelFor...`, the Hub, vLLM, ...) rebuilds our
 model's function. `from_peft(model, directory)` loads a PEFT LoRA adapter into a plain transformers model
-as `LoraLinear` layers (or into one that already has matching loralib layers).
+as loralib layers (`LoraLinear`, `LoraEmbedding`; or into one that already has matching loralib layers).
 
-The mapping, which is all there is to it:
+The mapping, which is all there is to it (each layer class names its PEFT keys: `LoraLayer.peft_names`):
     loralib                          PEFT (saved keys, prefix "base_model.model.")
     <m>.lora_A  (r x in)             <m>.lora_A.weight  (r x in)     same matrix, same layout
     <m>.lora_B  (out x r)            <m>.lora_B.weight  (out x r)
+    embedding <e>.lora_A (r x vocab) <e>.lora_embedding_A  (r x vocab)
+    embedding <e>.lora_B (dim x r)   <e>.lora_embedding_B  (dim x r)
     lora_alpha, use_rslora           lora_alpha, use_rslora (one rule per adapter; a layer with the
                                      other rule gets the equivalent alpha in alpha_pattern), per layer
                                      via rank_pattern / alpha_pattern
@@ -19,7 +21,7 @@ The mapping, which is all there is to it:
 Neither direction imports `peft`: the format is JSON plus safetensors, so a loralib user can export
 without installing it (the tests use PEFT itself as the reference). Not supported, with a clear error:
 DoRA, bias on lora_B (`lora_bias`), `fan_in_fan_out` (GPT-2's Conv1D), LoRA on
-embeddings or convolutions. Not here: loralib's own format (`loralib.adapters`), PEFT training and QLoRA
+convolutions. Not here: loralib's own format (`loralib.adapters`), PEFT training and QLoRA
 (`loralib.peft_backend`).
 """
 
@@ -42,7 +44,7 @@ from torch import nn
 from loralib.checks import check_alpha, check_bool, check_choice, check_module
 from loralib.files import atomic_directory, read_files, safetensors_from_bytes
 from loralib.injection import HEAD_NAMES, inject_lora, lora_layers, unchanged_on_failure
-from loralib.layers import LoraLinear
+from loralib.layers import LoraLayer, lora_class_for
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -147,11 +149,11 @@ def _modules_to_save(model: nn.Module, extras: set[str], lora_names: set[str], h
     return sorted(c for c in chosen if not any(c.startswith(o + ".") for o in chosen if o != c))
 
 
-def _bias_mode(params: dict[str, torch.Tensor], layers: dict[str, LoraLinear], extras: set[str]):
+def _bias_mode(params: dict[str, torch.Tensor], layers: dict[str, LoraLayer], extras: set[str]):
     """PEFT's `bias` setting that covers the trained biases, and their names: "all" saves every bias,
     "lora_only" those of adapted layers, "none" none."""
     all_biases = {n for n in params if n.endswith(".bias")}
-    lora_biases = {f"{n}.bias" for n, layer in layers.items() if layer.bias is not None}
+    lora_biases = {f"{n}.bias" for n, layer in layers.items() if getattr(layer, "bias", None) is not None}
     if all_biases and all_biases <= extras:
         return "all", all_biases
     if lora_biases and lora_biases <= extras:
@@ -159,7 +161,7 @@ def _bias_mode(params: dict[str, torch.Tensor], layers: dict[str, LoraLinear], e
     return "none", set()
 
 
-def _ranks_and_alphas(layers: dict[str, LoraLinear]) -> dict[str, Any]:
+def _ranks_and_alphas(layers: dict[str, LoraLayer]) -> dict[str, Any]:
     """r, lora_alpha and lora_dropout for PEFT: the most common values, the others as patterns."""
     r_common = Counter(layer.r for layer in layers.values()).most_common(1)[0][0]
     # PEFT has one scaling rule for the whole adapter: the most common one; a layer with the other rule
@@ -222,8 +224,8 @@ def peft_state_and_config(
 
     tensors: dict[str, torch.Tensor] = {}
     for name, layer in layers.items():
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach()
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach()
+        tensors[f"{PREFIX}{name}.{layer.peft_names['lora_A']}"] = layer.lora_A.detach()
+        tensors[f"{PREFIX}{name}.{layer.peft_names['lora_B']}"] = layer.lora_B.detach()
     for n in sorted(bias_keys | in_saved):
         owner, _, leaf = n.rpartition(".")
         key = f"{owner}.base_layer.{leaf}" if owner in lora_names else n
@@ -328,7 +330,7 @@ def _check_supported(config: dict[str, Any], directory) -> None:
         )
     for key, what in _UNSUPPORTED.items():
         if config.get(key):
-            raise ValueError(f"{directory} uses {what}, which loralib's LoraLinear does not implement.")
+            raise ValueError(f"{directory} uses {what}, which loralib does not implement.")
     for key in ("target_parameters", "trainable_token_indices", "layer_replication"):
         if config.get(key):
             raise ValueError(f"{directory} sets {key}={config[key]!r}, which from_peft does not support.")
@@ -337,7 +339,8 @@ def _check_supported(config: dict[str, Any], directory) -> None:
 def _group_tensors(
     tensors: dict[str, torch.Tensor], directory
 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
-    """({module: {"lora_A", "lora_B"}}, {parameter name: tensor} for everything else) of a PEFT file."""
+    """({module: {"lora_A", "lora_B", "kind"}}, {parameter name: tensor} for everything else) of a PEFT
+    file; kind is "linear" (lora_A.weight / lora_B.weight) or "embedding" (lora_embedding_A / _B)."""
     # PEFT's bias="all" files can also hold redundant copies from inside its wrappers: skip those.
     tensors = {
         k: v for k, v in tensors.items() if ".original_module." not in k and ".modules_to_save." not in k
@@ -346,17 +349,24 @@ def _group_tensors(
     other: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
         m = re.fullmatch(r"(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight", key)
-        if m:
-            lora.setdefault(m.group(1), {})[m.group(2)] = value
+        e = re.fullmatch(r"(.+)\.lora_embedding_(A|B)(?:\.[^.]+)?", key)
+        if m or e:
+            name, factor, kind = (
+                (m.group(1), m.group(2), "linear") if m else (e.group(1), f"lora_{e.group(2)}", "embedding")
+            )
+            entry = lora.setdefault(name, {"kind": kind})
+            if entry["kind"] != kind:
+                raise ValueError(f"{directory} names {name!r} both as a Linear and as an Embedding adapter.")
+            entry[factor] = value
         elif ".lora_" in key:
             raise ValueError(
-                f"{directory} holds {key!r}: LoRA on embeddings or other layer types is not supported."
+                f"{directory} holds {key!r}: LoRA on convolutions or other layer types is not supported."
             )
         else:
             other[key.replace(".base_layer.", ".")] = value
     if not lora:
         raise ValueError(f"{directory} holds no lora_A/lora_B tensors.")
-    incomplete = [n for n, ab in lora.items() if set(ab) != {"lora_A", "lora_B"}]
+    incomplete = [n for n, ab in lora.items() if set(ab) != {"lora_A", "lora_B", "kind"}]
     if incomplete:
         raise ValueError(f"{directory} is incomplete: lora_A or lora_B missing for {incomplete[:5]}.")
     return lora, other
@@ -373,7 +383,7 @@ def _alpha_for(config: dict[str, Any], name: str, r: int, directory) -> float:
 
 
 def from_peft(model: nn.Module, directory: str | os.PathLike, trainable: bool = True) -> dict[str, Any]:
-    """Load the PEFT LoRA adapter in `directory` into `model` as loralib `LoraLinear` layers; return its config.
+    """Load the PEFT LoRA adapter in `directory` into `model` as loralib layers; return its config.
 
     `model` is the stock transformers model the adapter was trained on (same architecture and head size),
     or one that already carries loralib layers on exactly the adapter's modules with the same ranks.
@@ -425,15 +435,18 @@ def from_peft(model: nn.Module, directory: str | os.PathLike, trainable: bool = 
     problems = []
     for name, ab in lora.items():
         mod = modules[name]
-        if not isinstance(mod, nn.Linear):
-            problems.append(f"{name} is a {type(mod).__name__}, not a Linear")
+        cls = type(mod) if isinstance(mod, LoraLayer) else lora_class_for(mod)
+        wanted = "Embedding" if ab["kind"] == "embedding" else "Linear"
+        if cls is None or cls.base_type.__name__ != wanted:
+            problems.append(
+                f"{name} is a {type(mod).__name__}, and the adapter's tensors are for an {wanted}"
+            )
             continue
-        r = ranks[name]
-        want_a, want_b = (r, mod.in_features), (mod.out_features, r)
+        want_a, want_b = cls.adapter_shapes(mod, ranks[name])
         if tuple(ab["lora_A"].shape) != want_a or tuple(ab["lora_B"].shape) != want_b:
             problems.append(
-                f"{name}: adapter A {tuple(ab['lora_A'].shape)} B {tuple(ab['lora_B'].shape)} vs layer "
-                f"{mod.in_features}->{mod.out_features}"
+                f"{name}: adapter A {tuple(ab['lora_A'].shape)} B {tuple(ab['lora_B'].shape)} vs the layer's "
+                f"A {want_a} B {want_b}"
             )
     params = dict(model.named_parameters())
     for key, value in other.items():
@@ -481,7 +494,7 @@ def from_peft(model: nn.Module, directory: str | os.PathLike, trainable: bool = 
         params = dict(model.named_parameters())
         with torch.no_grad():
             for name, ab in lora.items():
-                layer: LoraLinear = have[name]
+                layer: LoraLayer = have[name]
                 layer.lora_A.copy_(ab["lora_A"].to(layer.lora_A.dtype))
                 layer.lora_B.copy_(ab["lora_B"].to(layer.lora_B.dtype))
             for key, value in other.items():

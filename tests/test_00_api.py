@@ -7,7 +7,7 @@ import pytest
 import loralib
 
 CORE = {
-    "LoraLinear", "count_parameters", "default_model_id", "find_targets", "from_peft", "inject_lora",
+    "LoraEmbedding", "LoraLayer", "LoraLinear", "count_parameters", "default_model_id", "find_targets", "from_peft", "inject_lora",
     "load_lora", "lora_layers", "lora_state_dict", "mark_only_lora_as_trainable", "merge_lora",
     "output_dir", "print_versions", "save_lora", "set_seed", "to_peft", "unload_lora", "unmerge_lora",
 }  # fmt: skip

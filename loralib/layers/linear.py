@@ -24,58 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loralib.checks import check_alpha, check_bool, check_dropout, check_rank
+from loralib.checks import check_bool
 from loralib.fast_path import LoraFunction, mask_lanes
-
-INITS = ("kaiming", "gaussian", "article")
-MERGED_KEY = "lora_merged"  # state-dict entry recording whether `weight` holds the update
+from loralib.layers.base import LoraLayer, adapter_dtype, check_lora_args, module_kind, register_lora_layer
 
 
-def check_lora_args(
-    r: int, lora_alpha: float | None, lora_dropout: float, init: str
-) -> tuple[int, float | None, float]:
-    """Validate LoRA's hyper-parameters once, for every entry point; return them normalised."""
-    r = check_rank(r)
-    lora_alpha = check_alpha(lora_alpha, "lora_alpha")
-    lora_dropout = check_dropout(lora_dropout, "lora_dropout")
-    if not isinstance(init, str) or init not in INITS:
-        raise ValueError(f"unknown LoRA init {init!r}; choose one of {INITS}.")
-    return r, lora_alpha, lora_dropout
-
-
-def lora_scaling(lora_alpha: float, r: int, use_rslora: bool = False) -> float:
-    """lora_alpha / r (the LoRA paper), or lora_alpha / sqrt(r) (rsLoRA)."""
-    return lora_alpha / (math.sqrt(r) if use_rslora else r)
-
-
-def adapter_dtype(base_dtype: torch.dtype, autocast_adapter_dtype: bool = True) -> torch.dtype:
-    """The dtype A and B are stored in: fp32 when the base is fp16/bf16 (as PEFT does), else the base's.
-
-    Half-precision adapter weights fail in three ways: fp16 + AdamW overflows to inf, a GradScaler
-    refuses to unscale fp16 gradients, and bf16 rounds small updates away. fp32 master copies cost
-    little (A and B are small); the forward casts them to the compute dtype.
-    """
-    if autocast_adapter_dtype and base_dtype in (torch.float16, torch.bfloat16):
-        return torch.float32
-    return base_dtype
-
-
-class _MergedTrainingGuard(torch.autograd.Function):
-    """Identity in the forward; its backward raises: training through a merged layer is an error."""
-
-    @staticmethod
-    def forward(ctx, out, lora_A, lora_B):
-        return out.view_as(out)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        raise RuntimeError(
-            "a merged LoraLinear was trained: its forward uses the merged weight, not lora_A/lora_B, so they "
-            "would get no gradient. Call loralib.unmerge_lora(model) before training (merge again for inference)."
-        )
-
-
-class LoraLinear(nn.Linear):
+@register_lora_layer
+class LoraLinear(LoraLayer, nn.Linear):
     """A `nn.Linear` whose frozen weight gets a trainable low-rank update B @ A scaled by lora_alpha / r.
 
     It subclasses `nn.Linear`, so the original `weight`/`bias` keep their state-dict names and a
@@ -123,15 +78,8 @@ class LoraLinear(nn.Linear):
         check_bool(autocast_adapter_dtype, "autocast_adapter_dtype")
         check_bool(use_rslora, "use_rslora")
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self.r = r
-        self.lora_alpha = r if lora_alpha is None else lora_alpha
-        self.use_rslora = use_rslora
-        self.init = init
-        self.lora_dropout_p = lora_dropout
         ad = adapter_dtype(self.weight.dtype, autocast_adapter_dtype)
-        self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=ad))
-        self.lora_B = nn.Parameter(torch.empty(out_features, r, device=device, dtype=ad))
-        self.merged = False
+        self._init_lora(in_features, out_features, r, lora_alpha, lora_dropout, use_rslora, init, device, ad)
         # False: the plain formula through stock autograd instead of `LoraFunction` (slower; for
         # experiments that need what the hand-written backward refuses).
         self.fast_path = True
@@ -140,66 +88,11 @@ class LoraLinear(nn.Linear):
             self.bias.requires_grad_(False)
         self.reset_lora_parameters()
 
-    @property
-    def scaling(self) -> float:
-        """What B @ A is multiplied by: lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora."""
-        return lora_scaling(self.lora_alpha, self.r, self.use_rslora)
+    base_type = nn.Linear
 
-    # lora_alpha and use_rslora set the scaling of an update a merged weight already holds: changing one
-    # on a merged layer takes the update out with the old scaling and puts it back with the new one.
-    @property
-    def lora_alpha(self) -> float:
-        return self._lora_alpha
-
-    @lora_alpha.setter
-    def lora_alpha(self, value: float) -> None:
-        value = check_alpha(value, "lora_alpha")
-        value = float(self.r if value is None else value)  # None means lora_alpha = r, as at construction
-        self._with_update_taken_out(lambda: setattr(self, "_lora_alpha", value))
-
-    @property
-    def use_rslora(self) -> bool:
-        return self._use_rslora
-
-    @use_rslora.setter
-    def use_rslora(self, value: bool) -> None:
-        value = check_bool(value, "use_rslora")
-        self._with_update_taken_out(lambda: setattr(self, "_use_rslora", value))
-
-    @property
-    def r(self) -> int:
-        return self._r
-
-    @r.setter
-    def r(self, value: int) -> None:
-        if "_r" in self.__dict__:
-            raise AttributeError(
-                f"r is fixed by the shapes of lora_A {tuple(self.lora_A.shape)} and lora_B "
-                f"{tuple(self.lora_B.shape)}; inject a new layer (unload_lora(model), then inject_lora(..., r=...))."
-            )
-        self._r = check_rank(value)
-
-    @property
-    def lora_dropout_p(self) -> float:
-        """LoRA dropout's probability; setting it also replaces the `lora_dropout` module (CUDA and
-        `torch.compile` use that module, the CPU path its own mask), so the two never disagree."""
-        return self._lora_dropout_p
-
-    @lora_dropout_p.setter
-    def lora_dropout_p(self, value: float) -> None:
-        value = float(check_dropout(value, "lora_dropout"))
-        self._lora_dropout_p = value
-        self.lora_dropout = nn.Dropout(value) if value > 0 else nn.Identity()
-
-    def _with_update_taken_out(self, change) -> None:
-        """Run `change` (of the update or its scaling) with a merged update taken out of the weight, then
-        merge the new one. During __init__ `merged` is not set yet: nothing to take out."""
-        merged = self.__dict__.get("merged", False)
-        if merged:
-            self.unmerge()
-        change()
-        if merged:
-            self.merge()
+    @classmethod
+    def adapter_shapes(cls, module: nn.Linear, r: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        return (r, module.in_features), (module.out_features, r)
 
     @classmethod
     def from_linear(
@@ -253,15 +146,6 @@ class LoraLinear(nn.Linear):
             self.merged = False  # a freshly drawn weight holds no update
             self.reset_lora_parameters()
 
-    def reset_lora_parameters(self) -> None:
-        """Re-draw A with the chosen init and set B to zero (the layer then equals the frozen one).
-
-        On a merged layer the old update is taken out of the weight first (the layer stays merged, with
-        the new, zero update)."""
-        if self.lora_A.device.type == "meta":
-            return
-        self._with_update_taken_out(self._reset_lora)
-
     def _reset_lora(self) -> None:
         with torch.no_grad():
             if self.init == "kaiming":
@@ -276,29 +160,14 @@ class LoraLinear(nn.Linear):
         """The scaled update (lora_alpha / r) * B @ A, shape (out, in), in the adapter's dtype."""
         return (self.lora_B @ self.lora_A) * self.scaling
 
-    def unmerged_weight(self) -> torch.Tensor:
-        """The frozen weight without the update, whether or not it is merged (a new tensor if merged)."""
-        if not self.merged:
-            return self.weight
-        return self.weight - self.delta_weight().to(self.weight.dtype)
+    @classmethod
+    def from_module(cls, module: nn.Linear, **kwargs) -> LoraLinear:
+        """The registry's constructor: `from_linear`."""
+        return cls.from_linear(module, **kwargs)
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Fold the update into `weight` so inference costs the same as a plain Linear. Idempotent.
-
-        `loralib.merge_lora(model)` also refuses weights tied to another parameter (merging would change
-        both); this method cannot see the rest of the model.
-        """
-        if not self.merged:
-            self.weight.add_(self.delta_weight().to(self.weight.dtype))
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Take the update out of `weight` again (exact up to float rounding). Idempotent."""
-        if self.merged:
-            self.weight.sub_(self.delta_weight().to(self.weight.dtype))
-            self.merged = False
+    def to_base(self) -> nn.Linear:
+        """The registry's way back: `to_linear`."""
+        return self.to_linear()
 
     def to_linear(self) -> nn.Linear:
         """A plain `nn.Linear` with the update merged in (the adapter is not kept)."""
@@ -309,36 +178,6 @@ class LoraLinear(nn.Linear):
             lin.bias = nn.Parameter(self.bias.data, requires_grad=self.bias.requires_grad)
         lin.train(self.training)
         return lin
-
-    # The merged state travels with the weights: a merged layer's state dict holds `lora_merged`, and
-    # loading one adopts it, so a merged weight is never updated a second time by an unmerged layer.
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.merged:  # only then: an unmerged layer's state dict is a plain Linear's plus A and B
-            destination[prefix + MERGED_KEY] = torch.tensor(True, device=self.weight.device)
-
-    def _load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ):
-        key = prefix + MERGED_KEY
-        has_weight = prefix + "weight" in state_dict
-        # New A/B into a merged weight that is not replaced: take the old update out, put the new one in.
-        remerge = (
-            self.merged and not has_weight and any(prefix + k in state_dict for k in ("lora_A", "lora_B"))
-        )
-        if remerge:
-            self.unmerge()
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-        if key in unexpected_keys:
-            unexpected_keys.remove(key)
-        if key in state_dict:
-            self.merged = bool(state_dict[key])
-        elif has_weight:  # a stock checkpoint, or one saved before the flag existed: an unmerged weight
-            self.merged = False
-        if remerge:
-            self.merge()
 
     def _compute_operands(self, x: torch.Tensor):
         """(x, weight, bias, A, B) in the dtype the layer computes in: autocast's if it is on, else the
@@ -358,16 +197,7 @@ class LoraLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
-            out = F.linear(x, self.weight, self.bias)
-            if (
-                self.training
-                and torch.is_grad_enabled()
-                and (self.lora_A.requires_grad or self.lora_B.requires_grad)
-            ):
-                # The merged forward never touches A and B, so a backward would leave them without a
-                # gradient and only the rest of the model would train: make that backward fail instead.
-                out = _MergedTrainingGuard.apply(out, self.lora_A, self.lora_B)
-            return out
+            return self._guard_merged_training(F.linear(x, self.weight, self.bias))
         training_dropout = self.lora_dropout_p > 0 and self.training
         x, weight, bias, lora_A, lora_B = self._compute_operands(x)
         if torch.compiler.is_compiling() or not getattr(self, "fast_path", True):
@@ -391,21 +221,4 @@ class LoraLinear(nn.Linear):
         return LoraFunction.apply(x, xd, lanes, threshold, weight, bias, lora_A, lora_B, scaling)
 
     def extra_repr(self) -> str:
-        return (
-            f"{super().extra_repr()}, r={self.r}, lora_alpha={self.lora_alpha:g}, "
-            f"lora_dropout={self.lora_dropout_p:g}, "
-            + ("use_rslora=True, " if self.use_rslora else "")
-            + f"init={self.init}, merged={self.merged}"
-        )
-
-
-def module_kind(module: object) -> str:
-    """The class name, with the way forward for layers that look like Linear but are not."""
-    name = type(module).__name__
-    if name == "Conv1D":
-        return (
-            "Conv1D (a GPT-2 style layer from transformers that stores its weight as (in, out), PEFT's "
-            "fan_in_fan_out=True case); LoraLinear adapts nn.Linear only: use PEFT's "
-            "LoraConfig(fan_in_fan_out=True) for such a model, or target its nn.Linear layers"
-        )
-    return name
+        return f"{super().extra_repr()}, {self._lora_repr()}"

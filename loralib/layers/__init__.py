@@ -1,0 +1,35 @@
+"""The LoRA layers: what they share and the registry (`base`), `LoraLinear` (`linear`, with its
+hand-written autograd fast path) and `LoraEmbedding` (`embedding`). Importing this package registers
+every layer type, so `lora_class_for(module)` knows them all."""
+
+from loralib.layers.base import (
+    INITS,
+    LORA_LAYER_TYPES,
+    MERGED_KEY,
+    LoraLayer,
+    adapter_dtype,
+    check_lora_args,
+    lora_class_for,
+    lora_scaling,
+    module_kind,
+    register_lora_layer,
+    supported_types,
+)
+from loralib.layers.embedding import LoraEmbedding
+from loralib.layers.linear import LoraLinear
+
+__all__ = [
+    "INITS",
+    "LORA_LAYER_TYPES",
+    "MERGED_KEY",
+    "LoraEmbedding",
+    "LoraLayer",
+    "LoraLinear",
+    "adapter_dtype",
+    "check_lora_args",
+    "lora_class_for",
+    "lora_scaling",
+    "module_kind",
+    "register_lora_layer",
+    "supported_types",
+]

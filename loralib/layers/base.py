@@ -1,0 +1,300 @@
+"""What every LoRA layer shares, and the table from a base module type to its LoRA class.
+
+`LoraLayer` holds the adapter's state and rules, whatever module it wraps: the rank r (fixed by the
+shapes of lora_A and lora_B), lora_alpha and use_rslora (the scaling), LoRA dropout's probability, the
+merged state (and its entry in the state dict), merge / unmerge / reset, and how a change of the update
+or its scaling re-merges. A subclass says what is type-specific: the base module (`base_type`), how to
+build one from it (`from_module`) and back (`to_base`), the update as a weight-shaped tensor
+(`delta_weight`), its initialisation (`_reset_lora`) and its forward.
+
+`LORA_LAYER_TYPES` maps base module types to LoRA classes (`register_lora_layer`), and `lora_class_for`
+finds the class for a module or says why there is none: injection, saving, loading, merging and the
+PEFT interop go through it, never through the concrete classes.
+
+Covers: `LoraLayer`, the registry, and the helpers every layer uses (`check_lora_args`, `lora_scaling`,
+`adapter_dtype`, `module_kind`). Not here: the layers themselves (`loralib.layers.linear`,
+`loralib.layers.embedding`), finding and swapping modules (`loralib.injection`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from loralib.checks import check_alpha, check_bool, check_dropout, check_rank
+
+INITS = ("kaiming", "gaussian", "article")
+MERGED_KEY = "lora_merged"  # state-dict entry recording whether `weight` holds the update
+
+
+def check_lora_args(
+    r: int, lora_alpha: float | None, lora_dropout: float, init: str
+) -> tuple[int, float | None, float]:
+    """Validate LoRA's hyper-parameters once, for every entry point; return them normalised."""
+    r = check_rank(r)
+    lora_alpha = check_alpha(lora_alpha, "lora_alpha")
+    lora_dropout = check_dropout(lora_dropout, "lora_dropout")
+    if not isinstance(init, str) or init not in INITS:
+        raise ValueError(f"unknown LoRA init {init!r}; choose one of {INITS}.")
+    return r, lora_alpha, lora_dropout
+
+
+def lora_scaling(lora_alpha: float, r: int, use_rslora: bool = False) -> float:
+    """lora_alpha / r (the LoRA paper), or lora_alpha / sqrt(r) (rsLoRA)."""
+    return lora_alpha / (math.sqrt(r) if use_rslora else r)
+
+
+def adapter_dtype(base_dtype: torch.dtype, autocast_adapter_dtype: bool = True) -> torch.dtype:
+    """The dtype A and B are stored in: fp32 when the base is fp16/bf16 (as PEFT does), else the base's.
+
+    Half-precision adapter weights fail in three ways: fp16 + AdamW overflows to inf, a GradScaler
+    refuses to unscale fp16 gradients, and bf16 rounds small updates away. fp32 master copies cost
+    little (A and B are small); the forward casts them to the compute dtype.
+    """
+    if autocast_adapter_dtype and base_dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return base_dtype
+
+
+class _MergedTrainingGuard(torch.autograd.Function):
+    """Identity in the forward; its backward raises: training through a merged layer is an error."""
+
+    @staticmethod
+    def forward(ctx, out, lora_A, lora_B):
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        raise RuntimeError(
+            "a merged LoRA layer was trained: its forward uses the merged weight, not lora_A/lora_B, so they "
+            "would get no gradient. Call loralib.unmerge_lora(model) before training (merge again for inference)."
+        )
+
+
+class LoraLayer:
+    """The mixin every LoRA layer puts before its base module class (`class LoraX(LoraLayer, nn.X)`).
+
+    It owns lora_A (r x fan-in) and lora_B (fan-out x r), their scaling and the merged state. Subclasses
+    set `base_type` and implement `from_module`, `to_base`, `delta_weight`, `_reset_lora` and `forward`.
+    """
+
+    base_type: type[nn.Module]
+    # How PEFT names this layer's factors in a saved adapter (after the module's name).
+    peft_names: dict[str, str] = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
+
+    @classmethod
+    def adapter_shapes(cls, module: nn.Module, r: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """The shapes of lora_A and lora_B of rank r on base module `module`: (r, fan-in), (fan-out, r)."""
+        raise NotImplementedError
+
+    def _init_lora(
+        self,
+        fan_in: int,
+        fan_out: int,
+        r: int,
+        lora_alpha: float | None,
+        lora_dropout: float,
+        use_rslora: bool,
+        init: str,
+        device,
+        adapter_dtype_: torch.dtype,
+    ) -> None:
+        """Set the shared state and allocate A (r x fan_in) and B (fan_out x r); arguments checked."""
+        self.merged = False
+        self.r = r
+        self.lora_alpha = r if lora_alpha is None else lora_alpha
+        self.use_rslora = use_rslora
+        self.init = init
+        self.lora_dropout_p = lora_dropout
+        self.lora_A = nn.Parameter(torch.empty(r, fan_in, device=device, dtype=adapter_dtype_))
+        self.lora_B = nn.Parameter(torch.empty(fan_out, r, device=device, dtype=adapter_dtype_))
+
+    @property
+    def scaling(self) -> float:
+        """What B @ A is multiplied by: lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora."""
+        return lora_scaling(self.lora_alpha, self.r, self.use_rslora)
+
+    # lora_alpha and use_rslora set the scaling of an update a merged weight already holds: changing one
+    # on a merged layer takes the update out with the old scaling and puts it back with the new one.
+    @property
+    def lora_alpha(self) -> float:
+        return self._lora_alpha
+
+    @lora_alpha.setter
+    def lora_alpha(self, value: float) -> None:
+        value = check_alpha(value, "lora_alpha")
+        value = float(self.r if value is None else value)  # None means lora_alpha = r, as at construction
+        self._with_update_taken_out(lambda: setattr(self, "_lora_alpha", value))
+
+    @property
+    def use_rslora(self) -> bool:
+        return self._use_rslora
+
+    @use_rslora.setter
+    def use_rslora(self, value: bool) -> None:
+        value = check_bool(value, "use_rslora")
+        self._with_update_taken_out(lambda: setattr(self, "_use_rslora", value))
+
+    @property
+    def r(self) -> int:
+        return self._r
+
+    @r.setter
+    def r(self, value: int) -> None:
+        if "_r" in self.__dict__:
+            raise AttributeError(
+                f"r is fixed by the shapes of lora_A {tuple(self.lora_A.shape)} and lora_B "
+                f"{tuple(self.lora_B.shape)}; inject a new layer (unload_lora(model), then inject_lora(..., r=...))."
+            )
+        self._r = check_rank(value)
+
+    @property
+    def lora_dropout_p(self) -> float:
+        """LoRA dropout's probability; setting it also replaces the `lora_dropout` module (CUDA and
+        `torch.compile` use that module, the CPU path its own mask), so the two never disagree."""
+        return self._lora_dropout_p
+
+    @lora_dropout_p.setter
+    def lora_dropout_p(self, value: float) -> None:
+        value = float(check_dropout(value, "lora_dropout"))
+        self._lora_dropout_p = value
+        self.lora_dropout = nn.Dropout(value) if value > 0 else nn.Identity()
+
+    def _with_update_taken_out(self, change) -> None:
+        """Run `change` (of the update or its scaling) with a merged update taken out of the weight, then
+        merge the new one. During __init__ `merged` is not set yet: nothing to take out."""
+        merged = self.__dict__.get("merged", False)
+        if merged:
+            self.unmerge()
+        change()
+        if merged:
+            self.merge()
+
+    def reset_lora_parameters(self) -> None:
+        """Re-draw the adapter with the layer's init (the update then is zero, so the layer equals the
+        frozen one). On a merged layer the old update is taken out of the weight first (the layer stays
+        merged, with the new, zero update)."""
+        if self.lora_A.device.type == "meta":
+            return
+        self._with_update_taken_out(self._reset_lora)
+
+    def _reset_lora(self) -> None:
+        raise NotImplementedError
+
+    def delta_weight(self) -> torch.Tensor:
+        """The scaled update, shaped like `weight`, in the adapter's dtype."""
+        raise NotImplementedError
+
+    def unmerged_weight(self) -> torch.Tensor:
+        """The frozen weight without the update, whether or not it is merged (a new tensor if merged)."""
+        if not self.merged:
+            return self.weight
+        return self.weight - self.delta_weight().to(self.weight.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into `weight` so inference costs what the base module costs. Idempotent.
+
+        `loralib.merge_lora(model)` also refuses weights tied to another parameter (merging would change
+        both); this method cannot see the rest of the model.
+        """
+        if not self.merged:
+            self.weight.add_(self.delta_weight().to(self.weight.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take the update out of `weight` again (exact up to float rounding). Idempotent."""
+        if self.merged:
+            self.weight.sub_(self.delta_weight().to(self.weight.dtype))
+            self.merged = False
+
+    def _guard_merged_training(self, out: torch.Tensor) -> torch.Tensor:
+        """A merged forward never touches A and B, so a backward would leave them without a gradient and
+        only the rest of the model would train: make that backward fail instead."""
+        if (
+            self.training
+            and torch.is_grad_enabled()
+            and (self.lora_A.requires_grad or self.lora_B.requires_grad)
+        ):
+            return _MergedTrainingGuard.apply(out, self.lora_A, self.lora_B)
+        return out
+
+    # The merged state travels with the weights: a merged layer's state dict holds `lora_merged`, and
+    # loading one adopts it, so a merged weight is never updated a second time by an unmerged layer.
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.merged:  # only then: an unmerged layer's state dict is the base module's plus A and B
+            destination[prefix + MERGED_KEY] = torch.tensor(True, device=self.weight.device)
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        key = prefix + MERGED_KEY
+        has_weight = prefix + "weight" in state_dict
+        # New A/B into a merged weight that is not replaced: take the old update out, put the new one in.
+        remerge = (
+            self.merged and not has_weight and any(prefix + k in state_dict for k in ("lora_A", "lora_B"))
+        )
+        if remerge:
+            self.unmerge()
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if key in unexpected_keys:
+            unexpected_keys.remove(key)
+        if key in state_dict:
+            self.merged = bool(state_dict[key])
+        elif has_weight:  # a stock checkpoint, or one saved before the flag existed: an unmerged weight
+            self.merged = False
+        if remerge:
+            self.merge()
+
+    def _lora_repr(self) -> str:
+        return (
+            f"r={self.r}, lora_alpha={self.lora_alpha:g}, lora_dropout={self.lora_dropout_p:g}, "
+            + ("use_rslora=True, " if self.use_rslora else "")
+            + f"init={self.init}, merged={self.merged}"
+        )
+
+
+# Base module type -> its LoRA class; `register_lora_layer` adds one (a new layer type is one class and
+# this one line).
+LORA_LAYER_TYPES: dict[type[nn.Module], type[LoraLayer]] = {}
+
+
+def register_lora_layer(cls: type[LoraLayer]) -> type[LoraLayer]:
+    """Class decorator: make `cls` the LoRA class of `cls.base_type`."""
+    LORA_LAYER_TYPES[cls.base_type] = cls
+    return cls
+
+
+def lora_class_for(module: nn.Module) -> type[LoraLayer] | None:
+    """The LoRA class that adapts `module`, or None. A subclass of a registered type qualifies only if it
+    keeps the base type's forward (a subclass with its own forward, e.g. one that scales its output,
+    would be bypassed by the LoRA layer's forward)."""
+    if isinstance(module, LoraLayer):
+        return None
+    for base, cls in LORA_LAYER_TYPES.items():
+        if isinstance(module, base) and type(module).forward is base.forward:
+            return cls
+    return None
+
+
+def supported_types() -> str:
+    """The module types LoRA adapts here, for error messages."""
+    return ", ".join(f"nn.{t.__name__}" for t in LORA_LAYER_TYPES)
+
+
+def module_kind(module: object) -> str:
+    """The class name, with the way forward for layers that look like Linear but are not."""
+    name = type(module).__name__
+    if name == "Conv1D":
+        return (
+            "Conv1D (a GPT-2 style layer from transformers that stores its weight as (in, out), PEFT's "
+            "fan_in_fan_out=True case); loralib adapts nn.Linear and nn.Embedding here: use PEFT's "
+            "LoraConfig(fan_in_fan_out=True) for such a model, or target its nn.Linear layers"
+        )
+    return name
