@@ -59,7 +59,8 @@ def find_targets(model: nn.Module, target_modules: str | Sequence[str]) -> list[
 
     A list matches a module whose name equals an entry or ends with "." + entry (PEFT's rule);
     a string is a regular expression that must match the whole name; "all-linear" selects every
-    `nn.Linear` except task heads (see HEAD_NAMES) and the output embedding.
+    linear layer LoRA adapts (`nn.Linear`, GPT-2's `Conv1D`) except task heads (see HEAD_NAMES) and the
+    output embedding, as PEFT's does.
     """
     check_module(model)
     if not isinstance(target_modules, str):
@@ -68,7 +69,7 @@ def find_targets(model: nn.Module, target_modules: str | Sequence[str]) -> list[
         return [
             n
             for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) and not isinstance(m, LoraLayer) and not _is_head(model, n, m)
+            if getattr(lora_class_for(m), "linear_like", False) and not _is_head(model, n, m)
         ]
     if isinstance(target_modules, str):
         try:
@@ -91,7 +92,7 @@ def _candidate_names(model: nn.Module) -> list[str]:
 
 
 def _linear_names(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return [n for n, m in model.named_modules() if getattr(lora_class_for(m), "linear_like", False)]
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -155,17 +156,10 @@ def inject_lora(
     if not names:
         linears = _linear_names(model)
         shown = ", ".join(linears[:40]) + (" ..." if len(linears) > 40 else "")
-        conv1d = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
-        hint = (
-            f" It has GPT-2 style Conv1D layers ({', '.join(conv1d[:4])}...), which LoraLinear does not adapt: "
-            "use PEFT's LoraConfig(fan_in_fan_out=True) for such a model."
-            if conv1d
-            else ""
-        )
         raise ValueError(
             f"target_modules={target_modules!r} matched no module. Names match exactly or by their last "
             f"dotted parts (e.g. 'query' matches 'encoder.layer.0.attention.self.query'). "
-            f"Linear modules in this model: {shown or '(none)'}.{hint}"
+            f"Linear modules in this model: {shown or '(none)'}."
         )
     modules = dict(model.named_modules())
     for name in names:

@@ -20,8 +20,8 @@ The mapping, which is all there is to it (each layer class names its PEFT keys: 
 
 Neither direction imports `peft`: the format is JSON plus safetensors, so a loralib user can export
 without installing it (the tests use PEFT itself as the reference). Not supported, with a clear error:
-DoRA, bias on lora_B (`lora_bias`), `fan_in_fan_out` (GPT-2's Conv1D), LoRA on
-convolutions. Not here: loralib's own format (`loralib.adapters`), PEFT training and QLoRA
+DoRA, bias on lora_B (`lora_bias`), LoRA on convolutions. GPT-2's Conv1D layers are PEFT's
+`fan_in_fan_out=True` (written when the model has one; the factors' layout is a Linear's). Not here: loralib's own format (`loralib.adapters`), PEFT training and QLoRA
 (`loralib.peft_backend`).
 """
 
@@ -60,7 +60,6 @@ _TASK_TYPES = (
 _UNSUPPORTED = {
     "use_dora": "DoRA (weight-decomposed LoRA)",
     "lora_bias": "a bias on lora_B (lora_bias=True)",
-    "fan_in_fan_out": "fan_in_fan_out=True (Conv1D layers, e.g. GPT-2)",
 }
 
 
@@ -111,6 +110,16 @@ def _num(x: float) -> int | float:
 
 def _owner(param_name: str) -> str:
     return param_name.rpartition(".")[0]
+
+
+def _tied_to_outside(model: nn.Module, module_name: str) -> bool:
+    """True when a parameter of `module_name` shares its storage with a parameter outside it."""
+    inside = {p.data_ptr() for p in model.get_submodule(module_name).parameters()}
+    return any(
+        p.data_ptr() in inside
+        for n, p in model.named_parameters(remove_duplicate=False)
+        if not n.startswith(module_name + ".")
+    )
 
 
 def _modules_to_save(model: nn.Module, extras: set[str], lora_names: set[str], heads: set[str]) -> list[str]:
@@ -218,7 +227,9 @@ def peft_state_and_config(
     heads = {
         h for h in HEAD_NAMES if h in top and not any(n == h or n.startswith(h + ".") for n in lora_names)
     }
-    heads = heads if save_heads else set()
+    # A head tied to the input embedding (a causal LM's lm_head) is the embedding itself, frozen: it is
+    # part of the base, not of the adapter, so PEFT would not save it.
+    heads = {h for h in heads if not _tied_to_outside(model, h)} if save_heads else set()
     to_save = _modules_to_save(model, extras - bias_keys, lora_names, heads)
     in_saved = {n for n in params if any(n.startswith(m + ".") for m in to_save)}
 
@@ -246,7 +257,7 @@ def peft_state_and_config(
         "bias": bias_mode,
         "use_dora": False,
         "lora_bias": False,
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": any(type(layer).base_type.__name__ == "Conv1D" for layer in layers.values()),
         "init_lora_weights": True,
         "inference_mode": True,
         "layers_to_transform": None,
@@ -436,11 +447,10 @@ def from_peft(model: nn.Module, directory: str | os.PathLike, trainable: bool = 
     for name, ab in lora.items():
         mod = modules[name]
         cls = type(mod) if isinstance(mod, LoraLayer) else lora_class_for(mod)
-        wanted = "Embedding" if ab["kind"] == "embedding" else "Linear"
-        if cls is None or cls.base_type.__name__ != wanted:
-            problems.append(
-                f"{name} is a {type(mod).__name__}, and the adapter's tensors are for an {wanted}"
-            )
+        embedding = ab["kind"] == "embedding"
+        if cls is None or (cls.base_type is nn.Embedding) != embedding:
+            wanted = "an Embedding" if embedding else "a Linear or Conv1D"
+            problems.append(f"{name} is a {type(mod).__name__}, and the adapter's tensors are for {wanted}")
             continue
         want_a, want_b = cls.adapter_shapes(mod, ranks[name])
         if tuple(ab["lora_A"].shape) != want_a or tuple(ab["lora_B"].shape) != want_b:

@@ -125,7 +125,7 @@ def test_an_embedding_adapter_for_a_linear_is_refused_with_the_model_unchanged(t
     other = copy.deepcopy(base)
     other.emb = nn.Linear(40, 12).double()  # same name, another type
     before = {k: v.clone() for k, v in other.state_dict().items()}
-    with pytest.raises(ValueError, match="emb is a Linear, and the adapter's tensors are for an Embedding"):
+    with pytest.raises(ValueError, match="emb is a Linear, and the adapter.s tensors are for an Embedding"):
         from_peft(other, tmp_path / "peft")
     assert not list(lora_layers(other))
     assert all(torch.equal(v, other.state_dict()[k]) for k, v in before.items())

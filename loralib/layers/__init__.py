@@ -1,6 +1,7 @@
 """The LoRA layers: what they share and the registry (`base`), `LoraLinear` (`linear`, with its
-hand-written autograd fast path) and `LoraEmbedding` (`embedding`). Importing this package registers
-every layer type, so `lora_class_for(module)` knows them all."""
+hand-written autograd fast path), `LoraEmbedding` (`embedding`) and GPT-2's `LoraConv1D` (`conv1d`,
+registered once transformers is imported). Importing this package registers the torch layer types, so
+`lora_class_for(module)` knows them all."""
 
 from loralib.layers.base import (
     INITS,

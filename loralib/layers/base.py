@@ -19,6 +19,8 @@ Covers: `LoraLayer`, the registry, and the helpers every layer uses (`check_lora
 from __future__ import annotations
 
 import math
+import sys
+from importlib import import_module
 
 import torch
 from torch import nn
@@ -81,6 +83,8 @@ class LoraLayer:
     """
 
     base_type: type[nn.Module]
+    # True for layers computing x W^T (or x W): what "all-linear" selects, as PEFT's does.
+    linear_like: bool = False
     # How PEFT names this layer's factors in a saved adapter (after the module's name).
     peft_names: dict[str, str] = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
 
@@ -271,10 +275,23 @@ def register_lora_layer(cls: type[LoraLayer]) -> type[LoraLayer]:
     return cls
 
 
+# Base types from optional packages, registered once their package is imported (a model that holds one
+# has imported it), so loralib never imports transformers to adapt a plain torch model.
+_LAZY_LAYER_MODULES = {"transformers.pytorch_utils": "loralib.layers.conv1d"}
+
+
+def _register_lazy() -> None:
+    for package, ours in list(_LAZY_LAYER_MODULES.items()):
+        if package in sys.modules:
+            import_module(ours)  # its @register_lora_layer runs
+            del _LAZY_LAYER_MODULES[package]
+
+
 def lora_class_for(module: nn.Module) -> type[LoraLayer] | None:
     """The LoRA class that adapts `module`, or None. A subclass of a registered type qualifies only if it
     keeps the base type's forward (a subclass with its own forward, e.g. one that scales its output,
     would be bypassed by the LoRA layer's forward)."""
+    _register_lazy()
     if isinstance(module, LoraLayer):
         return None
     for base, cls in LORA_LAYER_TYPES.items():
@@ -285,16 +302,13 @@ def lora_class_for(module: nn.Module) -> type[LoraLayer] | None:
 
 def supported_types() -> str:
     """The module types LoRA adapts here, for error messages."""
-    return ", ".join(f"nn.{t.__name__}" for t in LORA_LAYER_TYPES)
+    _register_lazy()
+    return ", ".join(
+        f"nn.{t.__name__}" if t.__module__.startswith("torch.") else f"{t.__module__}.{t.__name__}"
+        for t in LORA_LAYER_TYPES
+    )
 
 
 def module_kind(module: object) -> str:
-    """The class name, with the way forward for layers that look like Linear but are not."""
-    name = type(module).__name__
-    if name == "Conv1D":
-        return (
-            "Conv1D (a GPT-2 style layer from transformers that stores its weight as (in, out), PEFT's "
-            "fan_in_fan_out=True case); loralib adapts nn.Linear and nn.Embedding here: use PEFT's "
-            "LoraConfig(fan_in_fan_out=True) for such a model, or target its nn.Linear layers"
-        )
-    return name
+    """The class name of `module`, for error messages."""
+    return type(module).__name__

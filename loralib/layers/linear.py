@@ -26,7 +26,14 @@ from torch import nn
 
 from loralib.checks import check_bool
 from loralib.fast_path import LoraFunction, mask_lanes
-from loralib.layers.base import LoraLayer, adapter_dtype, check_lora_args, module_kind, register_lora_layer
+from loralib.layers.base import (
+    LoraLayer,
+    adapter_dtype,
+    check_lora_args,
+    lora_class_for,
+    module_kind,
+    register_lora_layer,
+)
 
 
 @register_lora_layer
@@ -89,6 +96,7 @@ class LoraLinear(LoraLayer, nn.Linear):
         self.reset_lora_parameters()
 
     base_type = nn.Linear
+    linear_like = True
 
     @classmethod
     def adapter_shapes(cls, module: nn.Linear, r: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -112,7 +120,9 @@ class LoraLinear(LoraLayer, nn.Linear):
                 "this layer already has LoRA; call unload_lora()/unmerge first or adapt another layer."
             )
         if not isinstance(linear, nn.Linear):
-            raise TypeError(f"LoraLinear.from_linear expects an nn.Linear, got {module_kind(linear)}.")
+            other = lora_class_for(linear)
+            way = f"; its LoRA class is {other.__name__} (inject_lora picks it)" if other else ""
+            raise TypeError(f"LoraLinear.from_linear expects an nn.Linear, got {module_kind(linear)}{way}.")
         r, lora_alpha, lora_dropout = check_lora_args(r, lora_alpha, lora_dropout, init)
         check_bool(autocast_adapter_dtype, "autocast_adapter_dtype")
         w = linear.weight

@@ -1,0 +1,134 @@
+"""`LoraConv1D`: LoRA on GPT-2 style `transformers.pytorch_utils.Conv1D`, a Linear that stores its weight
+transposed, (in x out), and computes x W + b.
+
+    y = x W + b + dropout(x) A^T B^T * scaling        A: (r x in), B: (out x r); the update of W is (B A)^T
+
+This is PEFT's `fan_in_fan_out=True` case: the same factors and forward as a Linear's LoRA, only the
+merged update is transposed to W's layout. The forward is the plain formula through autograd (GPT-2's
+layers are few and wide; the hand-written fast path is `LoraLinear`'s). Registered lazily: the class
+exists once transformers is imported, which any model holding a Conv1D has done.
+
+Covers: the layer, `from_module`, `to_base`. Not here: what every LoRA layer shares
+(`loralib.layers.base`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from loralib.checks import check_bool
+from loralib.layers.base import LoraLayer, adapter_dtype, check_lora_args, module_kind, register_lora_layer
+
+
+@register_lora_layer
+class LoraConv1D(LoraLayer, Conv1D):
+    """A GPT-2 `Conv1D` (nf outputs, nx inputs) whose frozen weight gets the update (B @ A)^T * scaling.
+
+    Keyword-only r, lora_alpha (None: = r), lora_dropout, use_rslora, init ("kaiming", "gaussian",
+    "article": A's init as `LoraLinear`'s; B starts at zero), autocast_adapter_dtype.
+    """
+
+    base_type = Conv1D
+    linear_like = True
+
+    def __init__(
+        self,
+        nf: int,
+        nx: int,
+        *,
+        r: int = 8,
+        lora_alpha: float | None = None,
+        lora_dropout: float = 0.0,
+        init: str = "kaiming",
+        autocast_adapter_dtype: bool = True,
+        use_rslora: bool = False,
+    ) -> None:
+        r, lora_alpha, lora_dropout = check_lora_args(r, lora_alpha, lora_dropout, init)
+        check_bool(autocast_adapter_dtype, "autocast_adapter_dtype")
+        check_bool(use_rslora, "use_rslora")
+        super().__init__(nf, nx)
+        ad = adapter_dtype(self.weight.dtype, autocast_adapter_dtype)
+        self._init_lora(nx, nf, r, lora_alpha, lora_dropout, use_rslora, init, self.weight.device, ad)
+        self.weight.requires_grad_(False)
+        self.bias.requires_grad_(False)
+        self.reset_lora_parameters()
+
+    @classmethod
+    def adapter_shapes(cls, module: Conv1D, r: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        return (r, module.nx), (module.nf, r)
+
+    @classmethod
+    def from_module(cls, module: Conv1D, *, autocast_adapter_dtype: bool = True, **lora_kwargs) -> LoraConv1D:
+        """Wrap an existing Conv1D: its weight and bias tensors are reused (not copied) and frozen."""
+        if isinstance(module, LoraLayer):
+            raise TypeError("this layer already has LoRA; call unload_lora() first or adapt another layer.")
+        if not isinstance(module, Conv1D):
+            raise TypeError(
+                f"LoraConv1D.from_module expects a transformers Conv1D, got {module_kind(module)}."
+            )
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.nf, layer.nx = module.nf, module.nx
+        w = module.weight
+        layer.weight = nn.Parameter(w.data, requires_grad=False)
+        layer.bias = nn.Parameter(module.bias.data, requires_grad=False)
+        r, lora_alpha, lora_dropout = check_lora_args(
+            lora_kwargs.pop("r", 8),
+            lora_kwargs.pop("lora_alpha", None),
+            lora_kwargs.pop("lora_dropout", 0.0),
+            lora_kwargs.get("init", "kaiming"),
+        )
+        init = lora_kwargs.pop("init", "kaiming")
+        use_rslora = check_bool(lora_kwargs.pop("use_rslora", False), "use_rslora")
+        check_bool(autocast_adapter_dtype, "autocast_adapter_dtype")
+        if lora_kwargs:
+            raise TypeError(f"LoraConv1D.from_module got unexpected arguments {sorted(lora_kwargs)}.")
+        ad = adapter_dtype(w.dtype, autocast_adapter_dtype)
+        layer._init_lora(module.nx, module.nf, r, lora_alpha, lora_dropout, use_rslora, init, w.device, ad)
+        layer.reset_lora_parameters()
+        layer.train(module.training)
+        return layer
+
+    def _reset_lora(self) -> None:
+        with torch.no_grad():
+            if self.init == "kaiming":
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            elif self.init == "gaussian":
+                nn.init.normal_(self.lora_A, std=1.0 / self.r)
+            else:  # "article"
+                nn.init.normal_(self.lora_A, mean=0.0, std=1.0)
+            nn.init.zeros_(self.lora_B)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The scaled update (B @ A)^T * scaling, shape (in, out) like Conv1D's weight."""
+        return (self.lora_B @ self.lora_A).T * self.scaling
+
+    def to_base(self) -> Conv1D:
+        """A plain Conv1D with the update merged in (the adapter is not kept)."""
+        self.merge()
+        plain = Conv1D.__new__(Conv1D)
+        nn.Module.__init__(plain)
+        plain.nf, plain.nx = self.nf, self.nx
+        plain.weight = nn.Parameter(self.weight.data, requires_grad=self.weight.requires_grad)
+        plain.bias = nn.Parameter(self.bias.data, requires_grad=self.bias.requires_grad)
+        plain.train(self.training)
+        return plain
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = Conv1D.forward(self, x)
+        if self.merged:
+            return self._guard_merged_training(out)
+        xd = self.lora_dropout(x) if self.training and self.lora_dropout_p > 0 else x
+        dt = out.dtype
+        update = (xd.to(self.lora_A.dtype) @ self.lora_A.T) @ self.lora_B.T
+        return out + (update * self.scaling).to(dt)
+
+    def extra_repr(self) -> str:
+        return f"nf={self.nf}, nx={self.nx}, {self._lora_repr()}"
+
+    def __repr__(self) -> str:  # Conv1D's own __repr__ would hide the LoRA settings
+        return nn.Module.__repr__(self)
