@@ -69,7 +69,9 @@ def find_targets(model: nn.Module, target_modules: str | Sequence[str]) -> list[
         return [
             n
             for n, m in model.named_modules()
-            if getattr(lora_class_for(m), "linear_like", False) and not _is_head(model, n, m)
+            if getattr(lora_class_for(m), "linear_like", False)
+            and not _is_head(model, n, m)
+            and _bypassing_parent(model, n) is None
         ]
     if isinstance(target_modules, str):
         try:
@@ -83,6 +85,18 @@ def find_targets(model: nn.Module, target_modules: str | Sequence[str]) -> list[
     if not targets or not all(isinstance(t, str) and t for t in targets):
         raise ValueError(f"target_modules must be non-empty module names, got {target_modules!r}.")
     return [n for n in _candidate_names(model) if _name_matches(n, targets)]
+
+
+# Modules whose forward reads a child Linear's weight directly instead of calling it: LoRA on that child
+# would never run. PEFT adapts them with dedicated code; here they are refused by name.
+BYPASSING_PARENTS = (nn.MultiheadAttention,)
+
+
+def _bypassing_parent(model: nn.Module, name: str) -> nn.Module | None:
+    """The module holding `name` when its forward bypasses `name`'s (`BYPASSING_PARENTS`), else None."""
+    parent_name = name.rpartition(".")[0]
+    parent = model.get_submodule(parent_name) if parent_name else model
+    return parent if isinstance(parent, BYPASSING_PARENTS) else None
 
 
 def _candidate_names(model: nn.Module) -> list[str]:
@@ -168,6 +182,13 @@ def inject_lora(
             raise TypeError(
                 f"the model already has LoRA on {name!r}; call loralib.unload_lora(model) before injecting "
                 "again, or choose other targets."
+            )
+        holder = _bypassing_parent(model, name)
+        if holder is not None:
+            raise TypeError(
+                f"{name!r} is a layer inside an nn.{type(holder).__name__}, whose forward reads its weight "
+                "directly, so LoRA on it would never run; LoRA on nn.MultiheadAttention is not supported here "
+                "(PEFT adapts it with its own layer). Target other layers."
             )
         if lora_class_for(module) is None:
             raise TypeError(

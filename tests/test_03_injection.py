@@ -356,3 +356,24 @@ def test_exact_names_that_the_model_lacks_are_named():
     with pytest.raises(ValueError, match=r"lacks: \['9'\]"):
         inject_lora(model, ["0", "9"], r=2, exact=True)
     assert not any(True for _ in lora_layers(model))
+
+
+def test_multihead_attention_is_refused_by_name_and_skipped_by_all_linear():
+    """nn.MultiheadAttention's forward reads out_proj.weight directly: LoRA there would silently never run."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.MultiheadAttention(8, 2), nn.Linear(8, 8))
+    x = torch.randn(3, 1, 8)
+    with pytest.raises(TypeError, match="inside an nn.MultiheadAttention.*not supported"):
+        inject_lora(model, ["0.out_proj"], r=2)
+    with pytest.raises(TypeError, match="MultiheadAttention, not a type LoRA adapts here"):
+        inject_lora(model, ["0"], r=2)
+    assert not list(lora_layers(model))
+    assert inject_lora(model, "all-linear", r=2) == ["1"]  # the MHA's out_proj is left alone
+    # The reason, shown: a LoRA update on out_proj would not change the MHA's output.
+    mha = nn.MultiheadAttention(8, 2)
+    before = mha(x, x, x)[0]
+    mha.out_proj.weight.data.add_(1.0)
+    assert not torch.allclose(mha(x, x, x)[0], before)  # the weight is read...
+    mha.out_proj.forward = lambda inp: inp * 0  # ...but the module's forward is never called
+    after = mha(x, x, x)[0]
+    assert after.abs().sum() > 0
