@@ -269,7 +269,8 @@ def mark_only_lora_as_trainable(
 
 def _check_untied(model: nn.Module) -> None:
     """Refuse to merge into a weight whose storage another parameter or buffer shares (an lm_head tied
-    to the input embedding): the merge would silently change that tensor too."""
+    to the input embedding): the merge would silently change that tensor too; and refuse any layer that
+    cannot hold a merged update (a grouped convolution), before anything is merged."""
     owners: dict[int, list[str]] = {}
     for name, t in [
         *model.named_parameters(remove_duplicate=False),
@@ -279,6 +280,11 @@ def _check_untied(model: nn.Module) -> None:
             # The tensor's own address, not its storage's: a loader may place many parameters as views
             # of one flat buffer, and those are not tied.
             owners.setdefault(t.data_ptr(), []).append(name)
+    problems = [f"{n}: {layer.merge_problem()}" for n, layer in lora_layers(model) if layer.merge_problem()]
+    if problems:
+        raise ValueError(
+            f"cannot merge LoRA into every layer ({'; '.join(problems[:3])}); nothing was merged."
+        )
     for name, layer in lora_layers(model):
         if layer.merged:
             continue

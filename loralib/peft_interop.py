@@ -20,7 +20,8 @@ The mapping, which is all there is to it (each layer class names its PEFT keys: 
 
 Neither direction imports `peft`: the format is JSON plus safetensors, so a loralib user can export
 without installing it (the tests use PEFT itself as the reference). Not supported, with a clear error:
-DoRA, bias on lora_B (`lora_bias`), LoRA on convolutions. GPT-2's Conv1D layers are PEFT's
+DoRA and a bias on lora_B (`lora_bias`). Convolutions use PEFT's conv layout (lora_A.weight a kernel,
+lora_B.weight a 1x1 kernel). GPT-2's Conv1D layers are PEFT's
 `fan_in_fan_out=True` (written when the model has one; the factors' layout is a Linear's). Not here: loralib's own format (`loralib.adapters`), PEFT training and QLoRA
 (`loralib.peft_backend`).
 """
@@ -371,7 +372,7 @@ def _group_tensors(
             entry[factor] = value
         elif ".lora_" in key:
             raise ValueError(
-                f"{directory} holds {key!r}: LoRA on convolutions or other layer types is not supported."
+                f"{directory} holds {key!r}: this kind of LoRA tensor is not supported by loralib."
             )
         else:
             other[key.replace(".base_layer.", ".")] = value

@@ -1,5 +1,5 @@
 """The LoRA layers: what they share and the registry (`base`), `LoraLinear` (`linear`, with its
-hand-written autograd fast path), `LoraEmbedding` (`embedding`) and GPT-2's `LoraConv1D` (`conv1d`,
+hand-written autograd fast path), `LoraEmbedding` (`embedding`), `LoraConv1d/2d/3d` (`conv`) and GPT-2's `LoraConv1D` (`conv1d`,
 registered once transformers is imported). Importing this package registers the torch layer types, so
 `lora_class_for(module)` knows them all."""
 
@@ -16,6 +16,7 @@ from loralib.layers.base import (
     register_lora_layer,
     supported_types,
 )
+from loralib.layers.conv import LoraConv1d, LoraConv2d, LoraConv3d
 from loralib.layers.embedding import LoraEmbedding
 from loralib.layers.linear import LoraLinear
 
@@ -23,6 +24,9 @@ __all__ = [
     "INITS",
     "LORA_LAYER_TYPES",
     "MERGED_KEY",
+    "LoraConv1d",
+    "LoraConv2d",
+    "LoraConv3d",
     "LoraEmbedding",
     "LoraLayer",
     "LoraLinear",

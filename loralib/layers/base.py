@@ -104,16 +104,19 @@ class LoraLayer:
         init: str,
         device,
         adapter_dtype_: torch.dtype,
+        shapes: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
     ) -> None:
-        """Set the shared state and allocate A (r x fan_in) and B (fan_out x r); arguments checked."""
+        """Set the shared state and allocate A (r x fan_in) and B (fan_out x r), or the given `shapes`
+        (a convolution's kernels); arguments checked."""
         self.merged = False
         self.r = r
         self.lora_alpha = r if lora_alpha is None else lora_alpha
         self.use_rslora = use_rslora
         self.init = init
         self.lora_dropout_p = lora_dropout
-        self.lora_A = nn.Parameter(torch.empty(r, fan_in, device=device, dtype=adapter_dtype_))
-        self.lora_B = nn.Parameter(torch.empty(fan_out, r, device=device, dtype=adapter_dtype_))
+        a_shape, b_shape = shapes or ((r, fan_in), (fan_out, r))
+        self.lora_A = nn.Parameter(torch.empty(a_shape, device=device, dtype=adapter_dtype_))
+        self.lora_B = nn.Parameter(torch.empty(b_shape, device=device, dtype=adapter_dtype_))
 
     @property
     def scaling(self) -> float:
@@ -196,6 +199,10 @@ class LoraLayer:
         if not self.merged:
             return self.weight
         return self.weight - self.delta_weight().to(self.weight.dtype)
+
+    def merge_problem(self) -> str | None:
+        """Why this layer cannot be merged, or None (every layer type can, except grouped convolutions)."""
+        return None
 
     @torch.no_grad()
     def merge(self) -> None:

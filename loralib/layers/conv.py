@@ -1,0 +1,172 @@
+"""LoRA on `nn.Conv1d`, `nn.Conv2d` and `nn.Conv3d`, in PEFT's layout.
+
+    y = conv(x; W) + conv_1x1(conv(dropout(x); A); B) * scaling
+
+A is a convolution with the base's kernel, stride and padding from the input channels to r channels
+(no bias), B a 1x1 convolution from r channels to the output channels, grouped like the base. A starts
+kaiming-uniform and B at zero, as a Linear's. Merged, the update is the composition of the two kernels,
+einsum("oj,ji...->oi...", B, A) * scaling, added to W; a grouped base (groups > 1) cannot hold that
+update (its weight sees only its group's input channels), so merging it is refused, as PEFT does, and
+the rank must be divisible by groups.
+
+What PEFT's layer does not carry over is refused here too, before anything changes: a base with
+dilation != 1 or a padding_mode other than "zeros" (PEFT's A would compute another shape or border).
+
+Covers: `LoraConv1d`, `LoraConv2d`, `LoraConv3d`. Not here: what every LoRA layer shares
+(`loralib.layers.base`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loralib.checks import check_bool
+from loralib.layers.base import LoraLayer, adapter_dtype, check_lora_args, module_kind, register_lora_layer
+
+
+class _LoraConvNd(LoraLayer):
+    """What the three convolutions share; each subclass names its base type and F.conv function."""
+
+    conv_fn = None
+
+    @classmethod
+    def _check_base(cls, conv: nn.Module, r: int) -> None:
+        if any(d != 1 for d in conv.dilation):
+            raise ValueError(
+                f"LoRA on a {type(conv).__name__} with dilation={conv.dilation} is not supported."
+            )
+        if conv.padding_mode != "zeros":
+            raise ValueError(
+                f"LoRA on a {type(conv).__name__} with padding_mode={conv.padding_mode!r} is not supported "
+                "(only 'zeros', as PEFT's)."
+            )
+        if r % conv.groups:
+            raise ValueError(
+                f"r={r} is not divisible by the {type(conv).__name__}'s groups={conv.groups}: B is grouped "
+                "like the base, so choose r as a multiple of groups."
+            )
+
+    @classmethod
+    def adapter_shapes(cls, module: nn.Module, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        ones = (1,) * len(module.kernel_size)
+        return (r, module.in_channels, *module.kernel_size), (module.out_channels, r // module.groups, *ones)
+
+    @classmethod
+    def from_module(
+        cls,
+        module: nn.Module,
+        *,
+        r: int = 8,
+        lora_alpha: float | None = None,
+        lora_dropout: float = 0.0,
+        init: str = "kaiming",
+        autocast_adapter_dtype: bool = True,
+        use_rslora: bool = False,
+    ):
+        """Wrap an existing convolution: its weight and bias are reused (not copied) and frozen."""
+        if isinstance(module, LoraLayer):
+            raise TypeError("this layer already has LoRA; call unload_lora() first or adapt another layer.")
+        if type(module) is not cls.base_type:
+            raise TypeError(
+                f"{cls.__name__}.from_module expects an nn.{cls.base_type.__name__}, got {module_kind(module)}."
+            )
+        r, lora_alpha, lora_dropout = check_lora_args(r, lora_alpha, lora_dropout, init)
+        check_bool(autocast_adapter_dtype, "autocast_adapter_dtype")
+        check_bool(use_rslora, "use_rslora")
+        cls._check_base(module, r)
+        w = module.weight
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+                     "padding_mode", "output_padding", "transposed", "_reversed_padding_repeated_twice"):  # fmt: skip
+            setattr(layer, attr, getattr(module, attr))
+        layer.weight = nn.Parameter(w.data, requires_grad=False)
+        layer.bias = None if module.bias is None else nn.Parameter(module.bias.data, requires_grad=False)
+        ad = adapter_dtype(w.dtype, autocast_adapter_dtype)
+        shapes = cls.adapter_shapes(module, r)
+        layer._init_lora(0, 0, r, lora_alpha, lora_dropout, use_rslora, init, w.device, ad, shapes=shapes)
+        layer.reset_lora_parameters()
+        layer.train(module.training)
+        return layer
+
+    def _reset_lora(self) -> None:
+        with torch.no_grad():
+            if self.init == "kaiming":
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            elif self.init == "gaussian":
+                nn.init.normal_(self.lora_A, std=1.0 / self.r)
+            else:  # "article"
+                nn.init.normal_(self.lora_A, mean=0.0, std=1.0)
+            nn.init.zeros_(self.lora_B)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The merged update: B's 1x1 kernel composed with A's, times scaling; shape of `weight`."""
+        problem = self.merge_problem()
+        if problem:
+            raise ValueError(f"cannot merge: {problem}.")
+        return torch.einsum("oj,ji...->oi...", self.lora_B.flatten(1), self.lora_A) * self.scaling
+
+    def merge_problem(self) -> str | None:
+        if self.groups > 1:
+            return (
+                f"a {self.base_type.__name__} with groups={self.groups} cannot hold the merged update (its weight "
+                "sees only its group's input channels, the update all of them); keep it unmerged"
+            )
+        return None
+
+    def to_base(self) -> nn.Module:
+        """A plain convolution with the update merged in (the adapter is not kept)."""
+        self.merge()
+        plain = self.base_type.__new__(self.base_type)
+        nn.Module.__init__(plain)
+        for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+                     "padding_mode", "output_padding", "transposed", "_reversed_padding_repeated_twice"):  # fmt: skip
+            setattr(plain, attr, getattr(self, attr))
+        plain.weight = nn.Parameter(self.weight.data, requires_grad=self.weight.requires_grad)
+        plain.bias = (
+            None if self.bias is None else nn.Parameter(self.bias.data, requires_grad=self.bias.requires_grad)
+        )
+        plain.train(self.training)
+        return plain
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_type.forward(self, x)
+        if self.merged:
+            return self._guard_merged_training(out)
+        xd = self.lora_dropout(x) if self.training and self.lora_dropout_p > 0 else x
+        a, b = self.lora_A, self.lora_B
+        if not torch.is_autocast_enabled(x.device.type) and a.dtype != x.dtype:
+            a, b = a.to(x.dtype), b.to(x.dtype)
+        h = type(self).conv_fn(xd, a, None, self.stride, self.padding)
+        return out + type(self).conv_fn(h, b, None, 1, 0, 1, self.groups) * self.scaling
+
+    def extra_repr(self) -> str:
+        return f"{self.base_type.extra_repr(self)}, {self._lora_repr()}"
+
+
+@register_lora_layer
+class LoraConv1d(_LoraConvNd, nn.Conv1d):
+    """LoRA on `nn.Conv1d` (build with `LoraConv1d.from_module(conv, r=...)`)."""
+
+    base_type = nn.Conv1d
+    conv_fn = staticmethod(F.conv1d)
+
+
+@register_lora_layer
+class LoraConv2d(_LoraConvNd, nn.Conv2d):
+    """LoRA on `nn.Conv2d` (build with `LoraConv2d.from_module(conv, r=...)`)."""
+
+    base_type = nn.Conv2d
+    conv_fn = staticmethod(F.conv2d)
+
+
+@register_lora_layer
+class LoraConv3d(_LoraConvNd, nn.Conv3d):
+    """LoRA on `nn.Conv3d` (build with `LoraConv3d.from_module(conv, r=...)`)."""
+
+    base_type = nn.Conv3d
+    conv_fn = staticmethod(F.conv3d)
