@@ -119,16 +119,19 @@ def lora_config(model: nn.Module, **metadata: Any) -> dict[str, Any]:
     cfg: dict[str, Any] = {
         "format": ADAPTER_FORMAT,
         "format_version": FORMAT_VERSION if rslora else PLAIN_FORMAT_VERSION,
-        "r": ranks.pop() if len(ranks) == 1 else None,
-        "lora_alpha": alphas.pop() if len(alphas) == 1 else None,
-        "lora_dropout": dropouts.pop() if len(dropouts) == 1 else None,
-        "init": inits.pop() if len(inits) == 1 else None,
+        "r": next(iter(ranks)) if len(ranks) == 1 else None,
+        "lora_alpha": next(iter(alphas)) if len(alphas) == 1 else None,
+        "lora_dropout": next(iter(dropouts)) if len(dropouts) == 1 else None,
+        "init": next(iter(inits)) if len(inits) == 1 else None,
         "target_modules": [n for n, _ in layers],
         "per_layer": {
             n: {
                 "r": layer.r,
                 "lora_alpha": layer.lora_alpha,
                 **({"use_rslora": True} if layer.use_rslora else {}),
+                # Written per layer only where layers differ (the top-level value is then None).
+                **({"lora_dropout": layer.lora_dropout_p} if len(dropouts) > 1 else {}),
+                **({"init": layer.init} if len(inits) > 1 else {}),
             }
             for n, layer in layers
         },
@@ -335,8 +338,8 @@ def _inject_from_config(model: nn.Module, cfg: dict[str, Any]) -> None:
             [name],
             r=int(spec.get("r", cfg["r"])),
             lora_alpha=spec.get("lora_alpha", cfg["lora_alpha"]),
-            lora_dropout=cfg.get("lora_dropout") or 0.0,
-            init=cfg.get("init") or "kaiming",
+            lora_dropout=spec.get("lora_dropout", cfg.get("lora_dropout")) or 0.0,
+            init=spec.get("init", cfg.get("init")) or "kaiming",
             use_rslora=bool(spec.get("use_rslora", False)),
             exact=True,
         )

@@ -401,3 +401,21 @@ def test_a_read_during_a_save_gets_one_whole_adapter(tmp_path, fmt):
     assert not errors, errors[:3]
     assert reads and all(r == n for r, n in reads), [x for x in reads if x[0] != x[1]][:3]
     assert {r for r, _ in reads} == {2, 4}  # the reads really overlapped both versions
+
+
+def test_layers_with_different_dropout_and_init_reload_as_they_were(tiny_model_dir, tmp_path):
+    """A model whose layers differ in dropout and init reloads each layer with its own (before, the
+    file kept only a shared value, and a reload gave every layer dropout 0 and kaiming)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from loralib import inject_lora, load_lora, lora_layers, save_lora
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
+    inject_lora(model, ["query"], r=2, lora_dropout=0.1, init="gaussian")
+    inject_lora(model, ["value"], r=2, lora_dropout=0.0)
+    save_lora(model, tmp_path / "a")
+    fresh = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
+    load_lora(fresh, tmp_path / "a")
+    want = {n: (m.lora_dropout_p, m.init) for n, m in lora_layers(model)}
+    assert {n: (m.lora_dropout_p, m.init) for n, m in lora_layers(fresh)} == want
+    assert {v for v in want.values()} == {(0.1, "gaussian"), (0.0, "kaiming")}
