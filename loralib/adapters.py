@@ -75,7 +75,7 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for name, p in model.named_parameters():
         leaf = name.rsplit(".", 1)[-1]
-        if p.requires_grad or leaf in ("lora_A", "lora_B"):
+        if p.requires_grad or leaf in ("lora_A", "lora_B", "lora_B_bias"):
             out[name] = (unmerged[name].unmerged_weight() if name in unmerged else p).detach()
     return out
 
@@ -129,6 +129,7 @@ def lora_config(model: nn.Module, **metadata: Any) -> dict[str, Any]:
                 "r": layer.r,
                 "lora_alpha": layer.lora_alpha,
                 **({"use_rslora": True} if layer.use_rslora else {}),
+                **({"lora_bias": True} if layer.lora_B_bias is not None else {}),
                 # Written per layer only where layers differ (the top-level value is then None).
                 **({"lora_dropout": layer.lora_dropout_p} if len(dropouts) > 1 else {}),
                 **({"init": layer.init} if len(inits) > 1 else {}),
@@ -341,6 +342,7 @@ def _inject_from_config(model: nn.Module, cfg: dict[str, Any]) -> None:
             lora_dropout=spec.get("lora_dropout", cfg.get("lora_dropout")) or 0.0,
             init=spec.get("init", cfg.get("init")) or "kaiming",
             use_rslora=bool(spec.get("use_rslora", False)),
+            lora_bias=bool(spec.get("lora_bias", False)),
             exact=True,
         )
 
@@ -376,7 +378,11 @@ def _check_fits(
             + f". The adapter was saved with r={cfg.get('r')}."
         )
     if strict:
-        absent = [n for n in params if n.rsplit(".", 1)[-1] in ("lora_A", "lora_B") and n not in tensors]
+        absent = [
+            n
+            for n in params
+            if n.rsplit(".", 1)[-1] in ("lora_A", "lora_B", "lora_B_bias") and n not in tensors
+        ]
         if absent:
             raise ValueError(
                 f"the model has LoRA matrices the adapter does not contain, e.g. {absent[:5]}; the adapter targets "

@@ -125,6 +125,7 @@ def inject_lora(
     init: str = "kaiming",
     autocast_adapter_dtype: bool = True,
     use_rslora: bool = False,
+    lora_bias: bool = False,
     exact: bool = False,
 ) -> list[str]:
     """Replace the targeted modules of `model` in place by their LoRA layers; return their names.
@@ -136,7 +137,8 @@ def inject_lora(
     adapted as named and nothing else; a name the model lacks is an error. Reloads use it, so an adapter
     saved from layers chosen by a pattern reloads into exactly those layers.
 
-    r, lora_alpha (None: = r), lora_dropout, init, use_rslora (scale by lora_alpha / sqrt(r)): as for
+    r, lora_alpha (None: = r), lora_dropout, init, use_rslora (scale by lora_alpha / sqrt(r)), lora_bias
+    (PEFT's: a trainable bias on B's output; not for embeddings): as for
     `LoraLinear` (PEFT's names, keyword-only). The original weights are
     reused and frozen; B starts at zero so outputs do not change until training. A and B are fp32 on a
     half-precision base unless autocast_adapter_dtype=False. Raises ValueError if nothing matches
@@ -147,6 +149,7 @@ def inject_lora(
     r, lora_alpha, lora_dropout = check_lora_args(r, lora_alpha, lora_dropout, init)
     check_bool(autocast_adapter_dtype, "autocast_adapter_dtype")
     check_bool(use_rslora, "use_rslora")
+    check_bool(lora_bias, "lora_bias")
     check_bool(exact, "exact")
     if exact:
         names = list(check_names(target_modules, "target_modules", allow_empty=False))
@@ -205,6 +208,7 @@ def inject_lora(
             init=init,
             autocast_adapter_dtype=autocast_adapter_dtype,
             use_rslora=use_rslora,
+            lora_bias=lora_bias,
         )
         for name in names
     }
@@ -250,6 +254,8 @@ def mark_only_lora_as_trainable(
         if isinstance(module, LoraLayer):
             module.lora_A.requires_grad_(True)
             module.lora_B.requires_grad_(True)
+            if module.lora_B_bias is not None:
+                module.lora_B_bias.requires_grad_(True)
             if bias == "lora_only" and getattr(module, "bias", None) is not None:
                 module.bias.requires_grad_(True)
         if train_layer_norms and _is_layer_norm(name, module):

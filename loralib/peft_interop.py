@@ -20,7 +20,7 @@ The mapping, which is all there is to it (each layer class names its PEFT keys: 
 
 Neither direction imports `peft`: the format is JSON plus safetensors, so a loralib user can export
 without installing it (the tests use PEFT itself as the reference). Not supported, with a clear error:
-DoRA and a bias on lora_B (`lora_bias`). Convolutions use PEFT's conv layout (lora_A.weight a kernel,
+DoRA. `lora_bias` (a bias on lora_B) maps to `<m>.lora_B.bias`. Convolutions use PEFT's conv layout (lora_A.weight a kernel,
 lora_B.weight a 1x1 kernel). GPT-2's Conv1D layers are PEFT's
 `fan_in_fan_out=True` (written when the model has one; the factors' layout is a Linear's). Not here: loralib's own format (`loralib.adapters`), PEFT training and QLoRA
 (`loralib.peft_backend`).
@@ -60,7 +60,6 @@ _TASK_TYPES = (
 )
 _UNSUPPORTED = {
     "use_dora": "DoRA (weight-decomposed LoRA)",
-    "lora_bias": "a bias on lora_B (lora_bias=True)",
 }
 
 
@@ -219,7 +218,7 @@ def peft_state_and_config(
         )
     params = dict(model.named_parameters())
     lora_names = set(layers)
-    lora_keys = {f"{n}.lora_A" for n in layers} | {f"{n}.lora_B" for n in layers}
+    lora_keys = {f"{n}.{k}" for n in layers for k in ("lora_A", "lora_B", "lora_B_bias")}
     extras = {n for n, p in params.items() if p.requires_grad and n not in lora_keys}
 
     bias_mode, bias_keys = _bias_mode(params, layers, extras)
@@ -238,6 +237,8 @@ def peft_state_and_config(
     for name, layer in layers.items():
         tensors[f"{PREFIX}{name}.{layer.peft_names['lora_A']}"] = layer.lora_A.detach()
         tensors[f"{PREFIX}{name}.{layer.peft_names['lora_B']}"] = layer.lora_B.detach()
+        if layer.lora_B_bias is not None:
+            tensors[f"{PREFIX}{name}.lora_B.bias"] = layer.lora_B_bias.detach()
     for n in sorted(bias_keys | in_saved):
         owner, _, leaf = n.rpartition(".")
         key = f"{owner}.base_layer.{leaf}" if owner in lora_names else n
@@ -257,7 +258,7 @@ def peft_state_and_config(
         "modules_to_save": _suffix_cover(set(to_save), all_names, _save_match) or None,
         "bias": bias_mode,
         "use_dora": False,
-        "lora_bias": False,
+        "lora_bias": any(layer.lora_B_bias is not None for layer in layers.values()),
         "fan_in_fan_out": any(type(layer).base_type.__name__ == "Conv1D" for layer in layers.values()),
         "init_lora_weights": True,
         "inference_mode": True,
@@ -360,6 +361,10 @@ def _group_tensors(
     lora: dict[str, dict[str, torch.Tensor]] = {}
     other: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
+        bias = re.fullmatch(r"(.+)\.lora_B(?:\.[^.]+)?\.bias", key)
+        if bias:
+            lora.setdefault(bias.group(1), {"kind": "linear"})["lora_B_bias"] = value
+            continue
         m = re.fullmatch(r"(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight", key)
         e = re.fullmatch(r"(.+)\.lora_embedding_(A|B)(?:\.[^.]+)?", key)
         if m or e:
@@ -378,7 +383,7 @@ def _group_tensors(
             other[key.replace(".base_layer.", ".")] = value
     if not lora:
         raise ValueError(f"{directory} holds no lora_A/lora_B tensors.")
-    incomplete = [n for n, ab in lora.items() if set(ab) != {"lora_A", "lora_B", "kind"}]
+    incomplete = [n for n, ab in lora.items() if set(ab) - {"lora_B_bias"} != {"lora_A", "lora_B", "kind"}]
     if incomplete:
         raise ValueError(f"{directory} is incomplete: lora_A or lora_B missing for {incomplete[:5]}.")
     return lora, other
@@ -453,7 +458,15 @@ def from_peft(model: nn.Module, directory: str | os.PathLike, trainable: bool = 
             wanted = "an Embedding" if embedding else "a Linear or Conv1D"
             problems.append(f"{name} is a {type(mod).__name__}, and the adapter's tensors are for {wanted}")
             continue
+        if "lora_B_bias" in ab and cls.base_type is nn.Embedding:
+            problems.append(f"{name}: the adapter has a lora_B bias, which embeddings do not support")
+            continue
+        if isinstance(mod, LoraLayer) and (mod.lora_B_bias is not None) != ("lora_B_bias" in ab):
+            problems.append(f"{name}: lora_bias differs between the model's layer and the adapter")
+            continue
         want_a, want_b = cls.adapter_shapes(mod, ranks[name])
+        if "lora_B_bias" in ab and tuple(ab["lora_B_bias"].shape) != (want_b[0],):
+            problems.append(f"{name}: adapter lora_B bias {tuple(ab['lora_B_bias'].shape)} vs ({want_b[0]},)")
         if tuple(ab["lora_A"].shape) != want_a or tuple(ab["lora_B"].shape) != want_b:
             problems.append(
                 f"{name}: adapter A {tuple(ab['lora_A'].shape)} B {tuple(ab['lora_B'].shape)} vs the layer's "
@@ -485,7 +498,8 @@ def from_peft(model: nn.Module, directory: str | os.PathLike, trainable: bool = 
     }  # a NaN or missing alpha fails here, not half-way
     # Everything is checked; a failure from here on (an exotic dtype, a device error) still leaves the
     # model as it was.
-    with unchanged_on_failure(model, params=[*(f"{n}.lora_{ab}" for n in lora for ab in "AB"), *other]):
+    factors = [f"{n}.{k}" for n, ab in lora.items() for k in ("lora_A", "lora_B", "lora_B_bias") if k in ab]
+    with unchanged_on_failure(model, params=[*factors, *other]):
         if not have:
             for name in lora:
                 inject_lora(
@@ -495,6 +509,7 @@ def from_peft(model: nn.Module, directory: str | os.PathLike, trainable: bool = 
                     lora_alpha=alphas[name],
                     lora_dropout=dropout,
                     use_rslora=rslora,
+                    lora_bias="lora_B_bias" in lora[name],
                     exact=True,  # the adapter's full module names: nothing else is adapted
                 )
             have = dict(lora_layers(model))
@@ -508,10 +523,12 @@ def from_peft(model: nn.Module, directory: str | os.PathLike, trainable: bool = 
                 layer: LoraLayer = have[name]
                 layer.lora_A.copy_(ab["lora_A"].to(layer.lora_A.dtype))
                 layer.lora_B.copy_(ab["lora_B"].to(layer.lora_B.dtype))
+                if "lora_B_bias" in ab:
+                    layer.lora_B_bias.copy_(ab["lora_B_bias"].to(layer.lora_B_bias.dtype))
             for key, value in other.items():
                 params[key].copy_(value.to(dtype=params[key].dtype, device=params[key].device))
         if trainable:
-            keep = {f"{n}.lora_A" for n in lora} | {f"{n}.lora_B" for n in lora} | set(other)
+            keep = set(factors) | set(other)
             for n, p in model.named_parameters():
                 p.requires_grad_(n in keep)
     return config

@@ -105,6 +105,7 @@ class LoraLayer:
         device,
         adapter_dtype_: torch.dtype,
         shapes: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
+        lora_bias: bool = False,
     ) -> None:
         """Set the shared state and allocate A (r x fan_in) and B (fan_out x r), or the given `shapes`
         (a convolution's kernels); arguments checked."""
@@ -117,6 +118,10 @@ class LoraLayer:
         a_shape, b_shape = shapes or ((r, fan_in), (fan_out, r))
         self.lora_A = nn.Parameter(torch.empty(a_shape, device=device, dtype=adapter_dtype_))
         self.lora_B = nn.Parameter(torch.empty(b_shape, device=device, dtype=adapter_dtype_))
+        # PEFT's lora_bias: a trainable bias on B's output (scaled with the update), zero at the start.
+        self.lora_bias = check_bool(lora_bias, "lora_bias")
+        bias = torch.empty(b_shape[0], device=device, dtype=adapter_dtype_) if lora_bias else None
+        self.lora_B_bias = None if bias is None else nn.Parameter(bias)
 
     @property
     def scaling(self) -> float:
@@ -185,7 +190,19 @@ class LoraLayer:
         merged, with the new, zero update)."""
         if self.lora_A.device.type == "meta":
             return
-        self._with_update_taken_out(self._reset_lora)
+        self._with_update_taken_out(self._reset_all)
+
+    def _reset_all(self) -> None:
+        self._reset_lora()
+        if getattr(self, "lora_B_bias", None) is not None:
+            with torch.no_grad():
+                self.lora_B_bias.zero_()
+
+    def lora_bias_term(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """What lora_bias adds to the output (lora_B_bias * scaling), or None without lora_bias."""
+        if getattr(self, "lora_B_bias", None) is None:
+            return None
+        return (self.lora_B_bias * self.scaling).to(dtype)
 
     def _reset_lora(self) -> None:
         raise NotImplementedError
@@ -201,7 +218,10 @@ class LoraLayer:
         return self.weight - self.delta_weight().to(self.weight.dtype)
 
     def merge_problem(self) -> str | None:
-        """Why this layer cannot be merged, or None (every layer type can, except grouped convolutions)."""
+        """Why this layer cannot be merged, or None (grouped convolutions cannot, nor a lora_bias on a
+        base without a bias: there is no bias to merge it into, as PEFT says)."""
+        if getattr(self, "lora_B_bias", None) is not None and getattr(self, "bias", None) is None:
+            return "it has lora_bias=True but its base layer has no bias to merge it into"
         return None
 
     @torch.no_grad()
@@ -212,7 +232,12 @@ class LoraLayer:
         both); this method cannot see the rest of the model.
         """
         if not self.merged:
+            problem = self.merge_problem()
+            if problem:
+                raise ValueError(f"cannot merge this {type(self).__name__}: {problem}.")
             self.weight.add_(self.delta_weight().to(self.weight.dtype))
+            if self.lora_B_bias is not None:
+                self.bias.add_(self.lora_bias_term(self.bias.dtype))
             self.merged = True
 
     @torch.no_grad()
@@ -220,6 +245,8 @@ class LoraLayer:
         """Take the update out of `weight` again (exact up to float rounding). Idempotent."""
         if self.merged:
             self.weight.sub_(self.delta_weight().to(self.weight.dtype))
+            if self.lora_B_bias is not None:
+                self.bias.sub_(self.lora_bias_term(self.bias.dtype))
             self.merged = False
 
     def _guard_merged_training(self, out: torch.Tensor) -> torch.Tensor:
@@ -247,7 +274,9 @@ class LoraLayer:
         has_weight = prefix + "weight" in state_dict
         # New A/B into a merged weight that is not replaced: take the old update out, put the new one in.
         remerge = (
-            self.merged and not has_weight and any(prefix + k in state_dict for k in ("lora_A", "lora_B"))
+            self.merged
+            and not has_weight
+            and any(prefix + k in state_dict for k in ("lora_A", "lora_B", "lora_B_bias"))
         )
         if remerge:
             self.unmerge()
@@ -267,6 +296,7 @@ class LoraLayer:
         return (
             f"r={self.r}, lora_alpha={self.lora_alpha:g}, lora_dropout={self.lora_dropout_p:g}, "
             + ("use_rslora=True, " if self.use_rslora else "")
+            + ("lora_bias=True, " if self.lora_B_bias is not None else "")
             + f"init={self.init}, merged={self.merged}"
         )
 

@@ -66,6 +66,7 @@ class _LoraConvNd(LoraLayer):
         init: str = "kaiming",
         autocast_adapter_dtype: bool = True,
         use_rslora: bool = False,
+        lora_bias: bool = False,
     ):
         """Wrap an existing convolution: its weight and bias are reused (not copied) and frozen."""
         if isinstance(module, LoraLayer):
@@ -88,7 +89,19 @@ class _LoraConvNd(LoraLayer):
         layer.bias = None if module.bias is None else nn.Parameter(module.bias.data, requires_grad=False)
         ad = adapter_dtype(w.dtype, autocast_adapter_dtype)
         shapes = cls.adapter_shapes(module, r)
-        layer._init_lora(0, 0, r, lora_alpha, lora_dropout, use_rslora, init, w.device, ad, shapes=shapes)
+        layer._init_lora(
+            0,
+            0,
+            r,
+            lora_alpha,
+            lora_dropout,
+            use_rslora,
+            init,
+            w.device,
+            ad,
+            shapes=shapes,
+            lora_bias=lora_bias,
+        )
         layer.reset_lora_parameters()
         layer.train(module.training)
         return layer
@@ -111,6 +124,9 @@ class _LoraConvNd(LoraLayer):
         return torch.einsum("oj,ji...->oi...", self.lora_B.flatten(1), self.lora_A) * self.scaling
 
     def merge_problem(self) -> str | None:
+        inherited = super().merge_problem()
+        if inherited:
+            return inherited
         if self.groups > 1:
             return (
                 f"a {self.base_type.__name__} with groups={self.groups} cannot hold the merged update (its weight "
@@ -138,11 +154,12 @@ class _LoraConvNd(LoraLayer):
         if self.merged:
             return self._guard_merged_training(out)
         xd = self.lora_dropout(x) if self.training and self.lora_dropout_p > 0 else x
-        a, b = self.lora_A, self.lora_B
+        a, b, bb = self.lora_A, self.lora_B, self.lora_B_bias
         if not torch.is_autocast_enabled(x.device.type) and a.dtype != x.dtype:
             a, b = a.to(x.dtype), b.to(x.dtype)
+            bb = None if bb is None else bb.to(x.dtype)
         h = type(self).conv_fn(xd, a, None, self.stride, self.padding)
-        return out + type(self).conv_fn(h, b, None, 1, 0, 1, self.groups) * self.scaling
+        return out + type(self).conv_fn(h, b, bb, 1, 0, 1, self.groups) * self.scaling
 
     def extra_repr(self) -> str:
         return f"{self.base_type.extra_repr(self)}, {self._lora_repr()}"

@@ -84,11 +84,23 @@ class LoraConv1D(LoraLayer, Conv1D):
         )
         init = lora_kwargs.pop("init", "kaiming")
         use_rslora = check_bool(lora_kwargs.pop("use_rslora", False), "use_rslora")
+        lora_bias = check_bool(lora_kwargs.pop("lora_bias", False), "lora_bias")
         check_bool(autocast_adapter_dtype, "autocast_adapter_dtype")
         if lora_kwargs:
             raise TypeError(f"LoraConv1D.from_module got unexpected arguments {sorted(lora_kwargs)}.")
         ad = adapter_dtype(w.dtype, autocast_adapter_dtype)
-        layer._init_lora(module.nx, module.nf, r, lora_alpha, lora_dropout, use_rslora, init, w.device, ad)
+        layer._init_lora(
+            module.nx,
+            module.nf,
+            r,
+            lora_alpha,
+            lora_dropout,
+            use_rslora,
+            init,
+            w.device,
+            ad,
+            lora_bias=lora_bias,
+        )
         layer.reset_lora_parameters()
         layer.train(module.training)
         return layer
@@ -125,7 +137,9 @@ class LoraConv1D(LoraLayer, Conv1D):
         xd = self.lora_dropout(x) if self.training and self.lora_dropout_p > 0 else x
         dt = out.dtype
         update = (xd.to(self.lora_A.dtype) @ self.lora_A.T) @ self.lora_B.T
-        return out + (update * self.scaling).to(dt)
+        out = out + (update * self.scaling).to(dt)
+        term = self.lora_bias_term(dt)
+        return out if term is None else out + term
 
     def extra_repr(self) -> str:
         return f"nf={self.nf}, nx={self.nx}, {self._lora_repr()}"

@@ -56,9 +56,14 @@ class LoraEmbedding(LoraLayer, nn.Embedding):
         use_rslora: bool = False,
         device=None,
         dtype=None,
+        lora_bias: bool = False,
         **embedding_kwargs,
     ) -> None:
         r, lora_alpha, lora_dropout = check_lora_args(r, lora_alpha, lora_dropout, init)
+        if check_bool(lora_bias, "lora_bias"):
+            raise ValueError(
+                "lora_bias=True is not supported for embeddings (PEFT refuses it too: B is a plain matrix)."
+            )
         if init == "article":
             raise ValueError(
                 "init='article' (A ~ N(0, 1), the seed article's Linear init) has no embedding form; use "

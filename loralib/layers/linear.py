@@ -54,6 +54,8 @@ class LoraLinear(LoraLayer, nn.Linear):
             PEFT's name): the update's size then no longer shrinks as r grows at a fixed learning rate.
         init: "kaiming" (A kaiming-uniform as PEFT and microsoft/LoRA), "gaussian" (A ~ N(0, 1/r^2),
             PEFT's "gaussian"), or "article" (A ~ N(0, 1), unscaled, as in the seed article).
+        lora_bias: a trainable bias on B's output, scaled with the update (PEFT's `lora_bias`); zero at
+            the start; merged into the base bias (a base without one cannot merge).
         autocast_adapter_dtype: keep A and B in fp32 when the base is fp16/bf16 (PEFT's default and
             name); False stores them in the base dtype. The forward computes in the base's (or
             autocast's) dtype either way.
@@ -80,13 +82,25 @@ class LoraLinear(LoraLayer, nn.Linear):
         dtype=None,
         autocast_adapter_dtype: bool = True,
         use_rslora: bool = False,
+        lora_bias: bool = False,
     ) -> None:
         r, lora_alpha, lora_dropout = check_lora_args(r, lora_alpha, lora_dropout, init)
         check_bool(autocast_adapter_dtype, "autocast_adapter_dtype")
         check_bool(use_rslora, "use_rslora")
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         ad = adapter_dtype(self.weight.dtype, autocast_adapter_dtype)
-        self._init_lora(in_features, out_features, r, lora_alpha, lora_dropout, use_rslora, init, device, ad)
+        self._init_lora(
+            in_features,
+            out_features,
+            r,
+            lora_alpha,
+            lora_dropout,
+            use_rslora,
+            init,
+            device,
+            ad,
+            lora_bias=lora_bias,
+        )
         # False: the plain formula through stock autograd instead of `LoraFunction` (slower; for
         # experiments that need what the hand-written backward refuses).
         self.fast_path = True
@@ -113,6 +127,7 @@ class LoraLinear(LoraLayer, nn.Linear):
         init: str = "kaiming",
         autocast_adapter_dtype: bool = True,
         use_rslora: bool = False,
+        lora_bias: bool = False,
     ) -> LoraLinear:
         """Wrap an existing `nn.Linear`: its weight and bias tensors are reused (not copied) and frozen."""
         if isinstance(linear, LoraLinear):
@@ -138,6 +153,7 @@ class LoraLinear(LoraLayer, nn.Linear):
             dtype=w.dtype,
             autocast_adapter_dtype=autocast_adapter_dtype,
             use_rslora=use_rslora,
+            lora_bias=lora_bias,
         )
         # Build on "meta" to avoid allocating a throw-away (out x in) weight, then attach the real tensors.
         layer.weight = nn.Parameter(w.data, requires_grad=False)
@@ -146,6 +162,8 @@ class LoraLinear(LoraLayer, nn.Linear):
         ad = adapter_dtype(w.dtype, autocast_adapter_dtype)
         layer.lora_A = nn.Parameter(torch.empty(r, linear.in_features, device=w.device, dtype=ad))
         layer.lora_B = nn.Parameter(torch.empty(linear.out_features, r, device=w.device, dtype=ad))
+        if lora_bias:
+            layer.lora_B_bias = nn.Parameter(torch.empty(linear.out_features, device=w.device, dtype=ad))
         layer.reset_lora_parameters()
         layer.train(linear.training)
         return layer
@@ -214,7 +232,8 @@ class LoraLinear(LoraLayer, nn.Linear):
             # The custom Function's oneDNN calls and in-place adds do not lower through TorchInductor; the
             # plain formula compiles to the same math and lets the compiler fuse it.
             xd = self.lora_dropout(x) if training_dropout else x
-            return F.linear(x, weight, bias) + F.linear(F.linear(xd, lora_A), lora_B) * self.scaling
+            out = F.linear(x, weight, bias) + F.linear(F.linear(xd, lora_A), lora_B) * self.scaling
+            return self._add_lora_bias(out)
         xd = lanes = threshold = None
         scaling = self.scaling
         if training_dropout:
@@ -227,8 +246,15 @@ class LoraLinear(LoraLayer, nn.Linear):
         if torch.is_autocast_enabled(x.device.type):
             # The operands are cast already; the Function's own products must not be cast again.
             with torch.autocast(x.device.type, enabled=False):
-                return LoraFunction.apply(x, xd, lanes, threshold, weight, bias, lora_A, lora_B, scaling)
-        return LoraFunction.apply(x, xd, lanes, threshold, weight, bias, lora_A, lora_B, scaling)
+                out = LoraFunction.apply(x, xd, lanes, threshold, weight, bias, lora_A, lora_B, scaling)
+            return self._add_lora_bias(out)
+        return self._add_lora_bias(
+            LoraFunction.apply(x, xd, lanes, threshold, weight, bias, lora_A, lora_B, scaling)
+        )
+
+    def _add_lora_bias(self, out: torch.Tensor) -> torch.Tensor:
+        term = self.lora_bias_term(out.dtype)
+        return out if term is None else out + term
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self._lora_repr()}"
