@@ -205,7 +205,16 @@ class LoraLayer:
         return (self.lora_B_bias * self.scaling).to(dtype)
 
     def _reset_lora(self) -> None:
-        raise NotImplementedError
+        """The default init (a Linear's, PEFT's and microsoft/LoRA's): A by the layer's init, B zero, so
+        the update starts at zero. A convolution's A is its kernel, so kaiming sees the kernel's fan-in."""
+        with torch.no_grad():
+            if self.init == "kaiming":
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            elif self.init == "gaussian":
+                nn.init.normal_(self.lora_A, std=1.0 / self.r)
+            else:  # "article"
+                nn.init.normal_(self.lora_A, mean=0.0, std=1.0)
+            nn.init.zeros_(self.lora_B)
 
     def delta_weight(self) -> torch.Tensor:
         """The scaled update, shaped like `weight`, in the adapter's dtype."""

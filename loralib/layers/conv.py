@@ -18,8 +18,6 @@ Covers: `LoraConv1d`, `LoraConv2d`, `LoraConv3d`. Not here: what every LoRA laye
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -105,16 +103,6 @@ class _LoraConvNd(LoraLayer):
         layer.reset_lora_parameters()
         layer.train(module.training)
         return layer
-
-    def _reset_lora(self) -> None:
-        with torch.no_grad():
-            if self.init == "kaiming":
-                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-            elif self.init == "gaussian":
-                nn.init.normal_(self.lora_A, std=1.0 / self.r)
-            else:  # "article"
-                nn.init.normal_(self.lora_A, mean=0.0, std=1.0)
-            nn.init.zeros_(self.lora_B)
 
     def delta_weight(self) -> torch.Tensor:
         """The merged update: B's 1x1 kernel composed with A's, times scaling; shape of `weight`."""

@@ -14,8 +14,6 @@ Covers: the layer, `from_module`, `to_base`. Not here: what every LoRA layer sha
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -104,16 +102,6 @@ class LoraConv1D(LoraLayer, Conv1D):
         layer.reset_lora_parameters()
         layer.train(module.training)
         return layer
-
-    def _reset_lora(self) -> None:
-        with torch.no_grad():
-            if self.init == "kaiming":
-                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-            elif self.init == "gaussian":
-                nn.init.normal_(self.lora_A, std=1.0 / self.r)
-            else:  # "article"
-                nn.init.normal_(self.lora_A, mean=0.0, std=1.0)
-            nn.init.zeros_(self.lora_B)
 
     def delta_weight(self) -> torch.Tensor:
         """The scaled update (B @ A)^T * scaling, shape (in, out) like Conv1D's weight."""

@@ -18,8 +18,6 @@ dropout's CPU mask (`loralib.fast_path`), finding layers in a model and swapping
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -173,16 +171,6 @@ class LoraLinear(LoraLayer, nn.Linear):
         if hasattr(self, "lora_A"):
             self.merged = False  # a freshly drawn weight holds no update
             self.reset_lora_parameters()
-
-    def _reset_lora(self) -> None:
-        with torch.no_grad():
-            if self.init == "kaiming":
-                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-            elif self.init == "gaussian":
-                nn.init.normal_(self.lora_A, std=1.0 / self.r)
-            else:  # "article"
-                nn.init.normal_(self.lora_A, mean=0.0, std=1.0)
-            nn.init.zeros_(self.lora_B)
 
     def delta_weight(self) -> torch.Tensor:
         """The scaled update (lora_alpha / r) * B @ A, shape (out, in), in the adapter's dtype."""
