@@ -121,3 +121,16 @@ def test_embeddings_refuse_it_and_a_base_without_bias_cannot_merge():
     ):
         merge_lora(model)
     assert not any(layer.merged for _, layer in lora_layers(model))
+
+
+def test_a_conv_without_base_bias_still_gives_its_update_only_the_merge_is_refused():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False))
+    inject_lora(net, ["0"], r=2, lora_bias=True)
+    layer = net[0]
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    expected = torch.einsum("oj,ji...->oi...", layer.lora_B.flatten(1), layer.lora_A) * layer.scaling
+    torch.testing.assert_close(layer.delta_weight(), expected, atol=0, rtol=0)  # computable: no bias needed
+    with pytest.raises(ValueError, match="no bias to merge it into"):
+        merge_lora(net)

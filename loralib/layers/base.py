@@ -119,7 +119,7 @@ class LoraLayer:
         self.lora_A = nn.Parameter(torch.empty(a_shape, device=device, dtype=adapter_dtype_))
         self.lora_B = nn.Parameter(torch.empty(b_shape, device=device, dtype=adapter_dtype_))
         # PEFT's lora_bias: a trainable bias on B's output (scaled with the update), zero at the start.
-        self.lora_bias = check_bool(lora_bias, "lora_bias")
+        check_bool(lora_bias, "lora_bias")
         bias = torch.empty(b_shape[0], device=device, dtype=adapter_dtype_) if lora_bias else None
         self.lora_B_bias = None if bias is None else nn.Parameter(bias)
 
@@ -194,13 +194,13 @@ class LoraLayer:
 
     def _reset_all(self) -> None:
         self._reset_lora()
-        if getattr(self, "lora_B_bias", None) is not None:
+        if self.lora_B_bias is not None:
             with torch.no_grad():
                 self.lora_B_bias.zero_()
 
     def lora_bias_term(self, dtype: torch.dtype) -> torch.Tensor | None:
         """What lora_bias adds to the output (lora_B_bias * scaling), or None without lora_bias."""
-        if getattr(self, "lora_B_bias", None) is None:
+        if self.lora_B_bias is None:
             return None
         return (self.lora_B_bias * self.scaling).to(dtype)
 
@@ -229,7 +229,7 @@ class LoraLayer:
     def merge_problem(self) -> str | None:
         """Why this layer cannot be merged, or None (grouped convolutions cannot, nor a lora_bias on a
         base without a bias: there is no bias to merge it into, as PEFT says)."""
-        if getattr(self, "lora_B_bias", None) is not None and getattr(self, "bias", None) is None:
+        if self.lora_B_bias is not None and getattr(self, "bias", None) is None:  # an embedding has none
             return "it has lora_bias=True but its base layer has no bias to merge it into"
         return None
 

@@ -25,6 +25,12 @@ from torch import nn
 from loralib.checks import check_bool
 from loralib.layers.base import LoraLayer, adapter_dtype, check_lora_args, module_kind, register_lora_layer
 
+# The settings of a torch convolution that its forward reads: copied onto the LoRA layer and back.
+_CONV_ATTRS = (
+    "in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode",
+    "output_padding", "transposed", "_reversed_padding_repeated_twice",
+)  # fmt: skip
+
 
 class _LoraConvNd(LoraLayer):
     """What the three convolutions share; each subclass names its base type and F.conv function."""
@@ -80,8 +86,7 @@ class _LoraConvNd(LoraLayer):
         w = module.weight
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
-                     "padding_mode", "output_padding", "transposed", "_reversed_padding_repeated_twice"):  # fmt: skip
+        for attr in _CONV_ATTRS:
             setattr(layer, attr, getattr(module, attr))
         layer.weight = nn.Parameter(w.data, requires_grad=False)
         layer.bias = None if module.bias is None else nn.Parameter(module.bias.data, requires_grad=False)
@@ -106,29 +111,25 @@ class _LoraConvNd(LoraLayer):
 
     def delta_weight(self) -> torch.Tensor:
         """The merged update: B's 1x1 kernel composed with A's, times scaling; shape of `weight`."""
-        problem = self.merge_problem()
-        if problem:
-            raise ValueError(f"cannot merge: {problem}.")
+        if self.groups > 1:
+            raise ValueError(f"cannot merge: {self._grouped_problem()}.")
         return torch.einsum("oj,ji...->oi...", self.lora_B.flatten(1), self.lora_A) * self.scaling
 
+    def _grouped_problem(self) -> str:
+        return (
+            f"a {self.base_type.__name__} with groups={self.groups} cannot hold the merged update (its weight "
+            "sees only its group's input channels, the update all of them); keep it unmerged"
+        )
+
     def merge_problem(self) -> str | None:
-        inherited = super().merge_problem()
-        if inherited:
-            return inherited
-        if self.groups > 1:
-            return (
-                f"a {self.base_type.__name__} with groups={self.groups} cannot hold the merged update (its weight "
-                "sees only its group's input channels, the update all of them); keep it unmerged"
-            )
-        return None
+        return super().merge_problem() or (self._grouped_problem() if self.groups > 1 else None)
 
     def to_base(self) -> nn.Module:
         """A plain convolution with the update merged in (the adapter is not kept)."""
         self.merge()
         plain = self.base_type.__new__(self.base_type)
         nn.Module.__init__(plain)
-        for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
-                     "padding_mode", "output_padding", "transposed", "_reversed_padding_repeated_twice"):  # fmt: skip
+        for attr in _CONV_ATTRS:
             setattr(plain, attr, getattr(self, attr))
         plain.weight = nn.Parameter(self.weight.data, requires_grad=self.weight.requires_grad)
         plain.bias = (

@@ -27,7 +27,7 @@ class LoraConv1D(LoraLayer, Conv1D):
     """A GPT-2 `Conv1D` (nf outputs, nx inputs) whose frozen weight gets the update (B @ A)^T * scaling.
 
     Keyword-only r, lora_alpha (None: = r), lora_dropout, use_rslora, init ("kaiming", "gaussian",
-    "article": A's init as `LoraLinear`'s; B starts at zero), autocast_adapter_dtype.
+    "article": A's init as `LoraLinear`'s; B starts at zero), autocast_adapter_dtype, lora_bias.
     """
 
     base_type = Conv1D
@@ -44,13 +44,16 @@ class LoraConv1D(LoraLayer, Conv1D):
         init: str = "kaiming",
         autocast_adapter_dtype: bool = True,
         use_rslora: bool = False,
+        lora_bias: bool = False,
     ) -> None:
         r, lora_alpha, lora_dropout = check_lora_args(r, lora_alpha, lora_dropout, init)
         check_bool(autocast_adapter_dtype, "autocast_adapter_dtype")
         check_bool(use_rslora, "use_rslora")
         super().__init__(nf, nx)
         ad = adapter_dtype(self.weight.dtype, autocast_adapter_dtype)
-        self._init_lora(nx, nf, r, lora_alpha, lora_dropout, use_rslora, init, self.weight.device, ad)
+        self._init_lora(
+            nx, nf, r, lora_alpha, lora_dropout, use_rslora, init, self.weight.device, ad, lora_bias=lora_bias
+        )
         self.weight.requires_grad_(False)
         self.bias.requires_grad_(False)
         self.reset_lora_parameters()
@@ -60,7 +63,18 @@ class LoraConv1D(LoraLayer, Conv1D):
         return (r, module.nx), (module.nf, r)
 
     @classmethod
-    def from_module(cls, module: Conv1D, *, autocast_adapter_dtype: bool = True, **lora_kwargs) -> LoraConv1D:
+    def from_module(
+        cls,
+        module: Conv1D,
+        *,
+        r: int = 8,
+        lora_alpha: float | None = None,
+        lora_dropout: float = 0.0,
+        init: str = "kaiming",
+        autocast_adapter_dtype: bool = True,
+        use_rslora: bool = False,
+        lora_bias: bool = False,
+    ) -> LoraConv1D:
         """Wrap an existing Conv1D: its weight and bias tensors are reused (not copied) and frozen."""
         if isinstance(module, LoraLayer):
             raise TypeError("this layer already has LoRA; call unload_lora() first or adapt another layer.")
@@ -68,24 +82,16 @@ class LoraConv1D(LoraLayer, Conv1D):
             raise TypeError(
                 f"LoraConv1D.from_module expects a transformers Conv1D, got {module_kind(module)}."
             )
+        r, lora_alpha, lora_dropout = check_lora_args(r, lora_alpha, lora_dropout, init)
+        check_bool(autocast_adapter_dtype, "autocast_adapter_dtype")
+        check_bool(use_rslora, "use_rslora")
+        # Built without Conv1D.__init__ (no throw-away weight drawn), then given the module's tensors.
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.nf, layer.nx = module.nf, module.nx
         w = module.weight
         layer.weight = nn.Parameter(w.data, requires_grad=False)
         layer.bias = nn.Parameter(module.bias.data, requires_grad=False)
-        r, lora_alpha, lora_dropout = check_lora_args(
-            lora_kwargs.pop("r", 8),
-            lora_kwargs.pop("lora_alpha", None),
-            lora_kwargs.pop("lora_dropout", 0.0),
-            lora_kwargs.get("init", "kaiming"),
-        )
-        init = lora_kwargs.pop("init", "kaiming")
-        use_rslora = check_bool(lora_kwargs.pop("use_rslora", False), "use_rslora")
-        lora_bias = check_bool(lora_kwargs.pop("lora_bias", False), "lora_bias")
-        check_bool(autocast_adapter_dtype, "autocast_adapter_dtype")
-        if lora_kwargs:
-            raise TypeError(f"LoraConv1D.from_module got unexpected arguments {sorted(lora_kwargs)}.")
         ad = adapter_dtype(w.dtype, autocast_adapter_dtype)
         layer._init_lora(
             module.nx,
