@@ -26,6 +26,31 @@ def tiny_model_dir() -> str:
     return tiny_roberta()
 
 
+@pytest.fixture
+def assert_same_layers_as_peft():
+    """assert_same_layers_as_peft(ours, peft_model): the same adapted modules, ranks, scalings and lora_bias."""
+
+    def check(ours, theirs) -> None:
+        from peft.tuners.lora import LoraLayer as PeftLoraLayer
+
+        from loralib import lora_layers
+
+        peft_layers = {
+            n.removeprefix("base_model.model."): m
+            for n, m in theirs.named_modules()
+            if isinstance(m, PeftLoraLayer)
+        }
+        mine = dict(lora_layers(ours))
+        assert mine and sorted(mine) == sorted(peft_layers)
+        for n, layer in mine.items():
+            want = peft_layers[n]
+            assert layer.r == want.r["default"], n
+            assert layer.scaling == pytest.approx(want.scaling["default"], rel=1e-15), n
+            assert (layer.lora_B_bias is not None) == want.lora_bias["default"], n
+
+    return check
+
+
 def pytest_configure(config) -> None:
     # Tiny models gain nothing from a second thread, and on a shared 2-core machine two threads per
     # process made small training loops 10x slower (oversubscription). Notebooks set their own.

@@ -1,10 +1,14 @@
 """loralib: LoRA from scratch for RoBERTa, with GLUE/SQuAD benchmarks and PEFT/QLoRA interop.
 
-The names exported here are the core a reader of notebook 03 needs; everything else is reached by
-its module. One module (or folder) per concept:
+The names exported here are the core a reader of notebook 03 needs, plus Microsoft's loralib 0.1.2 API
+(`Linear(768, 768, r=16)`, `MergedLinear`, `Embedding`, `Conv2d`, `mark_only_lora_as_trainable(model,
+bias=...)`, `lora_state_dict(model, bias=...)`), so code written for it runs unchanged; everything else is
+reached by its module. One module (or folder) per concept:
 
+    config        LoraConfig (PEFT's fields and defaults, validated once; PEFT's JSON both ways), LoraSettings
     layers/       base (LoraLayer: what every LoRA layer shares; the registry base type -> LoRA class),
-                  linear (LoraLinear), embedding (LoraEmbedding): initialisations, merge/unmerge
+                  linear (LoraLinear), embedding (LoraEmbedding), conv (LoraConv1d/2d/3d), conv1d (GPT-2)
+    compat/       microsoft: Microsoft loralib 0.1.2's Linear, Embedding, MergedLinear, Conv*, LoRALayer
     fast_path     LoraLinear's custom autograd Function, thin-product routing and LoRA dropout's CPU mask
     injection     inject_lora, mark_only_lora_as_trainable, merge/unmerge/unload, rollback on failure
     adapters      save_lora / load_lora (safetensors + JSON, one atomic directory)
@@ -27,7 +31,18 @@ Heavy modules (transformers, datasets, peft) are imported lazily, on first use o
 
 from importlib import import_module
 
-from loralib.adapters import load_lora, lora_state_dict, save_lora
+from loralib.adapters import adapter_state_dict, load_lora, lora_state_dict, save_lora
+from loralib.compat.microsoft import (
+    Conv1d,
+    Conv2d,
+    Conv3d,
+    ConvLoRA,
+    Embedding,
+    Linear,
+    LoRALayer,
+    MergedLinear,
+)
+from loralib.config import LoraConfig
 from loralib.injection import (
     find_targets,
     inject_lora,
@@ -62,6 +77,16 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "Conv1d",
+    "Conv2d",
+    "Conv3d",
+    "ConvLoRA",
+    "Embedding",
+    "Linear",
+    "LoRALayer",
+    "LoraConfig",
+    "MergedLinear",
+    "adapter_state_dict",
     "LoraEmbedding",
     "LoraLayer",
     "LoraLinear",

@@ -7,7 +7,8 @@ whole, so a crash never leaves a half-written adapter or new weights beside an o
 from a newer loralib (format_version) is refused with the advice to upgrade. Loading injects LoRA if
 the model has none yet, then checks every name and shape; a failed load leaves the model as it was.
 
-Not here: PEFT's adapter format (`loralib.peft_interop`).
+Covers: `save_lora` / `load_lora`, `adapter_state_dict` (what an adapter file holds) and Microsoft
+loralib's `lora_state_dict(model, bias=...)`. Not here: PEFT's adapter format (`loralib.peft_interop`).
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from loralib.checks import check_bool, check_module
+from loralib.checks import check_bool, check_choice, check_module
+from loralib.config import BIAS_CHOICES, INIT_VALUES
 from loralib.files import atomic_directory, read_files, safetensors_from_bytes
-from loralib.injection import inject_lora, lora_layers, unchanged_on_failure
+from loralib.injection import config_of, inject_lora, lora_layers, unchanged_on_failure
 
 WEIGHTS_NAME = "adapter.safetensors"
 CONFIG_NAME = "lora_config.json"
@@ -41,7 +43,7 @@ PEFT_FILES = (PEFT_CONFIG, "adapter_model.safetensors", "adapter_model.bin")
 # or directory is often known better by the caller than by model.config).
 RESERVED_KEYS = (
     "format", "format_version", "r", "lora_alpha", "lora_dropout", "init", "target_modules", "per_layer",
-    "use_rslora",
+    "use_rslora", "lora_config",
     "alpha", "dropout",  # version 1's names: still refused, so an old reader is never misled
 )  # fmt: skip
 # What a config must hold, and the JSON types each key may have (None where it varies per layer).
@@ -65,8 +67,9 @@ _TYPE_WORDS = {
 }
 
 
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every LoRA matrix plus every other parameter that requires grad (biases, norms, head...).
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What `save_lora` writes: every LoRA matrix plus every other parameter that requires grad (biases,
+    norms, head...).
 
     Values are the unmerged ones: a merged layer whose own weight also trains (LoRA inside a module of
     `modules_to_save`) contributes its weight without the update, so a reload never applies it twice.
@@ -75,8 +78,33 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for name, p in model.named_parameters():
         leaf = name.rsplit(".", 1)[-1]
-        if p.requires_grad or leaf in ("lora_A", "lora_B", "lora_B_bias"):
+        if p.requires_grad or leaf in LORA_TENSORS:
             out[name] = (unmerged[name].unmerged_weight() if name in unmerged else p).detach()
+    return out
+
+
+LORA_TENSORS = ("lora_A", "lora_B", "lora_B_bias")
+
+
+def lora_state_dict(model: nn.Module, bias: str = "none") -> dict[str, torch.Tensor]:
+    """Microsoft loralib's `lora_state_dict`, with its meaning: the LoRA tensors of `model.state_dict()`;
+    bias="all" adds every entry whose name contains "bias", "lora_only" the bias of each LoRA layer. The
+    keys and values are the state dict's (a merged layer's weight is not included, so merging does not
+    matter). For everything a trained adapter needs (heads, norms), use `save_lora` / `adapter_state_dict`.
+    """
+    check_module(model)
+    check_choice(bias, "bias", BIAS_CHOICES)
+    state = model.state_dict()
+    layers = [f"{n}." if n else "" for n, _ in lora_layers(model)]  # "" when the model is the layer
+    lora_keys = {p + t for p in layers for t in LORA_TENSORS}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():  # Microsoft's order: a LoRA tensor, then its layer's bias
+        if key in lora_keys or (bias == "all" and "bias" in key):
+            out[key] = value
+            owner = key.rpartition(".")[0]
+            bias_key = f"{owner}.bias" if owner else "bias"
+            if key in lora_keys and bias == "lora_only" and bias_key in state:
+                out[bias_key] = state[bias_key]
     return out
 
 
@@ -137,6 +165,8 @@ def lora_config(model: nn.Module, **metadata: Any) -> dict[str, Any]:
             for n, layer in layers
         },
         "base_model": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        # The same adapters as one LoraConfig in PEFT's fields (per_layer stays what loading reads).
+        "lora_config": config_of(dict(layers)).to_dict(),
     }
     cfg.update(metadata)
     return cfg
@@ -164,7 +194,7 @@ def save_lora(model: nn.Module, path: str | os.PathLike, **metadata: Any) -> Pat
     check_module(model)
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a directory path (str or os.PathLike), got {type(path).__name__}.")
-    return write_adapter(path, lora_state_dict(model), lora_config(model, **metadata))
+    return write_adapter(path, adapter_state_dict(model), lora_config(model, **metadata))
 
 
 def _weights_path(path: str | os.PathLike) -> Path:
@@ -340,7 +370,7 @@ def _inject_from_config(model: nn.Module, cfg: dict[str, Any]) -> None:
             r=int(spec.get("r", cfg["r"])),
             lora_alpha=spec.get("lora_alpha", cfg["lora_alpha"]),
             lora_dropout=spec.get("lora_dropout", cfg.get("lora_dropout")) or 0.0,
-            init=spec.get("init", cfg.get("init")) or "kaiming",
+            init_lora_weights=INIT_VALUES[spec.get("init", cfg.get("init")) or "kaiming"],
             use_rslora=bool(spec.get("use_rslora", False)),
             lora_bias=bool(spec.get("lora_bias", False)),
             exact=True,

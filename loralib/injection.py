@@ -3,8 +3,9 @@
 Which LoRA class adapts a module comes from `loralib.layers`' registry (`nn.Linear` -> `LoraLinear`,
 `nn.Embedding` -> `LoraEmbedding`); nothing here knows a layer type.
 
-Covers: `inject_lora` (PEFT-style name matching, regex, "all-linear"), `mark_only_lora_as_trainable`
-(PEFT's `bias` vocabulary plus layer norms, embeddings and `modules_to_save`), `merge_lora`,
+Covers: `inject_lora` (from a `LoraConfig` or its fields: PEFT's matching rules, regex, "all-linear"),
+`find_targets`, `mark_only_lora_as_trainable` (PEFT's and Microsoft's `bias` vocabulary plus layer norms,
+embeddings and `modules_to_save`), `merge_lora`,
 `unmerge_lora`, `unload_lora`, `lora_layers` to iterate over adapted layers, and `unchanged_on_failure`
 (the rollback every loader uses: a failed call leaves the model as it was). Not here: the
 layer itself (`loralib.layers`) and saving adapters (`loralib.adapters`).
@@ -13,27 +14,63 @@ layer itself (`loralib.layers`) and saving adapters (`loralib.adapters`).
 from __future__ import annotations
 
 import contextlib
-import re
+import dataclasses
+import math
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from loralib.checks import check_bool, check_choice, check_module, check_names
-from loralib.layers import LoraLayer, check_lora_args, lora_class_for, module_kind, supported_types
+from loralib.config import BIAS_CHOICES, INIT_VALUES, LoraConfig, config_from
+from loralib.layers import LoraLayer, lora_class_for, module_kind, supported_types
 
 # Task heads stay full-precision, fully trained modules: "all-linear" never adapts them (as PEFT).
 # The heads of the classification and question-answering models this project trains.
 TASK_HEADS = ("classifier", "qa_outputs")
 HEAD_NAMES = (*TASK_HEADS, "lm_head", "score", "cls", "head", "pooler_head")
-BIAS_CHOICES = ("none", "all", "lora_only")
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
-    """Yield (qualified name, layer) for every LoRA layer (`loralib.layers.LoraLayer`) in `model`."""
+    """Yield (qualified name, layer) for every LoRA layer (`loralib.layers.LoraLayer`) in `model` that holds
+    an adapter (a Microsoft-style layer built with r=0 holds none)."""
     for name, module in model.named_modules():
-        if isinstance(module, LoraLayer):
+        if isinstance(module, LoraLayer) and module.has_adapter:
             yield name, module
+
+
+def config_of(model: nn.Module | dict[str, LoraLayer]) -> LoraConfig:
+    """The `LoraConfig` that reproduces the adapters of `model` (or of {name: layer}): target_modules their
+    full names, r / lora_alpha / use_rslora / lora_dropout the most common values, the other layers' in
+    rank_pattern and alpha_pattern (a layer under the other scaling rule gets the alpha that gives its own
+    scaling under the common one: PEFT has one rule per adapter)."""
+    layers = model if isinstance(model, dict) else dict(lora_layers(model))
+    if not layers:
+        raise ValueError("the model has no LoRA layers; call inject_lora(model, target_modules) first.")
+    common = lambda values: Counter(values).most_common(1)[0][0]  # noqa: E731
+    r = common(layer.r for layer in layers.values())
+    rslora = common(layer.use_rslora for layer in layers.values())
+    alphas = {
+        n: layer.lora_alpha
+        if layer.use_rslora == rslora
+        else layer.scaling * (math.sqrt(layer.r) if rslora else layer.r)
+        for n, layer in layers.items()
+    }
+    alpha = common(alphas.values())
+    return LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=common(layer.lora_dropout_p for layer in layers.values()),
+        target_modules=sorted(layers),
+        use_rslora=rslora,
+        init_lora_weights=INIT_VALUES[common(layer.init for layer in layers.values())],
+        rank_pattern={n: layer.r for n, layer in layers.items() if layer.r != r},
+        alpha_pattern={n: a for n, a in alphas.items() if a != alpha},
+        fan_in_fan_out=any(layer.base_type.__name__ == "Conv1D" for layer in layers.values()),
+        lora_bias=any(layer.lora_B_bias is not None for layer in layers.values()),
+    )
 
 
 def _name_matches(name: str, targets: Sequence[str]) -> bool:
@@ -54,37 +91,36 @@ def _is_head(model: nn.Module, name: str, module: nn.Module) -> bool:
     return False
 
 
-def find_targets(model: nn.Module, target_modules: str | Sequence[str]) -> list[str]:
-    """Names of the modules `target_modules` selects, matched exactly like `inject_lora` does.
+def find_targets(model: nn.Module, target_modules: LoraConfig | str | Sequence[str]) -> list[str]:
+    """Names of the modules a config (or bare target_modules) selects, matched exactly like `inject_lora`.
 
-    A list matches a module whose name equals an entry or ends with "." + entry (PEFT's rule);
-    a string is a regular expression that must match the whole name; "all-linear" selects every
-    linear layer LoRA adapts (`nn.Linear`, GPT-2's `Conv1D`) except task heads (see HEAD_NAMES) and the
-    output embedding, as PEFT's does.
+    PEFT's rules (`LoraConfig.targets`): a list matches a module whose name equals an entry or ends with
+    "." + entry; a string is a regular expression that must match the whole name; exclude_modules,
+    modules_to_save and layers_to_transform apply. "all-linear" selects every linear layer LoRA adapts
+    (`nn.Linear`, GPT-2's `Conv1D`) except task heads (see HEAD_NAMES) and the output embedding, as PEFT's
+    does.
     """
     check_module(model)
-    if not isinstance(target_modules, str):
-        check_names(target_modules, "target_modules")  # None, a number or non-string entries stop here
-    if isinstance(target_modules, str) and target_modules == "all-linear":
-        return [
+    if isinstance(target_modules, LoraConfig):
+        config = target_modules
+    else:
+        if not isinstance(target_modules, str):
+            check_names(target_modules, "target_modules")  # None, a number or non-string entries stop here
+        config = LoraConfig(target_modules=target_modules)
+    if config.target_modules == "all-linear":
+        linear = [
             n
             for n, m in model.named_modules()
             if getattr(lora_class_for(m), "linear_like", False)
             and not _is_head(model, n, m)
             and _bypassing_parent(model, n) is None
         ]
-    if isinstance(target_modules, str):
-        try:
-            pattern = re.compile(target_modules)
-        except re.error as e:
-            raise ValueError(
-                f"target_modules={target_modules!r} is not a valid regular expression: {e}"
-            ) from e
-        return [n for n in _candidate_names(model) if pattern.fullmatch(n)]
-    targets = list(target_modules)
-    if not targets or not all(isinstance(t, str) and t for t in targets):
-        raise ValueError(f"target_modules must be non-empty module names, got {target_modules!r}.")
-    return [n for n in _candidate_names(model) if _name_matches(n, targets)]
+        if not linear:
+            return []
+        # As PEFT: "all-linear" becomes the layers' last name parts, then the config's other rules apply.
+        leaves = tuple(sorted({n.rpartition(".")[2] for n in linear}))
+        return dataclasses.replace(config, target_modules=leaves).targets(linear)
+    return config.targets(_candidate_names(model))
 
 
 # Modules whose forward reads a child Linear's weight directly instead of calling it: LoRA on that child
@@ -117,40 +153,44 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def inject_lora(
     model: nn.Module,
-    target_modules: str | Sequence[str],
+    config: LoraConfig | str | Sequence[str] | None = None,
     *,
-    r: int = 8,
-    lora_alpha: float | None = None,
-    lora_dropout: float = 0.0,
-    init: str = "kaiming",
-    autocast_adapter_dtype: bool = True,
-    use_rslora: bool = False,
-    lora_bias: bool = False,
     exact: bool = False,
+    autocast_adapter_dtype: bool = True,
+    **fields: Any,
 ) -> list[str]:
-    """Replace the targeted modules of `model` in place by their LoRA layers; return their names.
+    """Replace the modules of `model` that `config` targets, in place, by their LoRA layers; return their names.
+
+    config: a `loralib.LoraConfig` (PEFT's fields: r, lora_alpha, lora_dropout, target_modules,
+    exclude_modules, modules_to_save, rank_pattern, alpha_pattern, layers_to_transform, use_rslora,
+    init_lora_weights, lora_bias, ...), or target_modules with the other fields as keywords
+    (`inject_lora(model, ["query", "value"], r=16)`); keywords next to a config replace its values. The
+    config is validated once, when it is made; each layer gets `config.settings_for(name)`.
 
     Each target's class comes from the registry (`loralib.layers.lora_class_for`): `nn.Linear` ->
-    `LoraLinear`, `nn.Embedding` -> `LoraEmbedding`.
+    `LoraLinear`, `nn.Embedding` -> `LoraEmbedding`, convolutions, GPT-2's `Conv1D`. Matching follows PEFT:
+    exclude_modules and modules_to_save are never targets; a list entry matches a name equal to it or ending
+    in "." + it; a string is a regex over the whole name; "all-linear" is every linear layer but the heads.
 
-    exact=True: `target_modules` is a list of full module names (as `save_lora` records them), each
-    adapted as named and nothing else; a name the model lacks is an error. Reloads use it, so an adapter
-    saved from layers chosen by a pattern reloads into exactly those layers.
+    exact=True: target_modules are full module names (as `save_lora` records them), each adapted as named
+    and nothing else; a name the model lacks is an error. Reloads use it.
 
-    r, lora_alpha (None: = r), lora_dropout, init, use_rslora (scale by lora_alpha / sqrt(r)), lora_bias
-    (PEFT's: a trainable bias on B's output; not for embeddings): as for
-    `LoraLinear` (PEFT's names, keyword-only). The original weights are
-    reused and frozen; B starts at zero so outputs do not change until training. A and B are fp32 on a
-    half-precision base unless autocast_adapter_dtype=False. Raises ValueError if nothing matches
-    (listing the Linear names that exist) and TypeError if a match is not an `nn.Linear` or already
-    carries LoRA; the model is untouched then. "all-linear" selects Linear layers only (as PEFT).
+    The original weights are reused and frozen (other parameters keep their flags: choose what trains with
+    `mark_only_lora_as_trainable(model, config=config)`). B starts at zero, so outputs do not change until
+    training. A and B are fp32 on a half-precision base unless autocast_adapter_dtype=False. Raises
+    ValueError if nothing matches (listing the linear names that exist) and TypeError if a match is not a
+    type LoRA adapts or already carries LoRA; the model is untouched then.
     """
     check_module(model)
-    r, lora_alpha, lora_dropout = check_lora_args(r, lora_alpha, lora_dropout, init)
+    config = config_from(config, **fields)
     check_bool(autocast_adapter_dtype, "autocast_adapter_dtype")
-    check_bool(use_rslora, "use_rslora")
-    check_bool(lora_bias, "lora_bias")
     check_bool(exact, "exact")
+    target_modules = config.target_modules
+    if target_modules is None:
+        raise ValueError(
+            "no target_modules: name the modules to adapt, e.g. inject_lora(model, ['query', 'value']), a "
+            "regex, or 'all-linear'."
+        )
     if exact:
         names = list(check_names(target_modules, "target_modules", allow_empty=False))
         modules = dict(model.named_modules())
@@ -161,7 +201,7 @@ def inject_lora(
                 f"names only). Linear modules in this model: {', '.join(_linear_names(model)[:20])} ..."
             )
     else:
-        names = find_targets(model, target_modules)
+        names = find_targets(model, config)
     if not names and target_modules == "all-linear":
         adapted = [n for n, layer in lora_layers(model) if not _is_head(model, n, layer)]
         if adapted:
@@ -201,14 +241,7 @@ def inject_lora(
             )
     new = {
         name: lora_class_for(modules[name]).from_module(
-            modules[name],
-            r=r,
-            lora_alpha=lora_alpha,
-            lora_dropout=lora_dropout,
-            init=init,
-            autocast_adapter_dtype=autocast_adapter_dtype,
-            use_rslora=use_rslora,
-            lora_bias=lora_bias,
+            modules[name], autocast_adapter_dtype=autocast_adapter_dtype, settings=config.settings_for(name)
         )
         for name in names
     }
@@ -228,14 +261,21 @@ def mark_only_lora_as_trainable(
     train_layer_norms: bool = False,
     train_embeddings: bool = False,
     modules_to_save: Iterable[str] = (),
+    *,
+    config: LoraConfig | None = None,
 ) -> None:
-    """Freeze every parameter except LoRA's A and B and the extras asked for.
+    """Freeze every parameter except LoRA's A and B (and lora_bias) and the extras asked for.
 
     bias: "none" (no bias trains), "all" (every bias in the model), "lora_only" (biases of
-    LoRA-adapted layers). modules_to_save: module names (PEFT matching) trained in full, e.g. the
-    task head "classifier".
+    LoRA-adapted layers): PEFT's and Microsoft loralib's meanings. modules_to_save: module names (PEFT
+    matching) trained in full, e.g. the task head "classifier". config: take bias and modules_to_save from
+    a `LoraConfig` (what PEFT's get_peft_model trains).
     """
     check_module(model)
+    if config is not None:
+        if not isinstance(config, LoraConfig):
+            raise TypeError(f"config must be a loralib.LoraConfig, got {type(config).__name__}.")
+        bias, modules_to_save = config.bias, config.modules_to_save or ()
     check_choice(bias, "bias", BIAS_CHOICES)
     check_bool(train_layer_norms, "train_layer_norms")
     check_bool(train_embeddings, "train_embeddings")
@@ -252,10 +292,12 @@ def mark_only_lora_as_trainable(
         p.requires_grad_(False)
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer):
-            module.lora_A.requires_grad_(True)
-            module.lora_B.requires_grad_(True)
+            if module.has_adapter:
+                module.lora_A.requires_grad_(True)
+                module.lora_B.requires_grad_(True)
             if module.lora_B_bias is not None:
                 module.lora_B_bias.requires_grad_(True)
+            # Microsoft's lora_only: the bias of every LoRA layer (an r=0 one too)
             if bias == "lora_only" and getattr(module, "bias", None) is not None:
                 module.bias.requires_grad_(True)
         if train_layer_norms and _is_layer_norm(name, module):
@@ -263,9 +305,9 @@ def mark_only_lora_as_trainable(
                 p.requires_grad_(True)
         if train_embeddings and isinstance(module, nn.Embedding) and not isinstance(module, LoraLayer):
             module.weight.requires_grad_(True)
-    if bias == "all":
+    if bias == "all":  # PEFT's and Microsoft's rule: every parameter whose name contains "bias"
         for name, p in model.named_parameters():
-            if name == "bias" or name.endswith(".bias"):
+            if "bias" in name:
                 p.requires_grad_(True)
     for target in to_save:
         for m in [m for n, m in model.named_modules() if n and _name_matches(n, [target])]:
@@ -294,7 +336,8 @@ def _check_untied(model: nn.Module) -> None:
     for name, layer in lora_layers(model):
         if layer.merged:
             continue
-        others = [n for n in owners.get(layer.weight.data_ptr(), []) if n != f"{name}.weight"]
+        own = {f"{name}.{n}" for n, p in layer.named_parameters() if p is layer.weight}
+        others = [n for n in owners.get(layer.weight.data_ptr(), []) if n not in own]
         if others:
             raise ValueError(
                 f"cannot merge LoRA into {name}.weight: it shares its storage with {others[:3]} (tied weights, "

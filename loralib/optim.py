@@ -25,7 +25,8 @@ from loralib.checks import check_module, check_number
 
 def _kind(name: str) -> str:
     parts = name.split(".")
-    if "lora_B" in parts or "lora_embedding_B" in parts:  # PEFT names an embedding's factors so
+    # lora_B_bias (PEFT: lora_B.bias) is part of B's output, so it takes B's LoRA+ rate, as in PEFT's LoRA+.
+    if "lora_B" in parts or "lora_embedding_B" in parts or "lora_B_bias" in parts:  # PEFT's embedding names
         return "lora_B"
     if "lora_A" in parts or "lora_embedding_A" in parts:
         return "lora_A"

@@ -19,8 +19,10 @@ The mapping, which is all there is to it (each layer class names its PEFT keys: 
     other trained modules            modules_to_save: the whole module, saved under its own name
 
 Neither direction imports `peft`: the format is JSON plus safetensors, so a loralib user can export
-without installing it (the tests use PEFT itself as the reference). Not supported, with a clear error:
-DoRA. `lora_bias` (a bias on lora_B) maps to `<m>.lora_B.bias`. Convolutions use PEFT's conv layout (lora_A.weight a kernel,
+without installing it (the tests use PEFT itself as the reference, including PEFT's own LoRA test table).
+An adapter_config.json is read through `loralib.LoraConfig.from_dict`, so what loralib does not reproduce
+(DoRA, trainable tokens, initialisations that change the base such as PiSSA or LoftQ, unknown fields) is
+refused by name before the model changes; PEFT's layer for a type loralib lacks (nn.MultiheadAttention) too. `lora_bias` (a bias on lora_B) maps to `<m>.lora_B.bias`. Convolutions use PEFT's conv layout (lora_A.weight a kernel,
 lora_B.weight a 1x1 kernel). GPT-2's Conv1D layers are PEFT's
 `fan_in_fan_out=True` (written when the model has one; the factors' layout is a Linear's). Not here: loralib's own format (`loralib.adapters`), PEFT training and QLoRA
 (`loralib.peft_backend`).
@@ -29,7 +31,6 @@ lora_B.weight a 1x1 kernel). GPT-2's Conv1D layers are PEFT's
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import warnings
@@ -43,9 +44,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from loralib.checks import check_alpha, check_bool, check_choice, check_module
+from loralib.config import LoraConfig
 from loralib.files import atomic_directory, read_files, safetensors_from_bytes
-from loralib.injection import HEAD_NAMES, inject_lora, lora_layers, unchanged_on_failure
-from loralib.layers import LoraLayer, lora_class_for
+from loralib.injection import HEAD_NAMES, config_of, inject_lora, lora_layers, unchanged_on_failure
+from loralib.layers import LoraLayer, lora_class_for, supported_types
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -58,9 +60,6 @@ _TASK_TYPES = (
     ("ForCausalLM", "CAUSAL_LM"),
     ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
 )
-_UNSUPPORTED = {
-    "use_dora": "DoRA (weight-decomposed LoRA)",
-}
 
 
 def _infer_task_type(model: nn.Module) -> str | None:
@@ -171,18 +170,8 @@ def _bias_mode(params: dict[str, torch.Tensor], layers: dict[str, LoraLayer], ex
 
 
 def _ranks_and_alphas(layers: dict[str, LoraLayer]) -> dict[str, Any]:
-    """r, lora_alpha and lora_dropout for PEFT: the most common values, the others as patterns."""
-    r_common = Counter(layer.r for layer in layers.values()).most_common(1)[0][0]
-    # PEFT has one scaling rule for the whole adapter: the most common one; a layer with the other rule
-    # gets the alpha that gives its own scaling under it (an alpha_pattern entry).
-    rslora = Counter(layer.use_rslora for layer in layers.values()).most_common(1)[0][0]
-    alphas = {
-        n: layer.lora_alpha
-        if layer.use_rslora == rslora
-        else layer.scaling * (math.sqrt(layer.r) if rslora else layer.r)
-        for n, layer in layers.items()
-    }
-    a_common = Counter(alphas.values()).most_common(1)[0][0]
+    """r, lora_alpha, lora_dropout, patterns and use_rslora for PEFT (`loralib.injection.config_of`), with
+    a warning where layers' dropouts differ (PEFT has one)."""
     dropouts = Counter(layer.lora_dropout_p for layer in layers.values())
     if len(dropouts) > 1:
         warnings.warn(
@@ -190,13 +179,9 @@ def _ranks_and_alphas(layers: dict[str, LoraLayer]) -> dict[str, Any]:
             f"{dropouts.most_common(1)[0][0]} is written (dropout only matters for training).",
             stacklevel=4,
         )
+    d = config_of(layers).to_dict()
     return {
-        "r": r_common,
-        "lora_alpha": _num(a_common),
-        "lora_dropout": dropouts.most_common(1)[0][0],
-        "rank_pattern": {n: layer.r for n, layer in layers.items() if layer.r != r_common},
-        "alpha_pattern": {n: _num(a) for n, a in alphas.items() if a != a_common},
-        "use_rslora": rslora,
+        k: d[k] for k in ("r", "lora_alpha", "lora_dropout", "rank_pattern", "alpha_pattern", "use_rslora")
     }
 
 
@@ -210,6 +195,12 @@ def peft_state_and_config(
     layers = dict(lora_layers(model))
     if not layers:
         raise ValueError("the model has no LoRA layers; call inject_lora(model, target_modules) first.")
+    formless = [f"{n} ({type(layer).__name__})" for n, layer in layers.items() if layer.peft_names is None]
+    if formless:
+        raise ValueError(
+            f"{', '.join(formless[:3])}: this layer type has no PEFT form (Microsoft's MergedLinear and "
+            "ConvLoRA factor the update differently from any PEFT layer); save it with save_lora instead."
+        )
     base = base_model_name_or_path or getattr(getattr(model, "config", None), "_name_or_path", None)
     if not base:
         raise ValueError(
@@ -259,7 +250,7 @@ def peft_state_and_config(
         "bias": bias_mode,
         "use_dora": False,
         "lora_bias": any(layer.lora_B_bias is not None for layer in layers.values()),
-        "fan_in_fan_out": any(type(layer).base_type.__name__ == "Conv1D" for layer in layers.values()),
+        "fan_in_fan_out": any(layer.base_type.__name__ == "Conv1D" for layer in layers.values()),
         "init_lora_weights": True,
         "inference_mode": True,
         "layers_to_transform": None,
@@ -336,17 +327,14 @@ def read_peft_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], dic
     return config, {k.removeprefix(PREFIX): v for k, v in tensors.items()}
 
 
-def _check_supported(config: dict[str, Any], directory) -> None:
+def _check_supported(config: dict[str, Any], directory) -> LoraConfig:
+    """The adapter's config as a `LoraConfig`; anything loralib does not reproduce (DoRA, trainable tokens,
+    initialisations that change the base, unknown fields) is refused by name (`LoraConfig.from_dict`)."""
     if config.get("peft_type") != "LORA":
         raise ValueError(
             f"{directory} holds a {config.get('peft_type')!r} adapter; from_peft reads LoRA adapters only."
         )
-    for key, what in _UNSUPPORTED.items():
-        if config.get(key):
-            raise ValueError(f"{directory} uses {what}, which loralib does not implement.")
-    for key in ("target_parameters", "trainable_token_indices", "layer_replication"):
-        if config.get(key):
-            raise ValueError(f"{directory} sets {key}={config[key]!r}, which from_peft does not support.")
+    return LoraConfig.from_dict(config, source=f"{directory}/{CONFIG_NAME}")
 
 
 def _group_tensors(
@@ -422,6 +410,15 @@ def from_peft(model: nn.Module, directory: str | os.PathLike, trainable: bool = 
 
     modules = dict(model.named_modules())
     absent = [n for n in lora if n not in modules]
+    for (
+        name
+    ) in absent:  # PEFT's own layer for a type loralib lacks (nn.MultiheadAttention: <m>.base_layer...)
+        owner = name.split(".base_layer")[0]
+        if owner in modules and lora_class_for(modules[owner]) is None:
+            raise ValueError(
+                f"the adapter adapts {owner!r}, a {type(modules[owner]).__name__}, with PEFT's own layer for it; "
+                f"loralib adapts {supported_types()} only, so it cannot load this adapter."
+            )
     if absent:
         raise ValueError(
             f"the adapter targets modules this model lacks, e.g. {absent[:4]}; it was made for "

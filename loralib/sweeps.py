@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loralib.checks import check_alpha, check_bool, check_int, check_names, check_number, check_rank
+from loralib.config import LoraSettings
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ class RunSpec:
     A's (LoRA+; None: one rate).
     """
 
-    r: int = 8
+    r: int = LoraSettings.r
     target_modules: tuple[str, ...] | str = ("query", "value")
     lora_alpha: float | None = None
     use_rslora: bool = False

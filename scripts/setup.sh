@@ -23,6 +23,11 @@ fi
 $PIP install -q -r requirements.txt
 $PIP install -q --no-deps -r requirements-nodeps.txt
 $PIP install -q --no-deps --no-build-isolation -e .
+# Microsoft's loralib 0.1.2 (MIT), the reference tests/test_03_microsoft.py compares our compat layer
+# with: only downloaded into .cache/ (never installed: its import name is ours), best effort.
+mkdir -p .cache/reference
+$PIP download -q --no-deps --only-binary :all: "loralib==0.1.2" -d .cache/reference >/dev/null 2>&1 \
+  || echo "[setup] could not download loralib==0.1.2 (Microsoft's); its comparison tests will skip"
 # JupyterLab autosaves outputs into the notebooks: git stores them stripped (.gitattributes names the
 # filter; without this line git would store what the working copy holds).
 if git rev-parse --git-dir >/dev/null 2>&1; then

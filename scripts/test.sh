@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export MPLBACKEND=Agg PYTHONHASHSEED=0
+# the reference packages set-up fetched (Microsoft's loralib wheel) must be there: a missing one fails, not skips
+export LORALIB_REQUIRE_REFERENCES=1
 .venv/bin/ruff check loralib tests benchmarks scripts notebooks
 .venv/bin/ruff format --check loralib tests benchmarks scripts
 .venv/bin/python -m pytest tests notebooks --nbval-lax --nbval-current-env -p no:cacheprovider "$@"

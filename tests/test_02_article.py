@@ -18,6 +18,7 @@ from loralib.article.attention import (
 )
 from loralib.article.lr_experiment import first_update_norm
 from loralib.article.wrapper import LoraWrapperRoberta
+from loralib.config import INIT_VALUES
 from loralib.injection import inject_lora
 from loralib.layers import LoraLinear
 from loralib.qa import squad_null_decision
@@ -158,7 +159,7 @@ def test_matches_inject_lora_given_same_a_b(
     ours = RobertaModel.from_pretrained(tiny_model_dir).eval()
     replace_self_attention(ours, r=4, formulation=formulation, lora_alpha=alpha)
     theirs = RobertaModel.from_pretrained(tiny_model_dir).eval()
-    inject_lora(theirs, ["query", "value"], r=4, lora_alpha=alpha, init=init)
+    inject_lora(theirs, ["query", "value"], r=4, lora_alpha=alpha, init_lora_weights=INIT_VALUES[init])
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, layer in lora_attention_layers(ours):

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import loralib.adapters as adapters
-from loralib.adapters import adapter_size_bytes, load_lora, lora_state_dict, read_adapter, save_lora
+from loralib.adapters import adapter_size_bytes, adapter_state_dict, load_lora, read_adapter, save_lora
 from loralib.injection import inject_lora, lora_layers, mark_only_lora_as_trainable, merge_lora
 from loralib.tiny import tiny_roberta
 
@@ -83,7 +83,7 @@ def test_round_trip_is_exact(stock, batch, tmp_path, pre_inject, r, targets):
     assert [n for n, _ in lora_layers(other)] == [n for n, _ in lora_layers(model)]
     for (_, a), (_, b) in zip(lora_layers(other), lora_layers(model)):
         assert (a.r, a.lora_alpha, a.scaling) == (b.r, b.lora_alpha, b.scaling)
-    ref = lora_state_dict(model)
+    ref = adapter_state_dict(model)
     got = dict(other.named_parameters())
     assert all(torch.equal(got[k], v) for k, v in ref.items())
     assert torch.equal(logits(other, batch), logits(model, batch))
@@ -226,7 +226,7 @@ def test_crash_mid_write_keeps_the_previous_adapter(stock, tmp_path, monkeypatch
     model = fresh(stock)
     assert load_lora(model, tmp_path)["task"] == "first"
     params = dict(model.named_parameters())
-    assert all(torch.equal(params[k], v) for k, v in lora_state_dict(first).items())
+    assert all(torch.equal(params[k], v) for k, v in adapter_state_dict(first).items())
 
 
 def test_wrong_alpha_is_refused(stock, tmp_path):
@@ -306,7 +306,8 @@ def test_saving_into_the_working_directory_and_a_relative_path(in_dir):
         torch.nn.init.zeros_(layer.lora_B)
     load_lora(fresh, "rel/adapter")
     assert all(
-        torch.equal(a, b) for a, b in zip(lora_state_dict(fresh).values(), lora_state_dict(model).values())
+        torch.equal(a, b)
+        for a, b in zip(adapter_state_dict(fresh).values(), adapter_state_dict(model).values())
     )
     assert sorted(p.name for p in in_dir.iterdir()) == ["here", "rel"]  # no staging directory left
 
@@ -411,7 +412,7 @@ def test_layers_with_different_dropout_and_init_reload_as_they_were(tiny_model_d
     from loralib import inject_lora, load_lora, lora_layers, save_lora
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
-    inject_lora(model, ["query"], r=2, lora_dropout=0.1, init="gaussian")
+    inject_lora(model, ["query"], r=2, lora_dropout=0.1, init_lora_weights="gaussian")
     inject_lora(model, ["value"], r=2, lora_dropout=0.0)
     save_lora(model, tmp_path / "a")
     fresh = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)

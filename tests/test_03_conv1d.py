@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from loralib import (
+    LoraEmbedding,
     find_targets,
     from_peft,
     inject_lora,
@@ -41,6 +42,21 @@ def _gpt2(seed=0):
 
 
 IDS = torch.tensor([[5, 17, 3, 99, 42, 0], [1, 2, 3, 4, 5, 6]])
+
+
+def _losses_of_a_short_run(model, steps: int = 5) -> list[float]:
+    """Mark only LoRA trainable and train a few AdamW steps on IDS; return the losses."""
+    mark_only_lora_as_trainable(model)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=IDS, labels=IDS).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
 
 
 def test_layer_outputs_gradients_merge_and_unmerge_equal_pefts():
@@ -98,16 +114,7 @@ def test_a_tiny_gpt2_trains_merges_saves_reloads_and_converts(targets, tmp_path)
     model = _gpt2()
     names = inject_lora(model, targets, r=4, lora_alpha=8)
     assert all(isinstance(m, LoraConv1D) for _, m in lora_layers(model)) and len(names) in (2, 8)
-    mark_only_lora_as_trainable(model)
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(5):
-        loss = model(input_ids=IDS, labels=IDS).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = _losses_of_a_short_run(model)
     assert losses[-1] < losses[0]  # it learns
     model.eval()
     with torch.no_grad():
@@ -133,3 +140,36 @@ def test_a_tiny_gpt2_trains_merges_saves_reloads_and_converts(targets, tmp_path)
     from_peft(again, tmp_path / "peft2")
     with torch.no_grad():
         torch.testing.assert_close(again(input_ids=IDS).logits, before, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("targets", [["wte"], ["wte", "c_attn"]])
+def test_a_tiny_gpt2_embedding_target_trains_merges_saves_and_reloads(targets, tmp_path):
+    """The token embedding as a target: trains, saves and reloads; merges exactly once untied (a tied one
+    is refused, because the merge would change the lm_head too)."""
+    tied = _gpt2()
+    inject_lora(tied, targets, r=4, lora_alpha=8)
+    with pytest.raises(ValueError, match="shares its storage"):
+        merge_lora(tied)
+    assert not any(m.merged for _, m in lora_layers(tied))
+
+    def untied():
+        torch.manual_seed(0)
+        cfg = transformers.GPT2Config(
+            n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=32, tie_word_embeddings=False
+        )
+        return transformers.GPT2LMHeadModel(cfg).eval()
+
+    model = untied()
+    inject_lora(model, targets, r=4, lora_alpha=8)
+    assert isinstance(model.transformer.wte, LoraEmbedding)
+    losses = _losses_of_a_short_run(model)
+    assert losses[-1] < losses[0]
+    model.eval()
+    with torch.no_grad():
+        before = model(input_ids=IDS).logits
+        save_lora(model, tmp_path / "ours")
+        fresh = untied()
+        load_lora(fresh, tmp_path / "ours")
+        torch.testing.assert_close(fresh(input_ids=IDS).logits, before, atol=1e-6, rtol=1e-6)
+        merge_lora(model)
+        torch.testing.assert_close(model(input_ids=IDS).logits, before, atol=1e-5, rtol=1e-5)

@@ -134,3 +134,19 @@ def test_a_conv_without_base_bias_still_gives_its_update_only_the_merge_is_refus
     torch.testing.assert_close(layer.delta_weight(), expected, atol=0, rtol=0)  # computable: no bias needed
     with pytest.raises(ValueError, match="no bias to merge it into"):
         merge_lora(net)
+
+
+def test_loraplus_gives_lora_bias_bs_learning_rate():
+    """lora_B_bias is part of B's output: LoRA+ puts it in B's group (PEFT's LoRA+ does the same for
+    lora_B.bias), with no weight decay (a bias)."""
+    from loralib.optim import param_groups
+
+    model = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 2))
+    inject_lora(model, ["0", "2"], r=2, lora_bias=True)
+    mark_only_lora_as_trainable(model)
+    groups = param_groups(model, 1e-3, loraplus_lr_ratio=16.0, weight_decay=0.1)
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    for _, layer in lora_layers(model):
+        assert by_param[id(layer.lora_B_bias)]["lr"] == pytest.approx(16e-3)
+        assert by_param[id(layer.lora_B_bias)]["weight_decay"] == 0.0
+        assert by_param[id(layer.lora_A)]["lr"] == pytest.approx(1e-3)

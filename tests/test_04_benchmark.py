@@ -59,7 +59,7 @@ def test_defaults_are_the_article_recipe():
 )
 def test_bad_config_is_rejected_with_the_field_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        TrainConfig(**kwargs)
+        make_config("sst2", **kwargs)
 
 
 def test_make_config_layers_profile_and_overrides():
@@ -228,9 +228,18 @@ def test_peft_vocabulary_in_the_config_and_old_results_files_still_read():
         make_config("rte", "smoke", alpha=16)  # the former name: gone from the API
     from loralib.benchmark.config import config_from_results
 
-    old = {"config": {**cfg.to_dict(), "alpha": 2.0}}  # a results file from before the rename
-    del old["config"]["lora_alpha"]
-    assert config_from_results(old).lora_alpha == 2.0
+    # a results file from before LoraConfig and the rename: flat LoRA fields, "alpha"
+    flat = dict(r=4, alpha=2.0, lora_dropout=0.05, use_rslora=False, target_modules=["query", "value"])
+    old = {"config": {**{k: v for k, v in cfg.to_dict().items() if k != "lora"}, **flat}}
+    back = config_from_results(old)
+    assert (back.r, back.lora_alpha, back.lora_dropout, back.target_modules) == (
+        4,
+        2.0,
+        0.05,
+        ("query", "value"),
+    )
+    # today's files hold PEFT's adapter_config fields under "lora" and read back to the same config
+    assert config_from_results({"config": cfg.to_dict()}) == cfg
 
 
 def test_bundled_data_or_random_weights_are_never_labelled_a_benchmark(tmp_path, tiny_model_dir):
@@ -259,7 +268,7 @@ def test_the_gpu_profiles_code_path_runs_on_cpu(tmp_path, tiny_model_dir, task):
         epochs=1, warmup_epochs=0.5, max_train_samples=32, max_eval_samples=16, progress=False,
     )  # fmt: skip
     cfg = res["config"]
-    assert (cfg["batch_size"], cfg["learning_rate"], cfg["r"]) == (16, 5e-4, 8)
+    assert (cfg["batch_size"], cfg["learning_rate"], cfg["lora"]["r"]) == (16, 5e-4, 8)
     assert (cfg["max_length"], cfg["qa_max_length"], cfg["qa_stride"]) == (128, 384, 128)
     assert (res["run_kind"], res["benchmark"], res["profile"], res["data_source"]) == (
         "smoke",

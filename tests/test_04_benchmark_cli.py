@@ -324,15 +324,21 @@ def test_cli_takes_peft_names_for_rank_alpha_and_dropout(tmp_path, monkeypatch):
         )
         == 0
     )
-    assert (seen["r"], seen["lora_alpha"], seen["lora_dropout"]) == (4, 16.0, 0.05)
-    assert main(["--task", "rte", "--output-dir", str(out), "--lora-r", "2"]) == 0 and seen["r"] == 2
+    lora = seen["lora"]  # one LoraConfig, built and checked once by the CLI
+    assert (lora.r, lora.lora_alpha, lora.lora_dropout, lora.target_modules) == (
+        4,
+        16.0,
+        0.05,
+        ("query", "value"),
+    )
+    assert main(["--task", "rte", "--output-dir", str(out), "--lora-r", "2"]) == 0 and seen["lora"].r == 2
     assert seen["resume"] is False
     assert main(["--task", "rte", "--output-dir", str(out), "--resume"]) == 0 and seen["resume"] is True
     seen.clear()
     assert main(["--task", "rte", "--output-dir", str(out)]) == 0
-    assert "use_rslora" not in seen and "loraplus_lr_ratio" not in seen  # the recipe's defaults stay
+    assert "lora" not in seen and "loraplus_lr_ratio" not in seen  # the recipe's defaults stay
     args = ["--task", "rte", "--output-dir", str(out), "--use-rslora", "--loraplus-lr-ratio", "16"]
-    assert main(args) == 0 and seen["use_rslora"] is True and seen["loraplus_lr_ratio"] == 16.0
+    assert main(args) == 0 and seen["lora"].use_rslora is True and seen["loraplus_lr_ratio"] == 16.0
 
 
 def test_a_model_id_written_as_a_missing_path_is_refused_before_anything_loads(tmp_path, capsys):

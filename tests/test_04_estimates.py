@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -12,7 +13,7 @@ from transformers import RobertaConfig, RobertaForSequenceClassification
 
 import loralib
 from loralib.benchmark import estimates
-from loralib.benchmark.config import COLAB_TASKS, TrainConfig, make_config, resolve_tasks
+from loralib.benchmark.config import COLAB_TASKS, RECIPE_LORA, TrainConfig, make_config, resolve_tasks
 from loralib.measure.memory import peak_memory
 
 SMALL = dict(
@@ -57,7 +58,7 @@ def test_steps_follow_the_profile_subset_and_epochs():
 
 def test_model_shape_counts_what_a_real_lora_model_has():
     cfg, model = small_lora_model(r=4)
-    shape = estimates.model_shape(cfg, TrainConfig(r=4))
+    shape = estimates.model_shape(cfg, TrainConfig(lora=dataclasses.replace(RECIPE_LORA, r=4)))
     real = loralib.count_parameters(model)
     lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     linear_weights = (
@@ -85,7 +86,7 @@ def test_roberta_base_counts_match_the_readme():
 @pytest.mark.parametrize("seq_len", [16, 64, 128])
 def test_forward_flops_match_torch_flop_counter(seq_len):
     cfg, model = small_lora_model()
-    shape = estimates.model_shape(cfg, TrainConfig(r=4))
+    shape = estimates.model_shape(cfg, TrainConfig(lora=dataclasses.replace(RECIPE_LORA, r=4)))
     batch = 3
     ids = torch.randint(5, cfg.vocab_size, (batch, seq_len))
     with FlopCounterMode(display=False) as counter:
@@ -108,7 +109,7 @@ def test_a_lora_training_step_costs_twice_the_forward():
 @pytest.mark.parametrize("batch, seq_len", [(4, 64), (8, 128)])
 def test_activation_term_matches_the_measured_cpu_peak(batch, seq_len):
     cfg, model = small_lora_model()
-    shape = estimates.model_shape(cfg, TrainConfig(r=4))
+    shape = estimates.model_shape(cfg, TrainConfig(lora=dataclasses.replace(RECIPE_LORA, r=4)))
     ids = torch.randint(5, cfg.vocab_size, (batch, seq_len))
     labels = torch.randint(0, 2, (batch,))
 

@@ -84,7 +84,7 @@ def test_resume_with_other_settings_is_refused_naming_them(cut, tmp_path, change
     with pytest.raises(RunMismatchError) as info:
         run_task("sst2", "smoke", output_dir=root, resume=True, **{**KW, **change})
     msg = str(info.value)
-    assert f"{name}: checkpoint" in msg and repr(change[name]) in msg and "epochs (more" in msg
+    assert f"{name}: checkpoint" in msg and _shown(change[name]) in msg and "epochs (more" in msg
     assert {p.name: p.stat().st_mtime_ns for p in _ckpt(root).iterdir()} == before  # nothing touched
     assert not (root / "sst2" / "results.json").exists()
 
@@ -149,7 +149,7 @@ def test_reusing_a_finished_run_compares_every_setting(full, tmp_path):
         with pytest.raises(ResultsExistError) as info:
             run_task("sst2", "smoke", output_dir=root, **{**KW, **change})
         (name,) = change
-        assert f"{name}: finished run" in str(info.value) and repr(change[name]) in str(info.value)
+        assert f"{name}: finished run" in str(info.value) and _shown(change[name]) in str(info.value)
 
 
 def test_identity_of_old_results_without_newer_fields_is_read_with_their_defaults():
@@ -167,3 +167,8 @@ def test_the_cli_refuses_a_mismatched_resume_with_exit_2(cut, tmp_path, capsys):
     args = ["--task", "sst2", "--output-dir", str(root), "--resume", "--no-progress", "--epochs", "3"]
     assert main([*args, "--warmup-epochs", "1", "--seed", "5"]) == 2
     assert "seed: checkpoint 0, now 5" in capsys.readouterr().err
+
+
+def _shown(value) -> str:
+    """How a setting appears in the message: as its JSON record holds it (PEFT writes 16.0 as 16)."""
+    return repr(int(value)) if isinstance(value, float) and value.is_integer() else repr(value)

@@ -142,12 +142,12 @@ def test_train_config_reaches_the_layers(tiny_model_dir, backend):
 
 
 def test_article_backend_refuses_the_new_options():
-    from loralib.benchmark.config import TrainConfig
+    from loralib.benchmark.config import make_config
 
     with pytest.raises(ValueError, match="article backend"):
-        TrainConfig(backend="article", use_rslora=True)
+        make_config("sst2", backend="article", use_rslora=True)
     with pytest.raises(ValueError, match="loraplus_lr_ratio"):
-        TrainConfig(loraplus_lr_ratio=0)
+        make_config("sst2", loraplus_lr_ratio=0)
 
 
 # ---------------------------------------------------------------- LoRA+

@@ -44,7 +44,7 @@ def build_model(cfg: TrainConfig, model_id: str | None = None) -> torch.nn.Modul
     spec = task_spec(cfg.task)
     model_id = model_id or resolve_model_id(cfg)
     qa = is_qa(cfg.task)
-    alpha = cfg.lora_alpha if cfg.lora_alpha is not None else cfg.r
+    alpha = cfg.lora.settings_for("").lora_alpha  # lora_alpha=None (the recipe) resolves to r here, once
     from loralib.utils import set_seed
 
     set_seed(cfg.seed)  # the head's and A's random init are part of the run
@@ -67,16 +67,7 @@ def build_model(cfg: TrainConfig, model_id: str | None = None) -> torch.nn.Modul
                 )
         except OSError as exc:
             raise load_error(model_id, exc) from exc
-        init = "kaiming" if cfg.formulation == "scaled" else "article"
-        inject_lora(
-            model,
-            list(cfg.target_modules),
-            r=cfg.r,
-            lora_alpha=alpha,
-            lora_dropout=cfg.lora_dropout,
-            init=init,
-            use_rslora=cfg.use_rslora,
-        )
+        inject_lora(model, cfg.lora, init_lora_weights=True if cfg.formulation == "scaled" else "article")
         mark_only_lora_as_trainable(
             model,
             bias="all" if cfg.train_biases else "none",

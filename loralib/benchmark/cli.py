@@ -19,6 +19,7 @@ versions) and all. SQuAD v1.1 is stored under its hub name "squad".
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
@@ -102,16 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size", type=_number(int, minimum=1), default=None, help="effective batch (all processes)"
     )
     ap.add_argument("--gradient-accumulation-steps", type=_number(int, minimum=1), default=None)
-    ap.add_argument("--lora-r", dest="r", type=_number(int, minimum=1), default=None, help="LoRA rank r")
+    # The LoRA values are only parsed here: LoraConfig checks them, once, when main() builds it.
+    ap.add_argument("--lora-r", dest="r", type=_number(int), default=None, help="LoRA rank r")
     ap.add_argument(
-        "--lora-alpha",
-        type=_number(float, positive=True),
-        default=None,
-        help="LoRA scaling numerator (default r)",
+        "--lora-alpha", type=_number(float), default=None, help="LoRA scaling numerator (recipe: = r)"
     )
-    ap.add_argument(
-        "--lora-dropout", type=_number(float, minimum=0), default=None, help="LoRA dropout in [0, 1)"
-    )
+    ap.add_argument("--lora-dropout", type=_number(float), default=None, help="LoRA dropout in [0, 1)")
     ap.add_argument(
         "--use-rslora", action="store_const", const=True, default=None, help="scale by lora_alpha / sqrt(r)"
     )
@@ -127,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+LORA_ARGS = ("r", "lora_alpha", "lora_dropout", "use_rslora")  # LoraConfig fields
 OVERRIDE_ARGS = (
     "backend",
     "formulation",
@@ -138,10 +136,6 @@ OVERRIDE_ARGS = (
     "warmup_epochs",
     "batch_size",
     "gradient_accumulation_steps",
-    "r",
-    "lora_alpha",
-    "lora_dropout",
-    "use_rslora",
     "loraplus_lr_ratio",
     "max_train_samples",
     "max_eval_samples",
@@ -151,7 +145,7 @@ OVERRIDE_ARGS = (
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 2 bad arguments or a conflicting finished run)."""
     from loralib.benchmark import run
-    from loralib.benchmark.config import make_config, per_device_batch_size, resolve_tasks
+    from loralib.benchmark.config import RECIPE_LORA, make_config, per_device_batch_size, resolve_tasks
     from loralib.benchmark.identity import CheckpointError
     from loralib.benchmark.references import format_table, results_table
     from loralib.benchmark.results import ResultsExistError, default_output_dir
@@ -166,6 +160,15 @@ def main(argv: list[str] | None = None) -> int:
         overrides["progress"] = False
     # Every argument is checked before any model or dataset is loaded: a bad value costs no training.
     try:
+        lora = RECIPE_LORA  # the run's one LoraConfig: the recipe's, with the flags given
+        for key in LORA_ARGS:
+            if getattr(args, key) is not None:
+                try:
+                    lora = dataclasses.replace(lora, **{key: getattr(args, key)})
+                except (TypeError, ValueError) as e:
+                    raise ValueError(f"--{'lora-r' if key == 'r' else key.replace('_', '-')}: {e}") from None
+        if lora is not RECIPE_LORA:
+            overrides["lora"] = lora
         tasks = resolve_tasks(args.task)
         for task in tasks:  # cross-field rules: warm-up < epochs, batch divisible by processes x steps
             per_device_batch_size(make_config(task, args.profile, **overrides))

@@ -25,21 +25,19 @@ code of their own here. Only process 0 writes files.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from loralib.article.attention import DEFAULT_LR, FORMULATIONS
-from loralib.checks import (
-    check_alpha,
-    check_bool,
-    check_dropout,
-    check_int,
-    check_names,
-    check_number,
-    check_rank,
-)
+from loralib.checks import check_bool, check_int, check_number
+from loralib.config import LoraConfig
+
+# The recipe's adapter: rank 8 on query and value, lora_alpha = r (scaling 1, as the LoRA paper's
+# RoBERTa-base runs), dropout 0.1. A frozen config, so one shared default is safe.
+RECIPE_LORA = LoraConfig(r=8, lora_alpha=None, lora_dropout=0.1, target_modules=("query", "value"))
 
 BACKENDS = ("loralib", "article", "peft", "qlora")
 
@@ -55,9 +53,13 @@ COLAB_TASKS = ("cola", "sst2", "mrpc", "stsb", "rte", "squad")
 class TrainConfig:
     """Everything one fine-tuning run depends on; the defaults are the article's recipe on roberta-base.
 
+    lora: the adapter's `loralib.LoraConfig` (the recipe's: r 8, lora_alpha = r, lora_dropout 0.1 on query
+    and value; validated when made). Its fields read as `cfg.r`, `cfg.lora_alpha`, ...; `make_config`
+    takes them as overrides (r=16) and builds the config. The formulation decides init_lora_weights.
+
     None means "decided by something else": model_id by the profile, formulation by the backend
     ("article" for the article backend, "scaled" otherwise), learning_rate by the formulation
-    (DEFAULT_LR), lora_alpha = r, bf16 = "on GPUs with native bf16, fp16 with gradient scaling on other
+    (DEFAULT_LR), bf16 = "on GPUs with native bf16, fp16 with gradient scaling on other
     GPUs (a T4), fp32 on CPU" (False: fp32 everywhere), num_threads = torch's setting (CPU
     intra-op threads during the run; the smoke profile uses 1). use_rslora: scale by lora_alpha / sqrt(r)
     (rsLoRA). loraplus_lr_ratio: LoRA+, B's learning rate is this times A's (`loralib.optim`; None: one
@@ -68,11 +70,7 @@ class TrainConfig:
     backend: str = "loralib"
     model_id: str | None = None
     formulation: str | None = None
-    r: int = 8
-    lora_alpha: float | None = None
-    lora_dropout: float = 0.1
-    use_rslora: bool = False
-    target_modules: tuple[str, ...] = ("query", "value")
+    lora: LoraConfig = RECIPE_LORA
     train_biases: bool = True
     train_layer_norms: bool = True
     learning_rate: float | None = None
@@ -102,7 +100,14 @@ class TrainConfig:
     num_threads: int | None = None
 
     def __post_init__(self) -> None:
-        self.target_modules = tuple(check_names(self.target_modules, "target_modules", allow_empty=False))
+        if isinstance(self.lora, dict):  # a results file's record (PEFT's adapter_config fields)
+            self.lora = LoraConfig.from_dict(self.lora, "the results file's lora config")
+        if not isinstance(self.lora, LoraConfig):
+            raise TypeError(f"lora must be a loralib.LoraConfig, got {type(self.lora).__name__}.")
+        if self.lora.target_modules is None:
+            raise ValueError(
+                "lora.target_modules is None; name the modules to adapt, e.g. ('query', 'value')."
+            )
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; choose one of {BACKENDS}.")
         if self.formulation is None:
@@ -114,11 +119,8 @@ class TrainConfig:
             )
         if self.learning_rate is None:
             self.learning_rate = DEFAULT_LR[self.formulation]
-        check_rank(self.r)
         for name in ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "epochs"):
             check_int(getattr(self, name), name, 1)
-        check_alpha(self.lora_alpha, "lora_alpha")
-        check_dropout(self.lora_dropout, "lora_dropout")
         for name in (
             "learning_rate",
             "weight_decay",
@@ -137,7 +139,7 @@ class TrainConfig:
                 "use_rslora and loraplus_lr_ratio need the loralib, peft or qlora backend; the article backend "
                 "keeps the article's own formulation and optimizer."
             )
-        for name in ("train_biases", "train_layer_norms", "progress", "use_rslora"):
+        for name in ("train_biases", "train_layer_norms", "progress"):
             check_bool(getattr(self, name), name)
         check_int(self.seed, "seed", None)
         if not 0 <= self.warmup_epochs < self.epochs:
@@ -166,10 +168,17 @@ class TrainConfig:
         """Share of all optimizer steps spent warming up (2/6 by default)."""
         return self.warmup_epochs / self.epochs
 
+    # The LoRA settings read like the fields they were: cfg.r is cfg.lora.r.
+    r = property(lambda self: self.lora.r)
+    lora_alpha = property(lambda self: self.lora.lora_alpha)
+    lora_dropout = property(lambda self: self.lora.lora_dropout)
+    use_rslora = property(lambda self: self.lora.use_rslora)
+    target_modules = property(lambda self: self.lora.target_modules)
+
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["target_modules"] = list(self.target_modules)
-        return d
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "lora"}
+        d["lora"] = self.lora.to_dict()
+        return json.loads(json.dumps(d))
 
 
 @dataclass(frozen=True)
@@ -332,16 +341,31 @@ def resolve_tasks(names: str | Iterable[str]) -> list[str]:
 
 # TrainConfig fields that results files written before PEFT's vocabulary name otherwise; read back only.
 _FILE_FIELD_RENAMES = {"alpha": "lora_alpha"}
+# LoRA settings that results files written before LoraConfig kept beside the other fields.
+_FLAT_LORA = ("r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules")
 
 
 def config_from_results(results: dict[str, Any]) -> TrainConfig:
     """The TrainConfig a finished run recorded in its results file (older files included)."""
     values = {_FILE_FIELD_RENAMES.get(k, k): v for k, v in results["config"].items()}
-    return TrainConfig(**{**values, "target_modules": tuple(values["target_modules"])})
+    flat = {k: values.pop(k) for k in _FLAT_LORA if k in values}
+    if flat:  # written before LoraConfig: the recipe's other LoRA settings applied
+        values["lora"] = dataclasses.replace(RECIPE_LORA, **flat)
+    return TrainConfig(**values)
+
+
+def _with_lora(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` with LoraConfig fields (r=16, target_modules=...) folded into its "lora" config."""
+    lora_fields = {f.name for f in dataclasses.fields(LoraConfig)}
+    flat = {k: values.pop(k) for k in list(values) if k in lora_fields}
+    if flat:
+        values["lora"] = dataclasses.replace(values.get("lora", RECIPE_LORA), **flat)
+    return values
 
 
 def make_config(task: str, profile: str = "smoke", **overrides: Any) -> TrainConfig:
-    """TrainConfig for `task` under `profile`, then `overrides` (any TrainConfig field) on top.
+    """TrainConfig for `task` under `profile`, then `overrides` (any TrainConfig field, or a LoraConfig
+    field such as r=16, which goes into `lora`) on top.
 
     An override given as None is applied as None (data_dir=None means the hub, max_train_samples=None all
     rows), except model_id=None, which keeps the profile's model.
@@ -349,7 +373,9 @@ def make_config(task: str, profile: str = "smoke", **overrides: Any) -> TrainCon
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}.")
     task_spec(task)
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    known = {f.name for f in dataclasses.fields(TrainConfig)} | {
+        f.name for f in dataclasses.fields(LoraConfig)
+    }
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise TypeError(f"unknown TrainConfig field(s) {unknown}; valid fields: {', '.join(sorted(known))}.")
@@ -364,7 +390,7 @@ def make_config(task: str, profile: str = "smoke", **overrides: Any) -> TrainCon
         from loralib.pretrained import minilm_dir
 
         values["model_id"] = minilm_dir()
-    return TrainConfig(**values)
+    return TrainConfig(**_with_lora(values))
 
 
 def resolve_model_id(cfg: TrainConfig) -> str:

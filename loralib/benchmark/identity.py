@@ -50,6 +50,9 @@ def run_identity(cfg, profile: str) -> dict[str, Any]:
     """{setting: value} for every setting that changes the numbers of a run of `cfg` under `profile`."""
     values = cfg.to_dict()
     out = {"profile": profile}
+    # The LoRA config's fields sit beside the others, so a difference names the field itself ("r").
+    lora = values.pop("lora", {})
+    out.update({k: v for k, v in lora.items() if k != "peft_type"})
     out.update({k: v for k, v in values.items() if k not in NOT_IDENTITY})
     return json.loads(json.dumps(out, default=str))  # the form it has once written to JSON
 

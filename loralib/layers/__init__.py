@@ -4,12 +4,11 @@ registered once transformers is imported). Importing this package registers the 
 `lora_class_for(module)` knows them all."""
 
 from loralib.layers.base import (
-    INITS,
     LORA_LAYER_TYPES,
     MERGED_KEY,
+    LoraKwargs,
     LoraLayer,
     adapter_dtype,
-    check_lora_args,
     lora_class_for,
     lora_scaling,
     module_kind,
@@ -21,8 +20,8 @@ from loralib.layers.embedding import LoraEmbedding
 from loralib.layers.linear import LoraLinear
 
 __all__ = [
-    "INITS",
     "LORA_LAYER_TYPES",
+    "LoraKwargs",
     "MERGED_KEY",
     "LoraConv1d",
     "LoraConv2d",
@@ -31,7 +30,6 @@ __all__ = [
     "LoraLayer",
     "LoraLinear",
     "adapter_dtype",
-    "check_lora_args",
     "lora_class_for",
     "lora_scaling",
     "module_kind",

@@ -11,9 +11,10 @@ build one from it (`from_module`) and back (`to_base`), the update as a weight-s
 finds the class for a module or says why there is none: injection, saving, loading, merging and the
 PEFT interop go through it, never through the concrete classes.
 
-Covers: `LoraLayer`, the registry, and the helpers every layer uses (`check_lora_args`, `lora_scaling`,
-`adapter_dtype`, `module_kind`). Not here: the layers themselves (`loralib.layers.linear`,
-`loralib.layers.embedding`), finding and swapping modules (`loralib.injection`).
+Covers: `LoraLayer`, the registry, and the helpers every layer uses (`LoraKwargs`, `lora_scaling`,
+`adapter_dtype`, `module_kind`). Not here: the layers themselves (`loralib.layers.linear`, `.embedding`,
+`.conv`, `.conv1d`, and Microsoft's API in `loralib.compat.microsoft`), the settings they are built from and
+their validation (`loralib.config`), finding and swapping modules (`loralib.injection`).
 """
 
 from __future__ import annotations
@@ -21,26 +22,28 @@ from __future__ import annotations
 import math
 import sys
 from importlib import import_module
+from typing import TypedDict
 
 import torch
 from torch import nn
 
 from loralib.checks import check_alpha, check_bool, check_dropout, check_rank
+from loralib.config import LoraSettings, resolve_settings
 
-INITS = ("kaiming", "gaussian", "article")
 MERGED_KEY = "lora_merged"  # state-dict entry recording whether `weight` holds the update
 
 
-def check_lora_args(
-    r: int, lora_alpha: float | None, lora_dropout: float, init: str
-) -> tuple[int, float | None, float]:
-    """Validate LoRA's hyper-parameters once, for every entry point; return them normalised."""
-    r = check_rank(r)
-    lora_alpha = check_alpha(lora_alpha, "lora_alpha")
-    lora_dropout = check_dropout(lora_dropout, "lora_dropout")
-    if not isinstance(init, str) or init not in INITS:
-        raise ValueError(f"unknown LoRA init {init!r}; choose one of {INITS}.")
-    return r, lora_alpha, lora_dropout
+class LoraKwargs(TypedDict, total=False):
+    """The LoRA keyword arguments every layer constructor takes (`loralib.config.LoraSettings`' fields;
+    their defaults are its defaults, which are PEFT's), or `settings=` one validated `LoraSettings`."""
+
+    r: int
+    lora_alpha: float | None
+    lora_dropout: float
+    init: str
+    use_rslora: bool
+    lora_bias: bool
+    settings: LoraSettings
 
 
 def lora_scaling(lora_alpha: float, r: int, use_rslora: bool = False) -> float:
@@ -95,33 +98,34 @@ class LoraLayer:
 
     def _init_lora(
         self,
-        fan_in: int,
-        fan_out: int,
-        r: int,
-        lora_alpha: float | None,
-        lora_dropout: float,
-        use_rslora: bool,
-        init: str,
+        s: LoraSettings,
+        shapes: tuple[tuple[int, ...], tuple[int, ...]],
         device,
         adapter_dtype_: torch.dtype,
-        shapes: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
-        lora_bias: bool = False,
     ) -> None:
-        """Set the shared state and allocate A (r x fan_in) and B (fan_out x r), or the given `shapes`
-        (a convolution's kernels); arguments checked."""
+        """Set the shared state from validated settings `s` and allocate A and B with `shapes` ((r, fan-in)
+        and (fan-out, r) for a Linear; a convolution's kernels)."""
         self.merged = False
-        self.r = r
-        self.lora_alpha = r if lora_alpha is None else lora_alpha
-        self.use_rslora = use_rslora
-        self.init = init
-        self.lora_dropout_p = lora_dropout
-        a_shape, b_shape = shapes or ((r, fan_in), (fan_out, r))
+        # The settings are validated: set the state behind the checking setters directly.
+        self._r, self._lora_alpha, self._use_rslora = s.r, s.lora_alpha, s.use_rslora
+        self.init = s.init
+        self._lora_dropout_p = s.lora_dropout
+        self.lora_dropout = nn.Dropout(s.lora_dropout) if s.lora_dropout > 0 else nn.Identity()
+        a_shape, b_shape = shapes
         self.lora_A = nn.Parameter(torch.empty(a_shape, device=device, dtype=adapter_dtype_))
         self.lora_B = nn.Parameter(torch.empty(b_shape, device=device, dtype=adapter_dtype_))
         # PEFT's lora_bias: a trainable bias on B's output (scaled with the update), zero at the start.
-        check_bool(lora_bias, "lora_bias")
-        bias = torch.empty(b_shape[0], device=device, dtype=adapter_dtype_) if lora_bias else None
+        bias = torch.empty(b_shape[0], device=device, dtype=adapter_dtype_) if s.lora_bias else None
         self.lora_B_bias = None if bias is None else nn.Parameter(bias)
+
+    @staticmethod
+    def _settings(lora: LoraKwargs) -> LoraSettings:
+        """The layer's validated settings from its LoRA keyword arguments (or their `settings=`)."""
+        lora = dict(lora)
+        return resolve_settings(lora.pop("settings", None), **lora)
+
+    # False for a layer built without an adapter (Microsoft's r=0): `lora_layers` skips it.
+    has_adapter: bool = True
 
     @property
     def scaling(self) -> float:
@@ -206,15 +210,18 @@ class LoraLayer:
 
     def _reset_lora(self) -> None:
         """The default init (a Linear's, PEFT's and microsoft/LoRA's): A by the layer's init, B zero, so
-        the update starts at zero. A convolution's A is its kernel, so kaiming sees the kernel's fan-in."""
+        the update starts at zero ("random", PEFT's init_lora_weights=False: B random too). A convolution's A is its kernel, so kaiming sees the kernel's fan-in."""
         with torch.no_grad():
-            if self.init == "kaiming":
+            if self.init in ("kaiming", "random"):
                 nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             elif self.init == "gaussian":
                 nn.init.normal_(self.lora_A, std=1.0 / self.r)
             else:  # "article"
                 nn.init.normal_(self.lora_A, mean=0.0, std=1.0)
-            nn.init.zeros_(self.lora_B)
+            if self.init == "random":  # PEFT's init_lora_weights=False: B as nn.Linear's default, not zero
+                nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
+            else:
+                nn.init.zeros_(self.lora_B)
 
     def delta_weight(self) -> torch.Tensor:
         """The scaled update, shaped like `weight`, in the adapter's dtype."""

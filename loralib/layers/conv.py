@@ -18,12 +18,14 @@ Covers: `LoraConv1d`, `LoraConv2d`, `LoraConv3d`. Not here: what every LoRA laye
 
 from __future__ import annotations
 
+from typing import Unpack
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from loralib.checks import check_bool
-from loralib.layers.base import LoraLayer, adapter_dtype, check_lora_args, module_kind, register_lora_layer
+from loralib.layers.base import LoraKwargs, LoraLayer, adapter_dtype, module_kind, register_lora_layer
 
 # The settings of a torch convolution that its forward reads: copied onto the LoRA layer and back.
 _CONV_ATTRS = (
@@ -61,16 +63,7 @@ class _LoraConvNd(LoraLayer):
 
     @classmethod
     def from_module(
-        cls,
-        module: nn.Module,
-        *,
-        r: int = 8,
-        lora_alpha: float | None = None,
-        lora_dropout: float = 0.0,
-        init: str = "kaiming",
-        autocast_adapter_dtype: bool = True,
-        use_rslora: bool = False,
-        lora_bias: bool = False,
+        cls, module: nn.Module, *, autocast_adapter_dtype: bool = True, **lora: Unpack[LoraKwargs]
     ):
         """Wrap an existing convolution: its weight and bias are reused (not copied) and frozen."""
         if isinstance(module, LoraLayer):
@@ -79,10 +72,9 @@ class _LoraConvNd(LoraLayer):
             raise TypeError(
                 f"{cls.__name__}.from_module expects an nn.{cls.base_type.__name__}, got {module_kind(module)}."
             )
-        r, lora_alpha, lora_dropout = check_lora_args(r, lora_alpha, lora_dropout, init)
+        s = cls._settings(lora)
         check_bool(autocast_adapter_dtype, "autocast_adapter_dtype")
-        check_bool(use_rslora, "use_rslora")
-        cls._check_base(module, r)
+        cls._check_base(module, s.r)
         w = module.weight
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
@@ -91,20 +83,7 @@ class _LoraConvNd(LoraLayer):
         layer.weight = nn.Parameter(w.data, requires_grad=False)
         layer.bias = None if module.bias is None else nn.Parameter(module.bias.data, requires_grad=False)
         ad = adapter_dtype(w.dtype, autocast_adapter_dtype)
-        shapes = cls.adapter_shapes(module, r)
-        layer._init_lora(
-            0,
-            0,
-            r,
-            lora_alpha,
-            lora_dropout,
-            use_rslora,
-            init,
-            w.device,
-            ad,
-            shapes=shapes,
-            lora_bias=lora_bias,
-        )
+        layer._init_lora(s, cls.adapter_shapes(module, s.r), w.device, ad)
         layer.reset_lora_parameters()
         layer.train(module.training)
         return layer

@@ -14,12 +14,14 @@ Covers: the layer, `from_module`, `to_base`. Not here: what every LoRA layer sha
 
 from __future__ import annotations
 
+from typing import Unpack
+
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from loralib.checks import check_bool
-from loralib.layers.base import LoraLayer, adapter_dtype, check_lora_args, module_kind, register_lora_layer
+from loralib.layers.base import LoraKwargs, LoraLayer, adapter_dtype, module_kind, register_lora_layer
 
 
 @register_lora_layer
@@ -34,26 +36,13 @@ class LoraConv1D(LoraLayer, Conv1D):
     linear_like = True
 
     def __init__(
-        self,
-        nf: int,
-        nx: int,
-        *,
-        r: int = 8,
-        lora_alpha: float | None = None,
-        lora_dropout: float = 0.0,
-        init: str = "kaiming",
-        autocast_adapter_dtype: bool = True,
-        use_rslora: bool = False,
-        lora_bias: bool = False,
+        self, nf: int, nx: int, *, autocast_adapter_dtype: bool = True, **lora: Unpack[LoraKwargs]
     ) -> None:
-        r, lora_alpha, lora_dropout = check_lora_args(r, lora_alpha, lora_dropout, init)
+        s = self._settings(lora)
         check_bool(autocast_adapter_dtype, "autocast_adapter_dtype")
-        check_bool(use_rslora, "use_rslora")
         super().__init__(nf, nx)
         ad = adapter_dtype(self.weight.dtype, autocast_adapter_dtype)
-        self._init_lora(
-            nx, nf, r, lora_alpha, lora_dropout, use_rslora, init, self.weight.device, ad, lora_bias=lora_bias
-        )
+        self._init_lora(s, ((s.r, nx), (nf, s.r)), self.weight.device, ad)
         self.weight.requires_grad_(False)
         self.bias.requires_grad_(False)
         self.reset_lora_parameters()
@@ -64,16 +53,7 @@ class LoraConv1D(LoraLayer, Conv1D):
 
     @classmethod
     def from_module(
-        cls,
-        module: Conv1D,
-        *,
-        r: int = 8,
-        lora_alpha: float | None = None,
-        lora_dropout: float = 0.0,
-        init: str = "kaiming",
-        autocast_adapter_dtype: bool = True,
-        use_rslora: bool = False,
-        lora_bias: bool = False,
+        cls, module: Conv1D, *, autocast_adapter_dtype: bool = True, **lora: Unpack[LoraKwargs]
     ) -> LoraConv1D:
         """Wrap an existing Conv1D: its weight and bias tensors are reused (not copied) and frozen."""
         if isinstance(module, LoraLayer):
@@ -82,9 +62,8 @@ class LoraConv1D(LoraLayer, Conv1D):
             raise TypeError(
                 f"LoraConv1D.from_module expects a transformers Conv1D, got {module_kind(module)}."
             )
-        r, lora_alpha, lora_dropout = check_lora_args(r, lora_alpha, lora_dropout, init)
+        s = cls._settings(lora)
         check_bool(autocast_adapter_dtype, "autocast_adapter_dtype")
-        check_bool(use_rslora, "use_rslora")
         # Built without Conv1D.__init__ (no throw-away weight drawn), then given the module's tensors.
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
@@ -93,18 +72,7 @@ class LoraConv1D(LoraLayer, Conv1D):
         layer.weight = nn.Parameter(w.data, requires_grad=False)
         layer.bias = nn.Parameter(module.bias.data, requires_grad=False)
         ad = adapter_dtype(w.dtype, autocast_adapter_dtype)
-        layer._init_lora(
-            module.nx,
-            module.nf,
-            r,
-            lora_alpha,
-            lora_dropout,
-            use_rslora,
-            init,
-            w.device,
-            ad,
-            lora_bias=lora_bias,
-        )
+        layer._init_lora(s, cls.adapter_shapes(module, s.r), w.device, ad)
         layer.reset_lora_parameters()
         layer.train(module.training)
         return layer

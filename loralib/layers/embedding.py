@@ -16,12 +16,14 @@ Covers: the layer, `from_embedding` / `to_embedding`. Not here: what every LoRA 
 
 from __future__ import annotations
 
+from typing import Unpack
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from loralib.checks import check_bool
-from loralib.layers.base import LoraLayer, adapter_dtype, check_lora_args, module_kind, register_lora_layer
+from loralib.layers.base import LoraKwargs, LoraLayer, adapter_dtype, module_kind, register_lora_layer
 
 
 @register_lora_layer
@@ -48,41 +50,46 @@ class LoraEmbedding(LoraLayer, nn.Embedding):
         embedding_dim: int,
         padding_idx: int | None = None,
         *,
-        r: int = 8,
-        lora_alpha: float | None = None,
-        lora_dropout: float = 0.0,
-        init: str = "kaiming",
         autocast_adapter_dtype: bool = True,
-        use_rslora: bool = False,
         device=None,
         dtype=None,
-        lora_bias: bool = False,
-        **embedding_kwargs,
+        max_norm: float | None = None,
+        norm_type: float = 2.0,
+        scale_grad_by_freq: bool = False,
+        sparse: bool = False,
+        **lora: Unpack[LoraKwargs],
     ) -> None:
-        r, lora_alpha, lora_dropout = check_lora_args(r, lora_alpha, lora_dropout, init)
-        if check_bool(lora_bias, "lora_bias"):
+        s = self._settings(lora)
+        if s.lora_bias:
             raise ValueError(
                 "lora_bias=True is not supported for embeddings (PEFT refuses it too: B is a plain matrix)."
             )
-        if init == "article":
+        if s.init == "article":
             raise ValueError(
                 "init='article' (A ~ N(0, 1), the seed article's Linear init) has no embedding form; use "
                 "init='kaiming' (PEFT's embedding init: A zero, B normal)."
             )
         check_bool(autocast_adapter_dtype, "autocast_adapter_dtype")
-        check_bool(use_rslora, "use_rslora")
         super().__init__(
-            num_embeddings, embedding_dim, padding_idx, device=device, dtype=dtype, **embedding_kwargs
+            num_embeddings,
+            embedding_dim,
+            padding_idx,
+            max_norm=max_norm,
+            norm_type=norm_type,
+            scale_grad_by_freq=scale_grad_by_freq,
+            sparse=sparse,
+            device=device,
+            dtype=dtype,
         )
         ad = adapter_dtype(self.weight.dtype, autocast_adapter_dtype)
-        self._init_lora(
-            num_embeddings, embedding_dim, r, lora_alpha, lora_dropout, use_rslora, init, device, ad
-        )
+        self._init_lora(s, self.adapter_shapes(self, s.r), device, ad)
         self.weight.requires_grad_(False)
         self.reset_lora_parameters()
 
     @classmethod
-    def from_embedding(cls, embedding: nn.Embedding, **lora_kwargs) -> LoraEmbedding:
+    def from_embedding(
+        cls, embedding: nn.Embedding, *, autocast_adapter_dtype: bool = True, **lora: Unpack[LoraKwargs]
+    ) -> LoraEmbedding:
         """Wrap an existing `nn.Embedding`: its table is reused (not copied) and frozen."""
         if isinstance(embedding, LoraLayer):
             raise TypeError("this layer already has LoRA; call unload_lora() first or adapt another layer.")
@@ -90,6 +97,7 @@ class LoraEmbedding(LoraLayer, nn.Embedding):
             raise TypeError(
                 f"LoraEmbedding.from_embedding expects an nn.Embedding, got {module_kind(embedding)}."
             )
+        s = cls._settings(lora)
         w = embedding.weight
         layer = cls(
             embedding.num_embeddings,
@@ -101,13 +109,13 @@ class LoraEmbedding(LoraLayer, nn.Embedding):
             sparse=embedding.sparse,
             device="meta",
             dtype=w.dtype,
-            **lora_kwargs,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+            settings=s,
         )
         # Built on "meta" (no throw-away table), then the real tensors are attached.
         layer.weight = nn.Parameter(w.data, requires_grad=False)
-        ad = adapter_dtype(w.dtype, lora_kwargs.get("autocast_adapter_dtype", True))
-        layer.lora_A = nn.Parameter(torch.empty(layer.r, layer.num_embeddings, device=w.device, dtype=ad))
-        layer.lora_B = nn.Parameter(torch.empty(layer.embedding_dim, layer.r, device=w.device, dtype=ad))
+        ad = adapter_dtype(w.dtype, autocast_adapter_dtype)
+        layer._init_lora(s, cls.adapter_shapes(embedding, s.r), w.device, ad)
         layer.reset_lora_parameters()
         layer.train(embedding.training)
         return layer
@@ -125,7 +133,10 @@ class LoraEmbedding(LoraLayer, nn.Embedding):
 
     def _reset_lora(self) -> None:
         with torch.no_grad():
-            nn.init.zeros_(self.lora_A)
+            if self.init == "random":  # PEFT's init_lora_weights=False keeps both factors ~ N(0, 1)
+                nn.init.normal_(self.lora_A)
+            else:
+                nn.init.zeros_(self.lora_A)
             nn.init.normal_(self.lora_B)
 
     def delta_weight(self) -> torch.Tensor:

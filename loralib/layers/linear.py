@@ -18,6 +18,8 @@ dropout's CPU mask (`loralib.fast_path`), finding layers in a model and swapping
 
 from __future__ import annotations
 
+from typing import Any, Unpack
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,9 +27,9 @@ from torch import nn
 from loralib.checks import check_bool
 from loralib.fast_path import LoraFunction, mask_lanes
 from loralib.layers.base import (
+    LoraKwargs,
     LoraLayer,
     adapter_dtype,
-    check_lora_args,
     lora_class_for,
     module_kind,
     register_lora_layer,
@@ -41,17 +43,18 @@ class LoraLinear(LoraLayer, nn.Linear):
     It subclasses `nn.Linear`, so the original `weight`/`bias` keep their state-dict names and a
     stock checkpoint loads into it; the adapter adds `lora_A` (r x in) and `lora_B` (out x r).
 
-    Args (PEFT's names):
+    Args (PEFT's names; the LoRA defaults are `loralib.config.LoraSettings`', i.e. PEFT's):
         in_features, out_features, bias: as for `nn.Linear`.
-        r: rank of the update (> 0).
-        lora_alpha: scaling numerator; the update is multiplied by lora_alpha / r. None means
-            lora_alpha = r (scaling 1), so doubling r with lora_alpha fixed halves each direction's
-            contribution.
+        r: rank of the update (> 0; default 8).
+        lora_alpha: scaling numerator; the update is multiplied by lora_alpha / r (default 8, PEFT's).
+            None means lora_alpha = r (scaling 1 at any rank).
         lora_dropout: dropout on the input of the LoRA path only (0 disables it and its copy).
         use_rslora: scale by lora_alpha / sqrt(r) instead (rank-stabilised LoRA, Kalajdzievski 2023;
             PEFT's name): the update's size then no longer shrinks as r grows at a fixed learning rate.
         init: "kaiming" (A kaiming-uniform as PEFT and microsoft/LoRA), "gaussian" (A ~ N(0, 1/r^2),
-            PEFT's "gaussian"), or "article" (A ~ N(0, 1), unscaled, as in the seed article).
+            PEFT's "gaussian"), "article" (A ~ N(0, 1), unscaled, as in the seed article) or "random"
+            (PEFT's init_lora_weights=False: B random too, so the layer does not start as the base).
+        settings: instead of the LoRA arguments, one validated `loralib.config.LoraSettings`.
         lora_bias: a trainable bias on B's output, scaled with the update (PEFT's `lora_bias`); zero at
             the start; merged into the base bias (a base without one cannot merge).
         autocast_adapter_dtype: keep A and B in fp32 when the base is fp16/bf16 (PEFT's default and
@@ -72,33 +75,16 @@ class LoraLinear(LoraLayer, nn.Linear):
         out_features: int,
         *,
         bias: bool = True,
-        r: int = 8,
-        lora_alpha: float | None = None,
-        lora_dropout: float = 0.0,
-        init: str = "kaiming",
         device=None,
         dtype=None,
         autocast_adapter_dtype: bool = True,
-        use_rslora: bool = False,
-        lora_bias: bool = False,
+        **lora: Unpack[LoraKwargs],
     ) -> None:
-        r, lora_alpha, lora_dropout = check_lora_args(r, lora_alpha, lora_dropout, init)
+        s = self._settings(lora)
         check_bool(autocast_adapter_dtype, "autocast_adapter_dtype")
-        check_bool(use_rslora, "use_rslora")
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         ad = adapter_dtype(self.weight.dtype, autocast_adapter_dtype)
-        self._init_lora(
-            in_features,
-            out_features,
-            r,
-            lora_alpha,
-            lora_dropout,
-            use_rslora,
-            init,
-            device,
-            ad,
-            lora_bias=lora_bias,
-        )
+        self._init_lora(s, self.adapter_shapes(self, s.r), device, ad)
         # False: the plain formula through stock autograd instead of `LoraFunction` (slower; for
         # experiments that need what the hand-written backward refuses).
         self.fast_path = True
@@ -116,16 +102,7 @@ class LoraLinear(LoraLayer, nn.Linear):
 
     @classmethod
     def from_linear(
-        cls,
-        linear: nn.Linear,
-        *,
-        r: int = 8,
-        lora_alpha: float | None = None,
-        lora_dropout: float = 0.0,
-        init: str = "kaiming",
-        autocast_adapter_dtype: bool = True,
-        use_rslora: bool = False,
-        lora_bias: bool = False,
+        cls, linear: nn.Linear, *, autocast_adapter_dtype: bool = True, **lora: Unpack[LoraKwargs]
     ) -> LoraLinear:
         """Wrap an existing `nn.Linear`: its weight and bias tensors are reused (not copied) and frozen."""
         if isinstance(linear, LoraLinear):
@@ -136,32 +113,25 @@ class LoraLinear(LoraLayer, nn.Linear):
             other = lora_class_for(linear)
             way = f"; its LoRA class is {other.__name__} (inject_lora picks it)" if other else ""
             raise TypeError(f"LoraLinear.from_linear expects an nn.Linear, got {module_kind(linear)}{way}.")
-        r, lora_alpha, lora_dropout = check_lora_args(r, lora_alpha, lora_dropout, init)
+        s = cls._settings(lora)
         check_bool(autocast_adapter_dtype, "autocast_adapter_dtype")
         w = linear.weight
+        # Built on "meta" (no throw-away (out x in) weight), then given the real tensors.
         layer = cls(
             linear.in_features,
             linear.out_features,
             bias=linear.bias is not None,
-            r=r,
-            lora_alpha=lora_alpha,
-            lora_dropout=lora_dropout,
-            init=init,
             device="meta",
             dtype=w.dtype,
             autocast_adapter_dtype=autocast_adapter_dtype,
-            use_rslora=use_rslora,
-            lora_bias=lora_bias,
+            settings=s,
         )
-        # Build on "meta" to avoid allocating a throw-away (out x in) weight, then attach the real tensors.
         layer.weight = nn.Parameter(w.data, requires_grad=False)
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.data, requires_grad=False)
-        ad = adapter_dtype(w.dtype, autocast_adapter_dtype)
-        layer.lora_A = nn.Parameter(torch.empty(r, linear.in_features, device=w.device, dtype=ad))
-        layer.lora_B = nn.Parameter(torch.empty(linear.out_features, r, device=w.device, dtype=ad))
-        if lora_bias:
-            layer.lora_B_bias = nn.Parameter(torch.empty(linear.out_features, device=w.device, dtype=ad))
+        layer._init_lora(
+            s, cls.adapter_shapes(linear, s.r), w.device, adapter_dtype(w.dtype, autocast_adapter_dtype)
+        )
         layer.reset_lora_parameters()
         layer.train(linear.training)
         return layer
@@ -177,7 +147,7 @@ class LoraLinear(LoraLayer, nn.Linear):
         return (self.lora_B @ self.lora_A) * self.scaling
 
     @classmethod
-    def from_module(cls, module: nn.Linear, **kwargs) -> LoraLinear:
+    def from_module(cls, module: nn.Linear, **kwargs: Any) -> LoraLinear:
         """The registry's constructor: `from_linear`."""
         return cls.from_linear(module, **kwargs)
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loralib.config import LoraSettings
 from loralib.layers import LoraLinear
 from loralib.measure.memory import peak_memory, saved_tensor_bytes
 from loralib.measure.timing import ratios, time_interleaved, time_interleaved_samples
@@ -83,7 +84,7 @@ class LayerVariant:
 
 def layer_variants(
     d: int = 768,
-    r: int = 8,
+    r: int = LoraSettings.r,
     d_out: int | None = None,
     lora_alpha: float | None = None,
     lora_dropout: float = 0.0,
@@ -153,7 +154,7 @@ def layer_variants(
 
 def layer_cases(
     d: int = 768,
-    r: int = 8,
+    r: int = LoraSettings.r,
     tokens: int = 2048,
     d_out: int | None = None,
     lora_alpha: float | None = None,
@@ -207,7 +208,7 @@ class LayerResult:
 
 def measure_layer(
     d: int = 768,
-    r: int = 8,
+    r: int = LoraSettings.r,
     tokens: int = 2048,
     d_out: int | None = None,
     lora_dropout: float = 0.0,
@@ -259,7 +260,7 @@ def plain_lora_forward(layer: LoraLinear, x: torch.Tensor) -> torch.Tensor:
 
 def compare_forward_costs(
     d: int = 768,
-    r: int = 8,
+    r: int = LoraSettings.r,
     tokens: int = 2048,
     repeats: int = 5,
     warmup: int = 1,

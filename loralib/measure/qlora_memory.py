@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from loralib.config import LoraSettings
 from loralib.measure.steps import measure_train_steps, random_batch, roberta_config, roberta_step_builders
 from loralib.peft_backend import ARTICLE_TARGETS, build_peft_model
 from loralib.qlora import logical_parameter_count, quant_state_bytes
@@ -32,7 +33,7 @@ MEMORY_CASES: dict[str, str] = {
 def qlora_step_builder(
     config,
     directory: str | os.PathLike,
-    r: int = 8,
+    r: int = LoraSettings.r,
     lora_alpha: float = 8,
     targets: Sequence[str] = ARTICLE_TARGETS,
     num_labels: int = 2,
@@ -78,7 +79,7 @@ def compare_training_memory(
     config=None,
     batch_size: int = 4,
     seq_len: int = 64,
-    r: int = 8,
+    r: int = LoraSettings.r,
     lora_alpha: float = 8,
     targets: Sequence[str] = ARTICLE_TARGETS,
     repeats: int = 1,

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from loralib.config import LoraSettings
 from loralib.measure.layer import peft_available
 from loralib.measure.memory import peak_memory, tensor_bytes
 from loralib.measure.timing import time_interleaved_samples
@@ -205,7 +206,7 @@ def _roberta_classifier(config, num_labels: int, seed: int, device) -> nn.Module
 
 def roberta_step_builders(
     config=None,
-    r: int = 8,
+    r: int = LoraSettings.r,
     lora_alpha: float = 8,
     targets: tuple[str, ...] = ("query", "value"),
     lora_dropout: float = 0.0,
@@ -255,7 +256,7 @@ def roberta_step_builders(
 
 def roberta_inference_builders(
     config=None,
-    r: int = 8,
+    r: int = LoraSettings.r,
     lora_alpha: float = 8,
     targets: tuple[str, ...] = ("query", "value"),
     num_labels: int = 2,
