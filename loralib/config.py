@@ -265,17 +265,24 @@ class LoraConfig:
             return base
         r = self.rank_pattern[rk] if rk is not None else base.r
         alpha = self.alpha_pattern[ak] if ak is not None else (self.lora_alpha or r)
-        # every value was validated when the config was made
-        return dataclasses.replace(base, r=r, lora_alpha=alpha)
+        # Every value was validated when the config was made: build the layer's settings without checking again.
+        settings = object.__new__(LoraSettings)
+        for f in dataclasses.fields(LoraSettings):
+            object.__setattr__(settings, f.name, getattr(base, f.name))
+        object.__setattr__(settings, "r", r)
+        object.__setattr__(settings, "lora_alpha", float(alpha))
+        return settings
 
-    def targets(self, names: Sequence[str]) -> list[str]:
+    def targets(self, names: Sequence[str], target_modules: Sequence[str] | None = None) -> list[str]:
         """The names among `names` this config adapts, by PEFT's rules: exclude_modules and modules_to_save
         first, then target_modules (a regex matches the whole name; a list entry matches a name equal to it
         or ending in "." + it), then layers_to_transform (the first number after layers_pattern, or after
-        any dotted part). "all-linear" is resolved by `loralib.injection`, which knows the layer types."""
-        return [n for n in names if self._selects(n)]
+        any dotted part). "all-linear" is resolved by `loralib.injection`, which knows the layer types and
+        passes the layers' names as `target_modules` (checked names, used instead of the config's)."""
+        tm = self.target_modules if target_modules is None else tuple(target_modules)
+        return [n for n in names if self._selects(n, tm)]
 
-    def _selects(self, key: str) -> bool:
+    def _selects(self, key: str, tm) -> bool:
         ex = self.exclude_modules
         if ex is not None and (
             re.fullmatch(ex, key)
@@ -285,7 +292,6 @@ class LoraConfig:
             return False
         if self.modules_to_save and any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in self.modules_to_save):
             return False
-        tm = self.target_modules
         if tm is None:
             return False
         if isinstance(tm, str):

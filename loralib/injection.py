@@ -14,7 +14,6 @@ layer itself (`loralib.layers`) and saving adapters (`loralib.adapters`).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -119,7 +118,7 @@ def find_targets(model: nn.Module, target_modules: LoraConfig | str | Sequence[s
             return []
         # As PEFT: "all-linear" becomes the layers' last name parts, then the config's other rules apply.
         leaves = tuple(sorted({n.rpartition(".")[2] for n in linear}))
-        return dataclasses.replace(config, target_modules=leaves).targets(linear)
+        return config.targets(linear, target_modules=leaves)
     return config.targets(_candidate_names(model))
 
 

@@ -180,3 +180,25 @@ def test_the_adapter_file_stores_the_config_that_rebuilds_it(roberta, tmp_path):
     inject_lora(fresh, stored)
     want = {n: (m.r, m.scaling) for n, m in lora_layers(model)}
     assert {n: (m.r, pytest.approx(m.scaling)) for n, m in lora_layers(fresh)} == want
+
+
+def test_injecting_a_config_validates_nothing_again(roberta, monkeypatch):
+    """r is checked once, where the config is made: building every layer from it checks nothing again."""
+    import copy
+
+    import loralib.config
+    import loralib.layers.base
+
+    cfg = LoraConfig(target_modules="all-linear", rank_pattern={"query": 4}, lora_alpha=None)
+    calls = []
+    for module in (loralib.config, loralib.layers.base):
+        real = module.check_rank
+        monkeypatch.setattr(
+            module, "check_rank", lambda *a, _real=real, **k: calls.append(a) or _real(*a, **k)
+        )
+    model = copy.deepcopy(roberta)
+    names = inject_lora(model, cfg)
+    assert len(names) > 4 and calls == []
+    assert {m.r for n, m in lora_layers(model) if n.endswith("query")} == {4}
+    LoraConfig(r=3)
+    assert calls  # the check itself is the patched one

@@ -160,13 +160,17 @@ def main(argv: list[str] | None = None) -> int:
         overrides["progress"] = False
     # Every argument is checked before any model or dataset is loaded: a bad value costs no training.
     try:
-        lora = RECIPE_LORA  # the run's one LoraConfig: the recipe's, with the flags given
-        for key in LORA_ARGS:
-            if getattr(args, key) is not None:
-                try:
-                    lora = dataclasses.replace(lora, **{key: getattr(args, key)})
-                except (TypeError, ValueError) as e:
-                    raise ValueError(f"--{'lora-r' if key == 'r' else key.replace('_', '-')}: {e}") from None
+        lora_args = {k: getattr(args, k) for k in LORA_ARGS if getattr(args, k) is not None}
+        lora = RECIPE_LORA  # the run's one LoraConfig: the recipe's with the flags given, checked once here
+        if lora_args:
+            try:
+                lora = dataclasses.replace(RECIPE_LORA, **lora_args)
+            except (TypeError, ValueError) as e:  # the message starts with the field's name: show the flag's
+                key = next(
+                    (k for k in sorted(lora_args, key=len, reverse=True) if str(e).startswith(k)), None
+                )
+                flag = {"r": "--lora-r"}.get(key, f"--{key.replace('_', '-')}" if key else "--lora-*")
+                raise ValueError(f"{flag}: {e}") from None
         if lora is not RECIPE_LORA:
             overrides["lora"] = lora
         tasks = resolve_tasks(args.task)
