@@ -389,8 +389,15 @@ def check_alpha_value(value: Any, name: str) -> float:
 
 
 def config_from(config: LoraConfig | str | Sequence[str] | None, **fields: Any) -> LoraConfig:
-    """The `LoraConfig` an entry point was given: a config (with `fields` replacing some of its values), or
-    target_modules plus keyword fields (`inject_lora(model, ["query"], r=4)`)."""
+    """The `LoraConfig` an entry point was given: a config (with `fields` replacing some of its values), PEFT's
+    `peft.LoraConfig` (read through `LoraConfig.from_dict`), or target_modules plus keyword fields
+    (`inject_lora(model, ["query"], r=4)`)."""
+    if not isinstance(config, (LoraConfig, str, Sequence, type(None))) and callable(
+        getattr(config, "to_dict", None)
+    ):
+        config = LoraConfig.from_dict(
+            config.to_dict(), source=f"the {type(config).__name__}"
+        )  # PEFT's own config
     if isinstance(config, LoraConfig):
         return dataclasses.replace(config, **fields) if fields else config
     if config is not None:

@@ -202,3 +202,17 @@ def test_injecting_a_config_validates_nothing_again(roberta, monkeypatch):
     assert {m.r for n, m in lora_layers(model) if n.endswith("query")} == {4}
     LoraConfig(r=3)
     assert calls  # the check itself is the patched one
+
+
+def test_pefts_own_config_object_is_accepted(roberta, assert_same_layers_as_peft):
+    import copy
+
+    theirs_cfg = peft.LoraConfig(
+        r=4, lora_alpha=16, target_modules=["query", "value"], rank_pattern={"value": 2}
+    )
+    theirs = peft.get_peft_model(copy.deepcopy(roberta), copy.deepcopy(theirs_cfg))
+    ours = copy.deepcopy(roberta)
+    inject_lora(ours, theirs_cfg)
+    assert_same_layers_as_peft(ours, theirs)
+    with pytest.raises(ValueError, match="DoRA"):
+        inject_lora(copy.deepcopy(roberta), peft.LoraConfig(target_modules=["query"], use_dora=True))

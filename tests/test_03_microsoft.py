@@ -314,3 +314,16 @@ def test_to_peft_refuses_layers_peft_has_no_form_for(tmp_path):
     with pytest.raises(ValueError, match="MergedLinear.*no PEFT form"):
         to_peft(model, tmp_path / "p", base_model_name_or_path="x")
     assert not (tmp_path / "p").exists()
+
+
+def test_setting_scaling_as_microsofts_attribute_sets_lora_alpha():
+    torch.manual_seed(0)
+    layer = loralib.Linear(4, 3, r=2)
+    _nonzero_B(layer)
+    x = torch.randn(2, 4)
+    layer.eval()  # merged
+    layer.scaling = 3.0
+    assert layer.lora_alpha == 6.0
+    want = loralib.Linear(4, 3, r=2, lora_alpha=6)
+    want.load_state_dict(layer.train().state_dict())
+    torch.testing.assert_close(layer(x), want(x))

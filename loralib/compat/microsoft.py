@@ -68,6 +68,15 @@ class LoRALayer(LoraLayer):
             self.lora_B = nn.Parameter(self.weight.new_zeros(shapes[1]))
             self.weight.requires_grad = False
 
+    # Microsoft's scaling is an attribute; setting it sets lora_alpha (a merged layer re-merges).
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / self.r
+
+    @scaling.setter
+    def scaling(self, value: float) -> None:
+        self.lora_alpha = check_number(value, "scaling", positive=True) * self.r
+
     @property
     def has_adapter(self) -> bool:
         return "lora_A" in self._parameters
