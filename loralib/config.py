@@ -410,8 +410,13 @@ def config_from(config: LoraConfig | str | Sequence[str] | None, **fields: Any) 
         fields.pop(key, None)  # PEFT's "off" value: nothing to do
     unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(LoraConfig)})
     if unknown:
+        hint = (
+            " (the init is init_lora_weights: True, False, 'gaussian' or 'article')"
+            if "init" in unknown
+            else ""
+        )
         raise TypeError(
-            f"unknown LoRA option(s) {unknown}; LoraConfig's fields are "
+            f"unknown LoRA option(s) {unknown}{hint}; LoraConfig's fields are "
             f"{[f.name for f in dataclasses.fields(LoraConfig)]}."
         )
     return LoraConfig(**fields)

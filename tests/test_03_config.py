@@ -216,3 +216,12 @@ def test_pefts_own_config_object_is_accepted(roberta, assert_same_layers_as_peft
     assert_same_layers_as_peft(ours, theirs)
     with pytest.raises(ValueError, match="DoRA"):
         inject_lora(copy.deepcopy(roberta), peft.LoraConfig(target_modules=["query"], use_dora=True))
+
+
+def test_a_layer_level_name_given_to_inject_lora_points_at_the_config_field(roberta):
+    import copy
+
+    model = copy.deepcopy(roberta)
+    with pytest.raises(TypeError, match="init_lora_weights"):
+        inject_lora(model, ["query"], init="gaussian")
+    assert not list(lora_layers(model))
