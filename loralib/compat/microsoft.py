@@ -92,6 +92,12 @@ class LoRALayer(LoraLayer):
             self.merged = not mode  # Microsoft's flag, with nothing to fold in
         return self
 
+    def reset_parameters(self) -> None:
+        """Microsoft's order: the base module's own init, then A and B (the same seed, the same weights)."""
+        self.base_type.reset_parameters(self)
+        if hasattr(self, "lora_A"):
+            self._reset_lora()
+
     def reset_lora_parameters(self) -> None:
         if self.has_adapter:
             super().reset_lora_parameters()
@@ -161,10 +167,6 @@ class Linear(LoRALayer, nn.Linear):
     def adapter_shapes(cls, module: nn.Module, r: int) -> tuple[tuple[int, int], tuple[int, int]]:
         return (r, module.in_features), (module.out_features, r)
 
-    def reset_parameters(self) -> None:
-        nn.Linear.reset_parameters(self)
-        if hasattr(self, "lora_A"):
-            self._reset_lora()
 
     def delta_weight(self) -> torch.Tensor:
         return _t(self.lora_B @ self.lora_A, self.fan_in_fan_out) * self.scaling
@@ -220,10 +222,6 @@ class Embedding(LoRALayer, nn.Embedding):
     def adapter_shapes(cls, module: nn.Module, r: int) -> tuple[tuple[int, int], tuple[int, int]]:
         return (r, module.num_embeddings), (module.embedding_dim, r)
 
-    def reset_parameters(self) -> None:
-        nn.Embedding.reset_parameters(self)
-        if hasattr(self, "lora_A"):
-            self._reset_lora()
 
     def _reset_lora(self) -> None:
         with torch.no_grad():
@@ -300,10 +298,6 @@ class MergedLinear(LoRALayer, nn.Linear):
     def adapter_shapes(cls, module: nn.Module, r: int):
         raise ValueError("MergedLinear has no PEFT form: it cannot be loaded from a PEFT adapter.")
 
-    def reset_parameters(self) -> None:
-        nn.Linear.reset_parameters(self)
-        if hasattr(self, "lora_A"):
-            self._reset_lora()
 
     def zero_pad(self, x: torch.Tensor) -> torch.Tensor:
         result = x.new_zeros((len(self.lora_ind), *x.shape[1:]))
