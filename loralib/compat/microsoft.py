@@ -167,7 +167,6 @@ class Linear(LoRALayer, nn.Linear):
     def adapter_shapes(cls, module: nn.Module, r: int) -> tuple[tuple[int, int], tuple[int, int]]:
         return (r, module.in_features), (module.out_features, r)
 
-
     def delta_weight(self) -> torch.Tensor:
         return _t(self.lora_B @ self.lora_A, self.fan_in_fan_out) * self.scaling
 
@@ -221,7 +220,6 @@ class Embedding(LoRALayer, nn.Embedding):
     @classmethod
     def adapter_shapes(cls, module: nn.Module, r: int) -> tuple[tuple[int, int], tuple[int, int]]:
         return (r, module.num_embeddings), (module.embedding_dim, r)
-
 
     def _reset_lora(self) -> None:
         with torch.no_grad():
@@ -297,7 +295,6 @@ class MergedLinear(LoRALayer, nn.Linear):
     @classmethod
     def adapter_shapes(cls, module: nn.Module, r: int):
         raise ValueError("MergedLinear has no PEFT form: it cannot be loaded from a PEFT adapter.")
-
 
     def zero_pad(self, x: torch.Tensor) -> torch.Tensor:
         result = x.new_zeros((len(self.lora_ind), *x.shape[1:]))
