@@ -327,3 +327,40 @@ def test_setting_scaling_as_microsofts_attribute_sets_lora_alpha():
     want = loralib.Linear(4, 3, r=2, lora_alpha=6)
     want.load_state_dict(layer.train().state_dict())
     torch.testing.assert_close(layer(x), want(x))
+
+
+@pytest.mark.parametrize("kind", ["linear", "embedding"])
+def test_microsoft_style_linear_and_embedding_go_to_peft_and_back(kind, tmp_path):
+    """Microsoft's Linear and Embedding hold PEFT's factors (same shapes): to_peft writes what
+    PeftModel.from_pretrained computes, and from_peft loads into the same Microsoft-style model."""
+    import copy
+
+    peft = pytest.importorskip("peft")
+
+    class Model(nn.Module):
+        def __init__(self, lib):
+            super().__init__()
+            if kind == "linear":
+                self.a = lib.Linear(6, 5, r=2, lora_alpha=4) if lib is loralib else nn.Linear(6, 5)
+            else:
+                self.a = lib.Embedding(7, 5, r=2, lora_alpha=4) if lib is loralib else nn.Embedding(7, 5)
+            self.b = nn.Linear(5, 2)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    torch.manual_seed(0)
+    stock = Model(nn).eval()
+    ours = Model(loralib)
+    ours.load_state_dict(stock.state_dict(), strict=False)
+    _nonzero_B(ours)
+    loralib.mark_only_lora_as_trainable(ours)
+    ours.eval()
+    x = torch.randn(3, 6) if kind == "linear" else torch.tensor([[0, 3, 6], [2, 2, 1]])
+    loralib.to_peft(ours, tmp_path, base_model_name_or_path="tiny")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(stock), tmp_path).eval()
+    torch.testing.assert_close(theirs(x), ours(x))
+    fresh = Model(loralib)
+    fresh.load_state_dict(stock.state_dict(), strict=False)
+    loralib.from_peft(fresh, tmp_path)
+    torch.testing.assert_close(fresh.eval()(x), ours(x), rtol=0, atol=0)
