@@ -26,6 +26,7 @@ from loralib.checks import check_bool, check_choice, check_module
 from loralib.config import BIAS_CHOICES, INIT_VALUES
 from loralib.files import atomic_directory, read_files, safetensors_from_bytes
 from loralib.injection import config_of, inject_lora, lora_layers, unchanged_on_failure
+from loralib.layers import LORA_TENSORS
 
 WEIGHTS_NAME = "adapter.safetensors"
 CONFIG_NAME = "lora_config.json"
@@ -81,9 +82,6 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         if p.requires_grad or leaf in LORA_TENSORS:
             out[name] = (unmerged[name].unmerged_weight() if name in unmerged else p).detach()
     return out
-
-
-LORA_TENSORS = ("lora_A", "lora_B", "lora_B_bias")
 
 
 def lora_state_dict(model: nn.Module, bias: str = "none") -> dict[str, torch.Tensor]:
@@ -408,11 +406,7 @@ def _check_fits(
             + f". The adapter was saved with r={cfg.get('r')}."
         )
     if strict:
-        absent = [
-            n
-            for n in params
-            if n.rsplit(".", 1)[-1] in ("lora_A", "lora_B", "lora_B_bias") and n not in tensors
-        ]
+        absent = [n for n in params if n.rsplit(".", 1)[-1] in LORA_TENSORS and n not in tensors]
         if absent:
             raise ValueError(
                 f"the model has LoRA matrices the adapter does not contain, e.g. {absent[:5]}; the adapter targets "

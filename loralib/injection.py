@@ -335,8 +335,8 @@ def _check_untied(model: nn.Module) -> None:
     for name, layer in lora_layers(model):
         if layer.merged:
             continue
-        own = {f"{name}.{n}" for n, p in layer.named_parameters() if p is layer.weight}
-        others = [n for n in owners.get(layer.weight.data_ptr(), []) if n not in own]
+        own = f"{name}.{layer.weight_key}" if name else layer.weight_key
+        others = [n for n in owners.get(layer.weight.data_ptr(), []) if n != own]
         if others:
             raise ValueError(
                 f"cannot merge LoRA into {name}.weight: it shares its storage with {others[:3]} (tied weights, "

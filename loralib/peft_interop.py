@@ -47,7 +47,7 @@ from loralib.checks import check_alpha, check_bool, check_choice, check_module
 from loralib.config import LoraConfig
 from loralib.files import atomic_directory, read_files, safetensors_from_bytes
 from loralib.injection import HEAD_NAMES, config_of, inject_lora, lora_layers, unchanged_on_failure
-from loralib.layers import LoraLayer, lora_class_for, supported_types
+from loralib.layers import LORA_TENSORS, LoraLayer, lora_class_for, supported_types
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -169,9 +169,9 @@ def _bias_mode(params: dict[str, torch.Tensor], layers: dict[str, LoraLayer], ex
     return "none", set()
 
 
-def _ranks_and_alphas(layers: dict[str, LoraLayer]) -> dict[str, Any]:
-    """r, lora_alpha, lora_dropout, patterns and use_rslora for PEFT (`loralib.injection.config_of`), with
-    a warning where layers' dropouts differ (PEFT has one)."""
+def _adapter_fields(layers: dict[str, LoraLayer]) -> dict[str, Any]:
+    """r, lora_alpha, lora_dropout, patterns, use_rslora, lora_bias and fan_in_fan_out for PEFT
+    (`loralib.injection.config_of`), with a warning where layers' dropouts differ (PEFT has one)."""
     dropouts = Counter(layer.lora_dropout_p for layer in layers.values())
     if len(dropouts) > 1:
         warnings.warn(
@@ -180,9 +180,8 @@ def _ranks_and_alphas(layers: dict[str, LoraLayer]) -> dict[str, Any]:
             stacklevel=4,
         )
     d = config_of(layers).to_dict()
-    return {
-        k: d[k] for k in ("r", "lora_alpha", "lora_dropout", "rank_pattern", "alpha_pattern", "use_rslora")
-    }
+    keys = ("r", "lora_alpha", "lora_dropout", "rank_pattern", "alpha_pattern", "use_rslora", "lora_bias")
+    return {k: d[k] for k in (*keys, "fan_in_fan_out")}
 
 
 def peft_state_and_config(
@@ -209,7 +208,7 @@ def peft_state_and_config(
         )
     params = dict(model.named_parameters())
     lora_names = set(layers)
-    lora_keys = {f"{n}.{k}" for n in layers for k in ("lora_A", "lora_B", "lora_B_bias")}
+    lora_keys = {f"{n}.{k}" for n in layers for k in LORA_TENSORS}
     extras = {n for n, p in params.items() if p.requires_grad and n not in lora_keys}
 
     bias_mode, bias_keys = _bias_mode(params, layers, extras)
@@ -244,13 +243,11 @@ def peft_state_and_config(
         "task_type": task_type,
         "base_model_name_or_path": str(base),
         "revision": None,
-        **_ranks_and_alphas(layers),
+        **_adapter_fields(layers),
         "target_modules": _suffix_cover(lora_names, all_names, _target_match),
         "modules_to_save": _suffix_cover(set(to_save), all_names, _save_match) or None,
         "bias": bias_mode,
         "use_dora": False,
-        "lora_bias": any(layer.lora_B_bias is not None for layer in layers.values()),
-        "fan_in_fan_out": any(layer.base_type.__name__ == "Conv1D" for layer in layers.values()),
         "init_lora_weights": True,
         "inference_mode": True,
         "layers_to_transform": None,
@@ -495,7 +492,7 @@ def from_peft(model: nn.Module, directory: str | os.PathLike, trainable: bool = 
     }  # a NaN or missing alpha fails here, not half-way
     # Everything is checked; a failure from here on (an exotic dtype, a device error) still leaves the
     # model as it was.
-    factors = [f"{n}.{k}" for n, ab in lora.items() for k in ("lora_A", "lora_B", "lora_B_bias") if k in ab]
+    factors = [f"{n}.{k}" for n, ab in lora.items() for k in LORA_TENSORS if k in ab]
     with unchanged_on_failure(model, params=[*factors, *other]):
         if not have:
             for name in lora:

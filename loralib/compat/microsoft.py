@@ -102,28 +102,8 @@ class LoRALayer(LoraLayer):
         if self.has_adapter:
             super().reset_lora_parameters()
 
-    # Microsoft's state dicts: the module's own tensors, no merged flag (the mode says it).
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        nn.Module._save_to_state_dict(self, destination, prefix, keep_vars)
-
-    def _load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ):
-        remerge = (
-            self.merged
-            and self.has_adapter
-            and not any(
-                k.startswith(prefix) and k.endswith("weight") and "lora_" not in k for k in state_dict
-            )
-            and any(prefix + k in state_dict for k in ("lora_A", "lora_B"))
-        )
-        if remerge:  # new factors into a merged weight: take the old update out, put the new one in
-            self.unmerge()
-        nn.Module._load_from_state_dict(
-            self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-        if remerge:
-            self.merge()
+    # Microsoft's state dicts hold no merged flag: the mode says whether the weight holds the update.
+    records_merged = False
 
     def _kaiming_a_zero_b(self) -> None:
         if self.has_adapter:

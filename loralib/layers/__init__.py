@@ -5,6 +5,7 @@ registered once transformers is imported). Importing this package registers the 
 
 from loralib.layers.base import (
     LORA_LAYER_TYPES,
+    LORA_TENSORS,
     MERGED_KEY,
     LoraKwargs,
     LoraLayer,
@@ -21,6 +22,7 @@ from loralib.layers.linear import LoraLinear
 
 __all__ = [
     "LORA_LAYER_TYPES",
+    "LORA_TENSORS",
     "LoraKwargs",
     "MERGED_KEY",
     "LoraConv1d",

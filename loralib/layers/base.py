@@ -31,6 +31,7 @@ from loralib.checks import check_alpha, check_bool, check_dropout, check_rank
 from loralib.config import LoraSettings, resolve_settings
 
 MERGED_KEY = "lora_merged"  # state-dict entry recording whether `weight` holds the update
+LORA_TENSORS = ("lora_A", "lora_B", "lora_B_bias")  # the tensors a LoRA layer adds to its base module
 
 
 class LoraKwargs(TypedDict, total=False):
@@ -126,6 +127,29 @@ class LoraLayer:
 
     # False for a layer built without an adapter (Microsoft's r=0): `lora_layers` skips it.
     has_adapter: bool = True
+    # True: the state dict records a merged weight (`lora_merged`) and loading adopts it. Microsoft's
+    # layers say False: there the mode (eval merged, train not) says whether the weight holds the update.
+    records_merged: bool = True
+
+    @property
+    def weight_key(self) -> str:
+        """The frozen weight's name inside this layer ("weight"; "conv.weight" for a wrapper)."""
+        return next(n for n, p in self.named_parameters() if p is self.weight)
+
+    def _adopt(self, module: nn.Module, s: LoraSettings, autocast_adapter_dtype: bool):
+        """Take `module`'s weight (and bias) as this layer's frozen tensors (reused, not copied), allocate
+        the adapter beside them and initialise it; the layer keeps the module's train/eval mode."""
+        w = module.weight
+        self.weight = nn.Parameter(w.data, requires_grad=False)
+        if hasattr(module, "bias"):
+            b = module.bias
+            self.bias = None if b is None else nn.Parameter(b.data, requires_grad=False)
+        self._init_lora(
+            s, self.adapter_shapes(module, s.r), w.device, adapter_dtype(w.dtype, autocast_adapter_dtype)
+        )
+        self.reset_lora_parameters()
+        self.train(module.training)
+        return self
 
     @property
     def scaling(self) -> float:
@@ -280,31 +304,33 @@ class LoraLayer:
     # loading one adopts it, so a merged weight is never updated a second time by an unmerged layer.
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.merged:  # only then: an unmerged layer's state dict is the base module's plus A and B
+        if self.merged and self.records_merged:  # an unmerged layer's: the base module's plus A and B
             destination[prefix + MERGED_KEY] = torch.tensor(True, device=self.weight.device)
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
         key = prefix + MERGED_KEY
-        has_weight = prefix + "weight" in state_dict
+        has_weight = prefix + self.weight_key in state_dict
         # New A/B into a merged weight that is not replaced: take the old update out, put the new one in.
         remerge = (
             self.merged
+            and self.has_adapter
             and not has_weight
-            and any(prefix + k in state_dict for k in ("lora_A", "lora_B", "lora_B_bias"))
+            and any(prefix + k in state_dict for k in LORA_TENSORS)
         )
         if remerge:
             self.unmerge()
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
-        if key in unexpected_keys:
-            unexpected_keys.remove(key)
-        if key in state_dict:
-            self.merged = bool(state_dict[key])
-        elif has_weight:  # a stock checkpoint, or one saved before the flag existed: an unmerged weight
-            self.merged = False
+        if self.records_merged:
+            if key in unexpected_keys:
+                unexpected_keys.remove(key)
+            if key in state_dict:
+                self.merged = bool(state_dict[key])
+            elif has_weight:  # a stock checkpoint, or one saved before the flag existed: an unmerged weight
+                self.merged = False
         if remerge:
             self.merge()
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loralib.checks import check_bool
-from loralib.layers.base import LoraKwargs, LoraLayer, adapter_dtype, module_kind, register_lora_layer
+from loralib.layers.base import LoraKwargs, LoraLayer, module_kind, register_lora_layer
 
 # The settings of a torch convolution that its forward reads: copied onto the LoRA layer and back.
 _CONV_ATTRS = (
@@ -75,18 +75,11 @@ class _LoraConvNd(LoraLayer):
         s = cls._settings(lora)
         check_bool(autocast_adapter_dtype, "autocast_adapter_dtype")
         cls._check_base(module, s.r)
-        w = module.weight
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         for attr in _CONV_ATTRS:
             setattr(layer, attr, getattr(module, attr))
-        layer.weight = nn.Parameter(w.data, requires_grad=False)
-        layer.bias = None if module.bias is None else nn.Parameter(module.bias.data, requires_grad=False)
-        ad = adapter_dtype(w.dtype, autocast_adapter_dtype)
-        layer._init_lora(s, cls.adapter_shapes(module, s.r), w.device, ad)
-        layer.reset_lora_parameters()
-        layer.train(module.training)
-        return layer
+        return layer._adopt(module, s, autocast_adapter_dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """The merged update: B's 1x1 kernel composed with A's, times scaling; shape of `weight`."""

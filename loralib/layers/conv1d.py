@@ -68,14 +68,7 @@ class LoraConv1D(LoraLayer, Conv1D):
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.nf, layer.nx = module.nf, module.nx
-        w = module.weight
-        layer.weight = nn.Parameter(w.data, requires_grad=False)
-        layer.bias = nn.Parameter(module.bias.data, requires_grad=False)
-        ad = adapter_dtype(w.dtype, autocast_adapter_dtype)
-        layer._init_lora(s, cls.adapter_shapes(module, s.r), w.device, ad)
-        layer.reset_lora_parameters()
-        layer.train(module.training)
-        return layer
+        return layer._adopt(module, s, autocast_adapter_dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """The scaled update (B @ A)^T * scaling, shape (in, out) like Conv1D's weight."""

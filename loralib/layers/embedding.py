@@ -113,12 +113,7 @@ class LoraEmbedding(LoraLayer, nn.Embedding):
             settings=s,
         )
         # Built on "meta" (no throw-away table), then the real tensors are attached.
-        layer.weight = nn.Parameter(w.data, requires_grad=False)
-        ad = adapter_dtype(w.dtype, autocast_adapter_dtype)
-        layer._init_lora(s, cls.adapter_shapes(embedding, s.r), w.device, ad)
-        layer.reset_lora_parameters()
-        layer.train(embedding.training)
-        return layer
+        return layer._adopt(embedding, s, autocast_adapter_dtype)
 
     @classmethod
     def from_module(cls, module: nn.Embedding, **kwargs) -> LoraEmbedding:

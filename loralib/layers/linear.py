@@ -126,15 +126,7 @@ class LoraLinear(LoraLayer, nn.Linear):
             autocast_adapter_dtype=autocast_adapter_dtype,
             settings=s,
         )
-        layer.weight = nn.Parameter(w.data, requires_grad=False)
-        if linear.bias is not None:
-            layer.bias = nn.Parameter(linear.bias.data, requires_grad=False)
-        layer._init_lora(
-            s, cls.adapter_shapes(linear, s.r), w.device, adapter_dtype(w.dtype, autocast_adapter_dtype)
-        )
-        layer.reset_lora_parameters()
-        layer.train(linear.training)
-        return layer
+        return layer._adopt(linear, s, autocast_adapter_dtype)
 
     def reset_parameters(self) -> None:  # called by nn.Linear.__init__
         super().reset_parameters()
