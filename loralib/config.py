@@ -23,6 +23,7 @@ layers_to_transform / rank_pattern (`targets`, `pattern_key`), and the PEFT-conf
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import re
@@ -266,9 +267,7 @@ class LoraConfig:
         r = self.rank_pattern[rk] if rk is not None else base.r
         alpha = self.alpha_pattern[ak] if ak is not None else (self.lora_alpha or r)
         # Every value was validated when the config was made: build the layer's settings without checking again.
-        settings = object.__new__(LoraSettings)
-        for f in dataclasses.fields(LoraSettings):
-            object.__setattr__(settings, f.name, getattr(base, f.name))
+        settings = copy.copy(base)  # a copy skips __post_init__
         object.__setattr__(settings, "r", r)
         object.__setattr__(settings, "lora_alpha", float(alpha))
         return settings
@@ -352,9 +351,7 @@ class LoraConfig:
         if d.get("peft_type", "LORA") != "LORA":
             raise ValueError(f"{source} is a {d.get('peft_type')!r} config; loralib reads LoRA configs only.")
         fields = {f.name for f in dataclasses.fields(cls)}
-        for key, (what, off) in UNSUPPORTED_PEFT.items():
-            if key in d and d[key] not in (off, None):
-                raise ValueError(f"{source} sets {key}={d[key]!r}: {what}, which loralib does not implement.")
+        _refuse_unsupported(d, f"{source} sets ")
         unknown = [
             k
             for k in d
@@ -373,6 +370,13 @@ class LoraConfig:
             if kwargs.get(key) is None:
                 kwargs.pop(key, None)
         return cls(**kwargs)
+
+
+def _refuse_unsupported(values: Mapping[str, Any], where: str = "") -> None:
+    """Name the first PEFT feature loralib lacks (`UNSUPPORTED_PEFT`) that `values` switches on."""
+    for key, (what, off) in UNSUPPORTED_PEFT.items():
+        if key in values and values[key] not in (off, None):
+            raise ValueError(f"{where}{key}={values[key]!r}: {what}, which loralib does not implement.")
 
 
 def _num(x: float) -> int | float:
@@ -404,9 +408,8 @@ def config_from(config: LoraConfig | str | Sequence[str] | None, **fields: Any) 
         if "target_modules" in fields:
             raise TypeError("target_modules given twice: positionally and as a keyword.")
         fields["target_modules"] = config
-    for key, (what, off) in UNSUPPORTED_PEFT.items():
-        if key in fields and fields[key] not in (off, None):
-            raise ValueError(f"{key}={fields[key]!r}: {what} is not implemented by loralib.")
+    _refuse_unsupported(fields)
+    for key in UNSUPPORTED_PEFT:
         fields.pop(key, None)  # PEFT's "off" value: nothing to do
     unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(LoraConfig)})
     if unknown:
