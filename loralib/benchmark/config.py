@@ -341,17 +341,14 @@ def resolve_tasks(names: str | Iterable[str]) -> list[str]:
 
 # TrainConfig fields that results files written before PEFT's vocabulary name otherwise; read back only.
 _FILE_FIELD_RENAMES = {"alpha": "lora_alpha"}
-# LoRA settings that results files written before LoraConfig kept beside the other fields.
-_FLAT_LORA = ("r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules")
 
 
 def config_from_results(results: dict[str, Any]) -> TrainConfig:
     """The TrainConfig a finished run recorded in its results file (older files included)."""
     values = {_FILE_FIELD_RENAMES.get(k, k): v for k, v in results["config"].items()}
-    flat = {k: values.pop(k) for k in _FLAT_LORA if k in values}
-    if flat:  # written before LoraConfig: the recipe's other LoRA settings applied
-        values["lora"] = dataclasses.replace(RECIPE_LORA, **flat)
-    return TrainConfig(**values)
+    # Files written before LoraConfig kept r, lora_alpha, ... beside the other fields: the recipe's
+    # LoRA settings with those applied.
+    return TrainConfig(**_with_lora(values))
 
 
 def _with_lora(values: dict[str, Any]) -> dict[str, Any]:
