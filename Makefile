@@ -4,7 +4,7 @@
 setup:
 	@bash scripts/setup.sh
 
-# Main job: execute notebooks 01-07 headless on the offline default; executed copies and figures go to outputs/.
+# Main job: execute notebooks 01-08 headless on the offline default; executed copies and figures go to outputs/.
 notebooks: setup
 	@.venv/bin/python scripts/run_notebooks.py --output-dir outputs
 

@@ -6,8 +6,9 @@ Run from the repository root (the Makefile's `make bench` does exactly this):
     .venv/bin/python benchmarks/bench_speed.py --output-dir /tmp/bench --quick          # ~1 minute
 
 Covers: forward + backward of one linear layer (frozen nn.Linear, loralib, PEFT, the article's
-formulation, full fine-tuning) at several widths and ranks; a training step of a randomly initialised
-roberta-base-sized classifier (full fine-tuning, loralib, PEFT; LoRA r = 8 on query/value, AdamW);
+formulation, full fine-tuning) at several widths and ranks, and DoRA's (loralib's against PEFT's, beside
+loralib's LoRA); a training step of a randomly initialised
+roberta-base-sized classifier (full fine-tuning, loralib, PEFT, both DoRAs; r = 8 on query/value, AdamW);
 inference of the stock model vs the same model with a merged (and an unmerged) loralib adapter. Every
 group is timed interleaved (round-robin) in one process and reported as medians and ratios, with peak
 memory per case (see `loralib.memory.peak_memory` for how CPU memory is measured).
@@ -38,7 +39,7 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 import torch  # noqa: E402
 
 from loralib.files import atomic_write  # noqa: E402
-from loralib.measure.layer import LAYER_METHODS, measure_layer  # noqa: E402
+from loralib.measure.layer import DORA_METHODS, LAYER_METHODS, measure_layer  # noqa: E402
 from loralib.measure.steps import (  # noqa: E402
     measure_inference,
     measure_train_steps,
@@ -61,6 +62,19 @@ FULL_LAYERS = [
     (1024, 8, 0.1, 20, 2),
 ]
 QUICK_LAYERS = [(768, 8, 0.0, 12, 2), (768, 8, 0.1, 12, 2), (1024, 8, 0.0, 8, 1)]
+# DoRA rows (frozen, our LoRA, our DoRA, PEFT's DoRA): d = 768 and 1024, r = 8 and 64, dropout 0 and 0.1.
+FULL_DORA_LAYERS = [
+    (768, 8, 0.0, 30, 2),
+    (1024, 8, 0.0, 20, 2),
+    (768, 64, 0.0, 20, 2),
+    (1024, 64, 0.0, 15, 2),
+    (768, 8, 0.1, 20, 2),
+    (1024, 8, 0.1, 15, 2),
+]
+QUICK_DORA_LAYERS = [(768, 8, 0.0, 8, 1), (1024, 8, 0.1, 6, 1)]
+# DoRA targets: our DoRA layer / PEFT's DoRA, our DoRA / our LoRA (times), and the peak memory our DoRA
+# adds over our LoRA at d = 1024 (MiB): no (out x in) temporary, which alone would be 4 MiB.
+DORA_TARGETS = {"dora_vs_peft_dora": 0.6, "dora_vs_lora": 1.3, "dora_extra_peak_mib": 2.0}
 # Targets (ratios within one run): layer = loralib / frozen at r = 8, d = 768 and 1024, without and
 # with LoRA dropout 0.1; step = loralib / full fine-tuning; inference = merged / stock.
 TARGETS = {"layer": 1.15, "layer_dropout": 1.25, "step": 0.70, "step_dropout": 0.70, "inference": 1.02}
@@ -158,10 +172,10 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
-def run_layers(layers, tokens: int, log, device: str = "cpu") -> list[dict]:
+def run_layers(layers, tokens: int, log, device: str = "cpu", dora: bool = False) -> list[dict]:
     rows = []
     for d, r, p, repeats, warmup in layers:
-        methods = LAYER_METHODS if p == 0 else ("frozen", "loralib", "peft")
+        methods = DORA_METHODS if dora else LAYER_METHODS if p == 0 else ("frozen", "loralib", "peft")
         t0 = time.perf_counter()
         res = measure_layer(
             d=d,
@@ -205,8 +219,16 @@ def run_model(quick: bool, log, device: str = "cpu") -> tuple[dict, dict]:
     # Both LoRA dropouts in one interleaved run: "loralib" / "peft" without, "loralib_dropout" /
     # "peft_dropout" with p = 0.1 (the recipe's default); full fine-tuning has no LoRA dropout.
     builders = roberta_step_builders(cfg, r=8, lora_alpha=8, device=device)
+    builders.update(
+        roberta_step_builders(cfg, r=8, lora_alpha=8, methods=("loralib_dora", "peft_dora"), device=device)
+    )
     for name, build in roberta_step_builders(
-        cfg, r=8, lora_alpha=8, lora_dropout=0.1, methods=("loralib", "peft"), device=device
+        cfg,
+        r=8,
+        lora_alpha=8,
+        lora_dropout=0.1,
+        methods=("loralib", "peft", "loralib_dora", "peft_dora"),
+        device=device,
     ).items():
         builders[f"{name}_dropout"] = build
     stats = measure_train_steps(builders, batch, repeats=repeats, warmup=1, device=device)
@@ -294,6 +316,66 @@ def check_targets(results: dict) -> dict:
     return out
 
 
+def check_dora_targets(results: dict) -> dict:
+    """DoRA's targets (`DORA_TARGETS`) per row of results["dora_layer"] and for the model step."""
+    out = {}
+    t = DORA_TARGETS
+    for row in results.get("dora_layer", []):
+        rt, pk = row["ratio"], row["peak_bytes"]
+        where = f"DoRA layer d={row['d']} r={row['r']}" + (
+            f" dropout {row['lora_dropout']:g}" if row["lora_dropout"] else ""
+        )
+        if "peft_dora" in rt:
+            v = rt["dora"] / rt["peft_dora"]
+            out[f"{where}: dora/peft_dora <= {t['dora_vs_peft_dora']}"] = {
+                "value": v,
+                "ok": v <= t["dora_vs_peft_dora"],
+            }
+        v = rt["dora"] / rt["loralib"]
+        out[f"{where}: dora/loralib <= {t['dora_vs_lora']}"] = {"value": v, "ok": v <= t["dora_vs_lora"]}
+        if row["d"] == 1024 and pk:
+            extra = (pk["dora"] - pk["loralib"]) / MIB
+            out[f"{where}: dora peak - loralib peak <= {t['dora_extra_peak_mib']} MiB"] = {
+                "value": extra,
+                "ok": extra <= t["dora_extra_peak_mib"],
+            }
+    step = results.get("model_step")
+    if step:
+        for suffix in ("", "_dropout"):
+            rt = step["ratio"]
+            if f"loralib_dora{suffix}" in rt and f"peft_dora{suffix}" in rt:
+                v = rt[f"loralib_dora{suffix}"] / rt[f"peft_dora{suffix}"]
+                what = "train step" + (" dropout 0.1" if suffix else "")
+                out[f"{what}: loralib_dora <= peft_dora"] = {"value": v, "ok": v <= 1.0}
+    return out
+
+
+def _dora_markdown(results: dict) -> list[str]:
+    rows = results.get("dora_layer", [])
+    if not rows:
+        return []
+    lines = [
+        "",
+        "| DoRA, forward + backward, one linear layer (time / frozen `nn.Linear`) | loralib LoRA | loralib DoRA "
+        "| PEFT DoRA | DoRA / PEFT DoRA | DoRA / LoRA | peak MiB: LoRA / DoRA / PEFT DoRA |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        rt, pk = row["ratio"], row["peak_bytes"]
+        name = f"d = {row['d']}, r = {row['r']}" + (
+            f", dropout {row['lora_dropout']:g}" if row["lora_dropout"] else ""
+        )
+        peft_cell = f"{rt['peft_dora']:.2f}x" if "peft_dora" in rt else "–"
+        vs_peft = f"{rt['dora'] / rt['peft_dora']:.2f}" if "peft_dora" in rt else "–"
+        lines.append(
+            f"| {name} | {rt['loralib']:.2f}x | {rt['dora']:.2f}x | {peft_cell} | {vs_peft} | "
+            f"{rt['dora'] / rt['loralib']:.2f} | "
+            + " / ".join(_mib(pk.get(k)) for k in ("loralib", "dora", "peft_dora"))
+            + " |"
+        )
+    return lines
+
+
 def _mib(b) -> str:
     return "–" if b is None else f"{b / MIB:,.1f}"
 
@@ -338,16 +420,17 @@ def markdown(results: dict) -> str:
     if step:
         cases = step["cases"]
         b = step["batch"]
-        cols = ("full_ft", "loralib", "peft", "loralib_dropout", "peft_dropout")
+        cols = tuple(cases)
 
         def row(label: str, cell) -> str:
             return f"| {label} | " + " | ".join(cell(k) if k in cases else "–" for k in cols) + " |"
 
         lines += [
             "",
-            f"| {step['config']}, batch {b[0]} x {b[1]}, LoRA r = {step['r']} on query/value, AdamW "
-            "| full FT | loralib | PEFT | loralib, dropout 0.1 | PEFT, dropout 0.1 |",
-            "|---|---|---|---|---|---|",
+            f"| {step['config']}, batch {b[0]} x {b[1]}, LoRA r = {step['r']} on query/value, AdamW | "
+            + " | ".join(cols)
+            + " |",
+            "|---" * (len(cols) + 1) + "|",
             row("training step, time / full FT", lambda k: f"{step['ratio'][k]:.2f}x"),
             row("training step, median seconds", lambda k: f"{cases[k]['median_s']:.2f}"),
             row("trainable parameters", lambda k: f"{cases[k]['trainable_params']:,}"),
@@ -363,6 +446,7 @@ def markdown(results: dict) -> str:
             + " | ".join(f"{inf['ratio'][k]:.3f}x" for k in ("stock", "loralib_merged", "loralib_unmerged"))
             + " |",
         ]
+    lines += _dora_markdown(results)
     if results.get("targets"):
         lines += ["", "| Target | measured | met |", "|---|---|---|"]
         for k, v in results["targets"].items():
@@ -411,10 +495,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     log(f"machine: {results['machine']}")
     results["layer"] = run_layers(QUICK_LAYERS if args.quick else FULL_LAYERS, args.tokens, log, args.device)
+    results["dora_layer"] = run_layers(
+        QUICK_DORA_LAYERS if args.quick else FULL_DORA_LAYERS, args.tokens, log, args.device, dora=True
+    )
     if not args.skip_model:
         results["model_step"], results["inference"] = run_model(args.quick, log, args.device)
-    results["target_values"] = TARGETS
-    results["targets"] = check_targets(results)
+    results["target_values"] = {**TARGETS, **DORA_TARGETS}
+    results["targets"] = {**check_targets(results), **check_dora_targets(results)}
     results["loadavg_end"] = machine_info()["loadavg"]
     results["wall_s"] = round(time.perf_counter() - started, 1)
 

@@ -156,6 +156,7 @@ def lora_config(model: nn.Module, **metadata: Any) -> dict[str, Any]:
                 "lora_alpha": layer.lora_alpha,
                 **({"use_rslora": True} if layer.use_rslora else {}),
                 **({"lora_bias": True} if layer.lora_B_bias is not None else {}),
+                **({"use_dora": True} if layer.use_dora else {}),
                 # Written per layer only where layers differ (the top-level value is then None).
                 **({"lora_dropout": layer.lora_dropout_p} if len(dropouts) > 1 else {}),
                 **({"init": layer.init} if len(inits) > 1 else {}),
@@ -371,6 +372,7 @@ def _inject_from_config(model: nn.Module, cfg: dict[str, Any]) -> None:
             init_lora_weights=INIT_VALUES[spec.get("init", cfg.get("init")) or "kaiming"],
             use_rslora=bool(spec.get("use_rslora", False)),
             lora_bias=bool(spec.get("lora_bias", False)),
+            use_dora=bool(spec.get("use_dora", False)),
             exact=True,
         )
 

@@ -11,6 +11,8 @@ Covers:
   (||U^T W V||_F, with U, V dW's top-k left / right singular vectors), against W's top-k directions and
   random ones, and the paper's amplification factor ||dW||_F / ||U^T W V||_F.
 - `adapter_updates`: (W, dW, A) of every LoRA layer of a model.
+- `magnitude_direction`: DoRA's analysis (Liu et al. 2024, section 2.2) of a fine-tuned weight against the
+  pretrained one, the mean change of each output feature's magnitude and of its direction.
 Not here: training (`loralib.sweeps`), plots (`loralib.plots`).
 
 All functions compute in float64 on the CPU: these are small matrices and the differences that matter
@@ -212,6 +214,22 @@ def amplification(
         along_w=float(torch.linalg.norm(uw.T @ w @ vw)),
         along_random=sum(rand) / len(rand),
     )
+
+
+def magnitude_direction(w0: torch.Tensor, w: torch.Tensor) -> tuple[float, float]:
+    """DoRA's weight-decomposition analysis (Liu et al. 2024, section 2.2) of a weight `w` against its
+    pretrained `w0`, both (out x in) with one row per output feature: (delta M, delta D) with
+    delta M = mean over rows of | ||w||_row - ||w0||_row | and delta D = mean over rows of
+    1 - cos(w_row, w0_row). Computed in float64."""
+    if w0.shape != w.shape or w0.dim() != 2:
+        raise ValueError(
+            f"w0 and w must be 2-D and of one shape, got {tuple(w0.shape)} and {tuple(w.shape)}."
+        )
+    a, b = w0.detach().double(), w.detach().double()
+    na, nb = torch.linalg.vector_norm(a, dim=1), torch.linalg.vector_norm(b, dim=1)
+    delta_m = (nb - na).abs().mean().item()
+    delta_d = (1 - (a * b).sum(1) / (na * nb)).mean().item()
+    return delta_m, delta_d
 
 
 def adapter_updates(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:

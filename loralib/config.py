@@ -8,7 +8,7 @@
 A config is frozen and validated once, where it is made (`dataclasses.replace` makes and validates a new
 one); everything downstream (the CLI, `TrainConfig`, `inject_lora`, the layers, the adapter file) takes
 its values as they are. `LoraSettings` is what one layer needs (r, lora_alpha, lora_dropout, use_rslora,
-init, lora_bias): `LoraConfig.settings_for(name)` resolves rank_pattern / alpha_pattern for a module, and
+init, lora_bias, use_dora): `LoraConfig.settings_for(name)` resolves rank_pattern / alpha_pattern for a module, and
 a layer built directly (`LoraLinear(768, 768, r=16)`) validates its own arguments into one.
 
 The defaults are PEFT's: r=8, lora_alpha=8 (scaling lora_alpha / r = 1 at r=8; at r=16 it is 0.5, as in
@@ -49,7 +49,6 @@ REFUSED_INITS = ("pissa", "olora", "loftq", "eva", "corda", "orthogonal", "lora_
 # PEFT LoraConfig fields loralib does not reproduce, with the feature's name, refused unless at PEFT's
 # default (the value that switches the feature off).
 UNSUPPORTED_PEFT: dict[str, tuple[str, Any]] = {
-    "use_dora": ("DoRA (weight-decomposed LoRA)", False),
     "use_qalora": ("QA-LoRA", False),
     "target_parameters": ("LoRA on nn.Parameter targets (target_parameters)", None),
     "trainable_token_indices": ("trainable tokens", None),
@@ -147,6 +146,7 @@ class LoraSettings:
     use_rslora: bool = False
     init: str = "kaiming"
     lora_bias: bool = False
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -156,6 +156,11 @@ class LoraSettings:
         set_(self, "lora_dropout", float(check_dropout(self.lora_dropout, "lora_dropout")))
         check_bool(self.use_rslora, "use_rslora")
         check_bool(self.lora_bias, "lora_bias")
+        check_bool(self.use_dora, "use_dora")
+        if self.use_dora and self.lora_bias:
+            raise ValueError(
+                "lora_bias=True is not supported with use_dora=True (PEFT refuses it too); choose one."
+            )
         if self.init not in INITS:
             raise ValueError(f"unknown LoRA init {self.init!r}; choose one of {INITS}.")
 
@@ -208,6 +213,8 @@ class LoraConfig:
     # is always fan-in-fan-out, nn.Linear never), as PEFT itself corrects it per layer with a warning.
     fan_in_fan_out: bool = False
     lora_bias: bool = LoraSettings.lora_bias
+    # DoRA (weight-decomposed LoRA, `loralib.layers.dora`): a trained magnitude per output feature.
+    use_dora: bool = LoraSettings.use_dora
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -218,6 +225,7 @@ class LoraConfig:
             use_rslora=self.use_rslora,
             init=INIT_NAMES[check_init(self.init_lora_weights)],
             lora_bias=self.lora_bias,
+            use_dora=self.use_dora,
         )
         set_(self, "r", base.r)
         set_(self, "lora_dropout", base.lora_dropout)
@@ -339,7 +347,7 @@ class LoraConfig:
             d["lora_alpha"] = self.r
             for key, r in self.rank_pattern.items():
                 d["alpha_pattern"].setdefault(key, r)
-        return {"peft_type": "LORA", **d, "use_dora": False}
+        return {"peft_type": "LORA", **d}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], source: str = "the config") -> LoraConfig:

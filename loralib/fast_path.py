@@ -161,10 +161,14 @@ class LoraFunction(torch.autograd.Function):
             xd2 = keep.mul_(x2)  # x * mask in a reused buffer: a temporary, not saved
         else:
             xd2 = x2 if xd is None else xd.reshape(-1, shape[-1])
+        # Allocated in the output's shape and filled through a 2-D view, so the Function returns a tensor of
+        # its own, not a view (DoRA's `DoraScale` scales it in place).
+        result = torch.empty((*shape[:-1], weight.shape[0]), dtype=x2.dtype, device=x2.device)
+        out = result.view(-1, weight.shape[0])
         if bias is None:
-            out = torch.mm(x2, weight.t())
+            torch.mm(x2, weight.t(), out=out)
         else:
-            out = torch.addmm(bias, x2, weight.t())
+            torch.addmm(bias, x2, weight.t(), out=out)
         bt = lora_B.t().contiguous()  # (r, out)
         xa = mm_t(xd2, lora_A)  # (n, r): the only extra activation LoRA keeps
         del xd2
@@ -186,7 +190,7 @@ class LoraFunction(torch.autograd.Function):
         ctx.threshold = threshold
         ctx.shape = shape
         ctx.has_xd = xd is not None
-        return out.view(*shape[:-1], out.shape[-1])
+        return result
 
     @staticmethod
     def backward(ctx, grad_out):

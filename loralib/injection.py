@@ -69,6 +69,7 @@ def config_of(model: nn.Module | dict[str, LoraLayer]) -> LoraConfig:
         alpha_pattern={n: a for n, a in alphas.items() if a != alpha},
         fan_in_fan_out=any(layer.base_type.__name__ == "Conv1D" for layer in layers.values()),
         lora_bias=any(layer.lora_B_bias is not None for layer in layers.values()),
+        use_dora=any(layer.use_dora for layer in layers.values()),
     )
 
 
@@ -263,7 +264,7 @@ def mark_only_lora_as_trainable(
     *,
     config: LoraConfig | None = None,
 ) -> None:
-    """Freeze every parameter except LoRA's A and B (and lora_bias) and the extras asked for.
+    """Freeze every parameter except LoRA's A and B (and lora_bias, DoRA's magnitude) and the extras asked for.
 
     bias: "none" (no bias trains), "all" (every bias in the model), "lora_only" (biases of
     LoRA-adapted layers): PEFT's and Microsoft loralib's meanings. modules_to_save: module names (PEFT
@@ -296,6 +297,8 @@ def mark_only_lora_as_trainable(
                 module.lora_B.requires_grad_(True)
             if module.lora_B_bias is not None:
                 module.lora_B_bias.requires_grad_(True)
+            if module.use_dora:
+                module.lora_magnitude_vector.requires_grad_(True)
             # Microsoft's lora_only: the bias of every LoRA layer (an r=0 one too)
             if bias == "lora_only" and getattr(module, "bias", None) is not None:
                 module.bias.requires_grad_(True)

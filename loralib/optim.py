@@ -30,6 +30,8 @@ def _kind(name: str) -> str:
         return "lora_B"
     if "lora_A" in parts or "lora_embedding_A" in parts:
         return "lora_A"
+    if "lora_magnitude_vector" in parts:  # DoRA's magnitude: its own group, at the base rate, no decay
+        return "lora_magnitude"
     return "other"
 
 
@@ -49,7 +51,8 @@ def param_groups(
     Weight decay follows the Trainer's own rule (`decay_parameter_names`: none for biases and norms, by
     module type and by name); the rest gets `weight_decay`. Every trainable tensor is in exactly one group.
     loraplus_lr_ratio=None gives plain groups (one learning rate). Every group carries a "name" ("lora_A",
-    "lora_B", "other", with "/no_decay"), which torch optimizers keep. Empty groups are left out.
+    "lora_B", "lora_magnitude" (DoRA's, at lr and never decayed), "other", with "/no_decay"), which torch
+    optimizers keep. Empty groups are left out.
     """
     check_module(model)
     check_number(lr, "lr", positive=True, hint="A learning rate such as 5e-4.")
@@ -61,7 +64,9 @@ def param_groups(
     for name, p in model.named_parameters():  # a shared tensor once, under its first name
         if p.requires_grad:
             kind = _kind(name) if loraplus_lr_ratio is not None else "other"
-            groups.setdefault((kind, name not in decay), []).append(p)
+            # decaying DoRA's magnitude would pull each output feature's norm towards zero, not the update
+            no_decay = name not in decay or _kind(name) == "lora_magnitude"
+            groups.setdefault((kind, no_decay), []).append(p)
     if not groups:
         raise ValueError("the model has no trainable parameters; inject LoRA and mark it trainable first.")
     if loraplus_lr_ratio is not None and not any(kind == "lora_B" for kind, _ in groups):

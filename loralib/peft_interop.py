@@ -20,8 +20,9 @@ The mapping, which is all there is to it (each layer class names its PEFT keys: 
 
 Neither direction imports `peft`: the format is JSON plus safetensors, so a loralib user can export
 without installing it (the tests use PEFT itself as the reference, including PEFT's own LoRA test table).
-An adapter_config.json is read through `loralib.LoraConfig.from_dict`, so what loralib does not reproduce
-(DoRA, trainable tokens, initialisations that change the base such as PiSSA or LoftQ, unknown fields) is
+DoRA's magnitude is `<m>.lora_magnitude_vector` in both (PEFT's key has no ".weight"; a convolution's is
+(1, out, 1, ...) there, (out,) here). An adapter_config.json is read through `loralib.LoraConfig.from_dict`,
+so what loralib does not reproduce (trainable tokens, initialisations that change the base such as PiSSA or LoftQ, unknown fields) is
 refused by name before the model changes; PEFT's layer for a type loralib lacks (nn.MultiheadAttention) too. `lora_bias` (a bias on lora_B) maps to `<m>.lora_B.bias`. Convolutions use PEFT's conv layout (lora_A.weight a kernel,
 lora_B.weight a 1x1 kernel). GPT-2's Conv1D layers are PEFT's
 `fan_in_fan_out=True` (written when the model has one; the factors' layout is a Linear's). Not here: loralib's own format (`loralib.adapters`), PEFT training and QLoRA
@@ -48,6 +49,7 @@ from loralib.config import LoraConfig
 from loralib.files import atomic_directory, read_files, safetensors_from_bytes
 from loralib.injection import HEAD_NAMES, config_of, inject_lora, lora_layers, unchanged_on_failure
 from loralib.layers import LORA_TENSORS, LoraLayer, lora_class_for, supported_types
+from loralib.layers.dora import MAGNITUDE
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -180,7 +182,16 @@ def _adapter_fields(layers: dict[str, LoraLayer]) -> dict[str, Any]:
             stacklevel=4,
         )
     d = config_of(layers).to_dict()
-    keys = ("r", "lora_alpha", "lora_dropout", "rank_pattern", "alpha_pattern", "use_rslora", "lora_bias")
+    keys = (
+        "r",
+        "lora_alpha",
+        "lora_dropout",
+        "rank_pattern",
+        "alpha_pattern",
+        "use_rslora",
+        "lora_bias",
+        "use_dora",
+    )
     return {k: d[k] for k in (*keys, "fan_in_fan_out")}
 
 
@@ -199,6 +210,13 @@ def peft_state_and_config(
         raise ValueError(
             f"{', '.join(formless[:3])}: this layer type has no PEFT form (Microsoft's MergedLinear and "
             "ConvLoRA factor the update differently from any PEFT layer); save it with save_lora instead."
+        )
+    doras = {layer.use_dora for layer in layers.values()}
+    if len(doras) > 1:
+        dora_names = [n for n, layer in layers.items() if layer.use_dora]
+        raise ValueError(
+            f"some LoRA layers are DoRA ({dora_names[:3]}) and others are not; a PEFT adapter has one use_dora for "
+            "all its layers. Save it with save_lora, or make every layer the same kind."
         )
     base = base_model_name_or_path or getattr(getattr(model, "config", None), "_name_or_path", None)
     if not base:
@@ -229,6 +247,8 @@ def peft_state_and_config(
         tensors[f"{PREFIX}{name}.{layer.peft_names['lora_B']}"] = layer.lora_B.detach()
         if layer.lora_B_bias is not None:
             tensors[f"{PREFIX}{name}.lora_B.bias"] = layer.lora_B_bias.detach()
+        if layer.use_dora:  # PEFT's key has no ".weight"; a convolution's magnitude is (1, out, 1, ...)
+            tensors[f"{PREFIX}{name}.{MAGNITUDE}"] = layer.peft_magnitude().detach()
     for n in sorted(bias_keys | in_saved):
         owner, _, leaf = n.rpartition(".")
         key = f"{owner}.base_layer.{leaf}" if owner in lora_names else n
@@ -247,7 +267,6 @@ def peft_state_and_config(
         "target_modules": _suffix_cover(lora_names, all_names, _target_match),
         "modules_to_save": _suffix_cover(set(to_save), all_names, _save_match) or None,
         "bias": bias_mode,
-        "use_dora": False,
         "init_lora_weights": True,
         "inference_mode": True,
         "layers_to_transform": None,
@@ -325,7 +344,7 @@ def read_peft_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], dic
 
 
 def _check_supported(config: dict[str, Any], directory) -> LoraConfig:
-    """The adapter's config as a `LoraConfig`; anything loralib does not reproduce (DoRA, trainable tokens,
+    """The adapter's config as a `LoraConfig`; anything loralib does not reproduce (trainable tokens,
     initialisations that change the base, unknown fields) is refused by name (`LoraConfig.from_dict`)."""
     if config.get("peft_type") != "LORA":
         raise ValueError(
@@ -346,6 +365,10 @@ def _group_tensors(
     lora: dict[str, dict[str, torch.Tensor]] = {}
     other: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
+        magnitude = re.fullmatch(rf"(.+)\.{MAGNITUDE}(?:\.[^.]+)?(?:\.weight)?", key)
+        if magnitude:  # DoRA; older PEFT versions saved "<m>.lora_magnitude_vector.weight"
+            lora.setdefault(magnitude.group(1), {})[MAGNITUDE] = value
+            continue
         bias = re.fullmatch(r"(.+)\.lora_B(?:\.[^.]+)?\.bias", key)
         if bias:
             lora.setdefault(bias.group(1), {"kind": "linear"})["lora_B_bias"] = value
@@ -356,8 +379,8 @@ def _group_tensors(
             name, factor, kind = (
                 (m.group(1), m.group(2), "linear") if m else (e.group(1), f"lora_{e.group(2)}", "embedding")
             )
-            entry = lora.setdefault(name, {"kind": kind})
-            if entry["kind"] != kind:
+            entry = lora.setdefault(name, {})
+            if entry.setdefault("kind", kind) != kind:
                 raise ValueError(f"{directory} names {name!r} both as a Linear and as an Embedding adapter.")
             entry[factor] = value
         elif ".lora_" in key:
@@ -368,7 +391,9 @@ def _group_tensors(
             other[key.replace(".base_layer.", ".")] = value
     if not lora:
         raise ValueError(f"{directory} holds no lora_A/lora_B tensors.")
-    incomplete = [n for n, ab in lora.items() if set(ab) - {"lora_B_bias"} != {"lora_A", "lora_B", "kind"}]
+    incomplete = [
+        n for n, ab in lora.items() if set(ab) - {"lora_B_bias", MAGNITUDE} != {"lora_A", "lora_B", "kind"}
+    ]
     if incomplete:
         raise ValueError(f"{directory} is incomplete: lora_A or lora_B missing for {incomplete[:5]}.")
     return lora, other
@@ -399,7 +424,7 @@ def from_peft(model: nn.Module, directory: str | os.PathLike, trainable: bool = 
     check_module(model)
     check_bool(trainable, "trainable")
     config, tensors = read_peft_adapter(directory)
-    _check_supported(config, directory)
+    use_dora = _check_supported(config, directory).use_dora
     base_name = config.get("base_model_name_or_path")
     mine = getattr(getattr(model, "config", None), "_name_or_path", None)
 
@@ -458,6 +483,21 @@ def from_peft(model: nn.Module, directory: str | os.PathLike, trainable: bool = 
         if isinstance(mod, LoraLayer) and (mod.lora_B_bias is not None) != ("lora_B_bias" in ab):
             problems.append(f"{name}: lora_bias differs between the model's layer and the adapter")
             continue
+        if (MAGNITUDE in ab) != use_dora:
+            problems.append(
+                f"{name}: the config says use_dora={use_dora} but the file "
+                + ("has" if MAGNITUDE in ab else "lacks")
+                + f" its {MAGNITUDE}"
+            )
+            continue
+        if isinstance(mod, LoraLayer) and mod.use_dora != use_dora:
+            problems.append(f"{name}: the model's layer has use_dora={mod.use_dora}, the adapter {use_dora}")
+            continue
+        if use_dora and ab[MAGNITUDE].numel() != cls.adapter_shapes(mod, ranks[name])[1][0]:
+            problems.append(
+                f"{name}: adapter {MAGNITUDE} {tuple(ab[MAGNITUDE].shape)} has the wrong number of output features"
+            )
+            continue
         want_a, want_b = cls.adapter_shapes(mod, ranks[name])
         if "lora_B_bias" in ab and tuple(ab["lora_B_bias"].shape) != (want_b[0],):
             problems.append(f"{name}: adapter lora_B bias {tuple(ab['lora_B_bias'].shape)} vs ({want_b[0]},)")
@@ -504,6 +544,7 @@ def from_peft(model: nn.Module, directory: str | os.PathLike, trainable: bool = 
                     lora_dropout=dropout,
                     use_rslora=rslora,
                     lora_bias="lora_B_bias" in lora[name],
+                    use_dora=use_dora,
                     exact=True,  # the adapter's full module names: nothing else is adapted
                 )
             have = dict(lora_layers(model))
@@ -519,6 +560,9 @@ def from_peft(model: nn.Module, directory: str | os.PathLike, trainable: bool = 
                 layer.lora_B.copy_(ab["lora_B"].to(layer.lora_B.dtype))
                 if "lora_B_bias" in ab:
                     layer.lora_B_bias.copy_(ab["lora_B_bias"].to(layer.lora_B_bias.dtype))
+                if MAGNITUDE in ab:
+                    m = layer.lora_magnitude_vector
+                    m.copy_(ab[MAGNITUDE].reshape(-1).to(m.dtype))
             for key, value in other.items():
                 params[key].copy_(value.to(dtype=params[key].dtype, device=params[key].device))
         if trainable:

@@ -40,6 +40,12 @@ class RunSpec:
     target_modules: tuple[str, ...] | str = ("query", "value")
     lora_alpha: float | None = None
     use_rslora: bool = False
+    use_dora: bool = False
+    # Full fine-tuning instead of LoRA (the LoRA fields are then unused): every weight of the model trains.
+    full_finetune: bool = False
+    # Record DoRA's (delta M, delta D) of the layers named here (full names) every `trace_every` steps.
+    trace: tuple[str, ...] = ()
+    trace_every: int = 4
     learning_rate: float = 1e-3
     loraplus_lr_ratio: float | None = None
     epochs: int = 2
@@ -54,6 +60,10 @@ class RunSpec:
         check_rank(self.r)
         check_alpha(self.lora_alpha, "lora_alpha")
         check_bool(self.use_rslora, "use_rslora")
+        check_bool(self.use_dora, "use_dora")
+        check_bool(self.full_finetune, "full_finetune")
+        object.__setattr__(self, "trace", tuple(check_names(self.trace, "trace")))
+        check_int(self.trace_every, "trace_every", 1)
         check_number(self.learning_rate, "learning_rate", positive=True)
         if self.loraplus_lr_ratio is not None:
             check_number(self.loraplus_lr_ratio, "loraplus_lr_ratio", positive=True)
@@ -72,6 +82,8 @@ class RunResult:
     trained_parameters: int
     seconds: float
     updates: dict[str, dict[str, torch.Tensor]] = field(repr=False)
+    # layer name -> [(step, delta M, delta D)] for the layers in spec.trace (`loralib.analysis.magnitude_direction`)
+    trace: dict[str, list[tuple[int, float, float]]] = field(default_factory=dict, repr=False)
 
     def row(self) -> dict[str, Any]:
         """The run as a flat table row (settings, then results)."""
@@ -85,6 +97,14 @@ class RunResult:
             "lora_parameters": self.lora_parameters,
             "seconds": round(self.seconds, 1),
         }
+
+
+def _effective_weight(module: nn.Module) -> torch.Tensor:
+    """The (out x in) weight a Linear (or a LoRA / DoRA Linear) computes with, a float64 copy."""
+    from loralib.layers import LoraLayer
+
+    w = module.effective_weight() if isinstance(module, LoraLayer) else module.weight.detach()
+    return w.double().clone()
 
 
 def budget_rank(model: nn.Module, target_modules: Sequence[str] | str, budget: int) -> tuple[int, int]:
@@ -173,7 +193,7 @@ class Sweep:
     def run(self, spec: RunSpec | None = None, **changes: Any) -> RunResult:
         """Train (or fetch from the cache) the run `spec` with `changes` applied (any RunSpec field)."""
         from loralib import optim
-        from loralib.analysis import adapter_updates
+        from loralib.analysis import adapter_updates, magnitude_direction
         from loralib.injection import inject_lora, mark_only_lora_as_trainable
         from loralib.utils import set_seed
 
@@ -189,10 +209,21 @@ class Sweep:
                 if isinstance(m, nn.Linear):
                     nn.init.normal_(m.weight, std=0.02)
                     nn.init.zeros_(m.bias)
-        targets = spec.target_modules if isinstance(spec.target_modules, str) else list(spec.target_modules)
-        inject_lora(model, targets, r=spec.r, lora_alpha=spec.lora_alpha, use_rslora=spec.use_rslora)
-        mark_only_lora_as_trainable(model, bias="none", modules_to_save=["classifier"])
+        if spec.full_finetune:
+            model.requires_grad_(True)
+        else:
+            targets = (
+                spec.target_modules if isinstance(spec.target_modules, str) else list(spec.target_modules)
+            )
+            inject_lora(
+                model, targets, r=spec.r, lora_alpha=spec.lora_alpha, use_rslora=spec.use_rslora,
+                use_dora=spec.use_dora,
+            )  # fmt: skip
+            mark_only_lora_as_trainable(model, bias="none", modules_to_save=["classifier"])
         opt = optim.make_optimizer(model, spec.learning_rate, spec.loraplus_lr_ratio, weight_decay=0.0)
+        modules = dict(model.named_modules())
+        w0 = {name: _effective_weight(modules[name]) for name in spec.trace}
+        trace: dict[str, list[tuple[int, float, float]]] = {name: [] for name in spec.trace}
         steps = spec.epochs * math.ceil(len(self.train) / spec.batch_size)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 - k / steps)
         g = torch.Generator().manual_seed(spec.seed)
@@ -206,11 +237,16 @@ class Sweep:
                 sched.step()
                 opt.zero_grad(set_to_none=True)
                 losses.append(loss.item())
+                if spec.trace and len(losses) % spec.trace_every == 0:
+                    for name in spec.trace:
+                        dm, dd = magnitude_direction(w0[name], _effective_weight(modules[name]))
+                        trace[name].append((len(losses), dm, dd))
         accuracy, eval_loss = self.evaluate(model)
         lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
         trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        updates = {} if spec.full_finetune else adapter_updates(model)
         result = RunResult(
-            spec, accuracy, eval_loss, losses, lora, trained, time.perf_counter() - t0, adapter_updates(model)
+            spec, accuracy, eval_loss, losses, lora, trained, time.perf_counter() - t0, updates, trace
         )
         self.results[spec] = result
         return result

@@ -119,7 +119,7 @@ def test_a_config_is_frozen_and_replace_validates():
 @pytest.mark.parametrize(
     "entry, words",
     [
-        ({"use_dora": True}, "DoRA"),
+        ({"use_qalora": True}, "QA-LoRA"),
         ({"trainable_token_indices": {"emb": [0]}}, "trainable tokens"),
         ({"target_parameters": ["lin0.weight"]}, "target_parameters"),
         ({"init_lora_weights": "pissa_niter_4"}, "not supported"),
@@ -160,8 +160,9 @@ def test_settings_are_validated_once_and_per_layer_patterns_resolve():
     assert cfg.settings_for("a.q") == LoraSettings(r=4, lora_alpha=4)
     assert cfg.settings_for("a.k") == LoraSettings(r=2, lora_alpha=2)  # alpha None: the layer's own r
     assert cfg.settings_for("a.v").lora_alpha == 5
-    with pytest.raises(ValueError, match="use_dora=True: DoRA"):
-        config_from(["q"], use_dora=True)  # inject_lora(model, ["q"], use_dora=True) names the feature
+    with pytest.raises(ValueError, match="use_qalora=True: QA-LoRA"):
+        config_from(["q"], use_qalora=True)  # inject_lora(model, ["q"], use_qalora=True) names the feature
+    assert config_from(["q"], use_dora=True).settings_for("a.q").use_dora  # DoRA is a layer setting
 
 
 def test_the_adapter_file_stores_the_config_that_rebuilds_it(roberta, tmp_path):
@@ -214,8 +215,9 @@ def test_pefts_own_config_object_is_accepted(roberta, assert_same_layers_as_peft
     ours = copy.deepcopy(roberta)
     inject_lora(ours, theirs_cfg)
     assert_same_layers_as_peft(ours, theirs)
-    with pytest.raises(ValueError, match="DoRA"):
-        inject_lora(copy.deepcopy(roberta), peft.LoraConfig(target_modules=["query"], use_dora=True))
+    dora = copy.deepcopy(roberta)
+    inject_lora(dora, peft.LoraConfig(target_modules=["query"], use_dora=True))
+    assert all(layer.use_dora for _, layer in lora_layers(dora))
 
 
 def test_a_layer_level_name_given_to_inject_lora_points_at_the_config_field(roberta):

@@ -380,7 +380,7 @@ def test_from_peft_other_base_or_head(tiny_model_dir, peft_dir):
 def test_from_peft_rejects_unsupported_and_non_adapters(tiny_model_dir, tmp_path, peft_dir):
     cfg = json.loads((peft_dir / "adapter_config.json").read_text())
     (peft_dir / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
-    with pytest.raises(ValueError, match="DoRA"):
+    with pytest.raises(ValueError, match="use_dora=True but the file lacks its lora_magnitude_vector"):
         from_peft(_seq_cls(tiny_model_dir), peft_dir)
     with pytest.raises(FileNotFoundError, match="not a PEFT adapter"):
         from_peft(_seq_cls(tiny_model_dir), tmp_path / "nothing")

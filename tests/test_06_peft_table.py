@@ -5,9 +5,9 @@ For each row PEFT builds its model (init_lora_weights=False, so B is not zero an
 saves the adapter; `from_peft` loads it into a fresh base as loralib layers, and `to_peft` writes ours back
 for `PeftModel.from_pretrained`. In float64 both ways must give PEFT's outputs and LoRA gradients, the same
 trainable tensors, and the same merged outputs; `inject_lora` with the same `LoraConfig` must adapt the same
-modules with the same ranks and scalings. Rows loralib does not support (DoRA until its issue lands,
-nn.MultiheadAttention, nn.Parameter targets, trainable tokens, KaSA, MiCA, VeLoRA) must be refused with
-the feature named and the model unchanged. The models are PEFT's, copied from its test file.
+modules with the same ranks and scalings. DoRA rows (`use_dora`) are held to the same checks, the magnitude
+among the gradients. Rows loralib does not support (nn.MultiheadAttention, nn.Parameter targets, trainable
+tokens, KaSA, MiCA, VeLoRA) must be refused with the feature named and the model unchanged. The models are PEFT's, copied from its test file.
 """
 
 from __future__ import annotations
@@ -187,6 +187,33 @@ SUPPORTED = [
         "Conv3d",
         {"target_modules": ["conv3d"], "lora_bias": True, "lora_alpha": 32},
     ),
+    # DoRA: the table's rows, then the other layer types on the same models
+    ("Vanilla MLP 7 LoRA with DoRA", "MLP", {"target_modules": ["lin0"], "use_dora": True}),
+    ("Vanilla MLP 8 LoRA with DoRA", "MLP", {"target_modules": ["lin0", "lin1"], "use_dora": True}),
+    ("Vanilla MLP 9 LoRA with DoRA", "MLP", {"target_modules": "lin1", "use_dora": True, "lora_alpha": 32}),
+    ("Embedding + transformers Conv1D 1 DoRA", "EmbConv1D", {"target_modules": ["conv1d"], "use_dora": True}),
+    ("Embedding + transformers Conv1D 2 DoRA", "EmbConv1D", {"target_modules": ["emb"], "use_dora": True}),
+    (
+        "Embedding + transformers Conv1D 3 DoRA",
+        "EmbConv1D",
+        {"target_modules": ["emb", "conv1d"], "use_dora": True},
+    ),
+    ("Conv2d 1 LoRA with DoRA", "Conv2d", {"target_modules": ["conv2d"], "use_dora": True}),
+    ("Conv2d 2 LoRA with DoRA", "Conv2d", {"target_modules": ["conv2d", "lin0"], "use_dora": True}),
+    ("Conv1d DoRA", "Conv1d", {"target_modules": ["conv1d"], "use_dora": True}),
+    ("Conv3d 1 DoRA", "Conv3d", {"target_modules": ["conv3d"], "use_dora": True}),
+    (
+        "MLP DoRA rsLoRA + rank/alpha patterns",
+        "MLP",
+        {
+            "target_modules": ["lin0", "lin1"],
+            "use_dora": True,
+            "use_rslora": True,
+            "rank_pattern": {"lin1": 2},
+            "alpha_pattern": {"lin0": 3},
+            "lora_dropout": 0.1,
+        },
+    ),
     # beyond the table: the other LoraConfig fields, on the same models
     (
         "MLP rsLoRA + rank/alpha patterns",
@@ -209,9 +236,6 @@ SUPPORTED = [
 ]
 # PEFT's rows that loralib refuses, and the words its error must contain.
 REFUSED = [
-    ("Vanilla MLP 7 LoRA with DoRA", "MLP", {"target_modules": ["lin0"], "use_dora": True}, "DoRA"),
-    ("Embedding + transformers Conv1D 2 DoRA", "EmbConv1D", {"target_modules": ["emb"], "use_dora": True}, "DoRA"),
-    ("Conv2d 1 LoRA with DoRA", "Conv2d", {"target_modules": ["conv2d"], "use_dora": True}, "DoRA"),
     ("Embedding + transformers Conv1D 1 LoRA trainable_tokens", "EmbConv1D", {"target_modules": ["conv1d"], "trainable_token_indices": {"emb": [0, 10]}}, "trainable tokens"),
     ("MHA 1 LoRA", "MHA", {"target_modules": ["mha"]}, "MultiheadAttention"),
     ("MHA 2 LoRA", "MHA", {"target_modules": ["mha", "lin0"]}, "MultiheadAttention"),
@@ -244,6 +268,7 @@ def _ours(peft_name: str) -> str:
         name.replace("lora_A.weight", "lora_A")
         .replace("lora_B.weight", "lora_B")
         .replace("lora_B.bias", "lora_B_bias")
+        .replace("lora_magnitude_vector.weight", "lora_magnitude_vector")
     )
 
 
@@ -268,8 +293,9 @@ def test_peft_rows_convert_exactly_both_ways(name, model_id, kwargs, tmp_path):
     ours(x).sum().backward()
     g_theirs, g_ours = _grads(theirs, _ours), _grads(ours)
     assert sorted(g_ours) == sorted(g_theirs)
-    for key in g_theirs:
-        torch.testing.assert_close(g_ours[key], g_theirs[key], rtol=1e-10, atol=1e-12, msg=key)
+    for key in g_theirs:  # a convolution's DoRA magnitude is (1, out, 1, ...) in PEFT, (out,) here
+        want_g = g_theirs[key].reshape(g_ours[key].shape) if "magnitude" in key else g_theirs[key]
+        torch.testing.assert_close(g_ours[key], want_g, rtol=1e-10, atol=1e-12, msg=key)
 
     # ours back to PEFT
     to_peft(ours, tmp_path / "back", base_model_name_or_path="peft-table")

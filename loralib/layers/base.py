@@ -29,9 +29,11 @@ from torch import nn
 
 from loralib.checks import check_alpha, check_bool, check_dropout, check_rank
 from loralib.config import LoraSettings, resolve_settings
+from loralib.layers import dora
 
 MERGED_KEY = "lora_merged"  # state-dict entry recording whether `weight` holds the update
-LORA_TENSORS = ("lora_A", "lora_B", "lora_B_bias")  # the tensors a LoRA layer adds to its base module
+# the tensors a LoRA layer adds to its base module (DoRA's magnitude: PEFT's name)
+LORA_TENSORS = ("lora_A", "lora_B", "lora_B_bias", dora.MAGNITUDE)
 
 
 class LoraKwargs(TypedDict, total=False):
@@ -44,6 +46,7 @@ class LoraKwargs(TypedDict, total=False):
     init: str
     use_rslora: bool
     lora_bias: bool
+    use_dora: bool
     settings: LoraSettings
 
 
@@ -118,6 +121,14 @@ class LoraLayer:
         # PEFT's lora_bias: a trainable bias on B's output (scaled with the update), zero at the start.
         bias = torch.empty(b_shape[0], device=device, dtype=adapter_dtype_) if s.lora_bias else None
         self.lora_B_bias = None if bias is None else nn.Parameter(bias)
+        # DoRA: one trainable magnitude per output feature (`loralib.layers.dora`), set from the weight in reset.
+        if s.use_dora:
+            problem = self.dora_problem()
+            if problem:
+                raise ValueError(f"use_dora=True is not supported for {type(self).__name__}: {problem}.")
+        m = torch.empty(b_shape[0], device=device, dtype=adapter_dtype_) if s.use_dora else None
+        self.lora_magnitude_vector = None if m is None else nn.Parameter(m)
+        self._dora_merged_norm = None
 
     @staticmethod
     def _settings(lora: LoraKwargs) -> LoraSettings:
@@ -225,6 +236,37 @@ class LoraLayer:
         if self.lora_B_bias is not None:
             with torch.no_grad():
                 self.lora_B_bias.zero_()
+        if self.use_dora:
+            dora.init_magnitude(self)
+
+    # -- DoRA (`loralib.layers.dora`): what a layer type says about its weight -------------------------
+
+    @property
+    def use_dora(self) -> bool:
+        """True when the layer is DoRA (it has a `lora_magnitude_vector`)."""
+        return getattr(self, "lora_magnitude_vector", None) is not None
+
+    def dora_problem(self) -> str | None:
+        """Why this layer cannot be DoRA, or None. A type supports DoRA by defining `_dora_2d`."""
+        if type(self)._dora_2d is LoraLayer._dora_2d:
+            return "DoRA is implemented for Linear, Embedding, GPT-2's Conv1D and ungrouped convolutions"
+        return None
+
+    def _dora_2d(self, weight: torch.Tensor) -> torch.Tensor:
+        """A weight-shaped tensor as its (out x in) view: one row per output feature (DoRA's norm axis)."""
+        raise NotImplementedError
+
+    def _dora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A as (r x in) and B as (out x r), the factors of the (out x in) update (views)."""
+        return self.lora_A, self.lora_B
+
+    def peft_magnitude(self) -> torch.Tensor:
+        """The magnitude in PEFT's layout: (out,) (a convolution's is (1, out, 1, ...))."""
+        return self.lora_magnitude_vector
+
+    def dora_norm(self) -> torch.Tensor:
+        """||W0 + s B A|| per output feature (a constant: DoRA's backward does not differentiate it)."""
+        return dora.current_norm(self)
 
     def lora_bias_term(self, dtype: torch.dtype) -> torch.Tensor | None:
         """What lora_bias adds to the output (lora_B_bias * scaling), or None without lora_bias."""
@@ -251,10 +293,25 @@ class LoraLayer:
         """The scaled update, shaped like `weight`, in the adapter's dtype."""
         raise NotImplementedError
 
+    @torch.no_grad()
+    def effective_weight(self) -> torch.Tensor:
+        """The weight the layer computes with, W0 + s B A (DoRA: m (W0 + s B A) / ||W0 + s B A||), shaped
+        like `weight`, as a new tensor (a merged layer's is its weight)."""
+        if self.merged:
+            return self.weight.detach().clone()
+        w = self.weight.detach().clone()
+        if self.use_dora:
+            dora.merge_into(self, w)
+        else:
+            w.add_(self.delta_weight().to(w.dtype))
+        return w
+
     def unmerged_weight(self) -> torch.Tensor:
         """The frozen weight without the update, whether or not it is merged (a new tensor if merged)."""
         if not self.merged:
             return self.weight
+        if self.use_dora:
+            return dora.unmerged(self)
         return self.weight - self.delta_weight().to(self.weight.dtype)
 
     def merge_problem(self) -> str | None:
@@ -275,7 +332,10 @@ class LoraLayer:
             problem = self.merge_problem()
             if problem:
                 raise ValueError(f"cannot merge this {type(self).__name__}: {problem}.")
-            self.weight.add_(self.delta_weight().to(self.weight.dtype))
+            if self.use_dora:
+                dora.merge(self)
+            else:
+                self.weight.add_(self.delta_weight().to(self.weight.dtype))
             if self.lora_B_bias is not None:
                 self.bias.add_(self.lora_bias_term(self.bias.dtype))
             self.merged = True
@@ -284,7 +344,10 @@ class LoraLayer:
     def unmerge(self) -> None:
         """Take the update out of `weight` again (exact up to float rounding). Idempotent."""
         if self.merged:
-            self.weight.sub_(self.delta_weight().to(self.weight.dtype))
+            if self.use_dora:
+                dora.unmerge(self)
+            else:
+                self.weight.sub_(self.delta_weight().to(self.weight.dtype))
             if self.lora_B_bias is not None:
                 self.bias.sub_(self.lora_bias_term(self.bias.dtype))
             self.merged = False
@@ -295,7 +358,11 @@ class LoraLayer:
         if (
             self.training
             and torch.is_grad_enabled()
-            and (self.lora_A.requires_grad or self.lora_B.requires_grad)
+            and (
+                self.lora_A.requires_grad
+                or self.lora_B.requires_grad
+                or (self.use_dora and self.lora_magnitude_vector.requires_grad)
+            )
         ):
             return _MergedTrainingGuard.apply(out, self.lora_A, self.lora_B)
         return out
@@ -306,6 +373,8 @@ class LoraLayer:
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.merged and self.records_merged:  # an unmerged layer's: the base module's plus A and B
             destination[prefix + MERGED_KEY] = torch.tensor(True, device=self.weight.device)
+            if self.use_dora:  # what unmerge divides by: not derivable from the merged weight
+                destination[prefix + dora.MERGED_NORM_KEY] = self._dora_merged_norm
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -325,10 +394,19 @@ class LoraLayer:
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
         if self.records_merged:
-            if key in unexpected_keys:
-                unexpected_keys.remove(key)
+            norm_key = prefix + dora.MERGED_NORM_KEY
+            for k in (key, norm_key):
+                if k in unexpected_keys:
+                    unexpected_keys.remove(k)
             if key in state_dict:
                 self.merged = bool(state_dict[key])
+                if self.merged and self.use_dora:
+                    if norm_key not in state_dict:
+                        error_msgs.append(
+                            f"{prefix}: a merged DoRA layer's state dict needs {norm_key!r} (the norm unmerge divides by)."
+                        )
+                    else:
+                        self._dora_merged_norm = state_dict[norm_key].detach().clone()
             elif has_weight:  # a stock checkpoint, or one saved before the flag existed: an unmerged weight
                 self.merged = False
         if remerge:
@@ -339,6 +417,7 @@ class LoraLayer:
             f"r={self.r}, lora_alpha={self.lora_alpha:g}, lora_dropout={self.lora_dropout_p:g}, "
             + ("use_rslora=True, " if self.use_rslora else "")
             + ("lora_bias=True, " if self.lora_B_bias is not None else "")
+            + ("use_dora=True, " if self.use_dora else "")
             + f"init={self.init}, merged={self.merged}"
         )
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loralib.checks import check_bool
+from loralib.layers import dora
 from loralib.layers.base import LoraKwargs, LoraLayer, module_kind, register_lora_layer
 
 # The settings of a torch convolution that its forward reads: copied onto the LoRA layer and back.
@@ -111,16 +112,40 @@ class _LoraConvNd(LoraLayer):
         return plain
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_type.forward(self, x)
         if self.merged:
-            return self._guard_merged_training(out)
+            return self._guard_merged_training(self.base_type.forward(self, x))
+        if self.use_dora:  # g per output channel * (conv(x; W0) + s update) + b (`loralib.layers.dora`)
+            out = type(self).conv_fn(
+                x, self.weight, None, self.stride, self.padding, self.dilation, self.groups
+            )
+        else:
+            out = self.base_type.forward(self, x)
         xd = self.lora_dropout(x) if self.training and self.lora_dropout_p > 0 else x
         a, b, bb = self.lora_A, self.lora_B, self.lora_B_bias
         if not torch.is_autocast_enabled(x.device.type) and a.dtype != x.dtype:
             a, b = a.to(x.dtype), b.to(x.dtype)
             bb = None if bb is None else bb.to(x.dtype)
         h = type(self).conv_fn(xd, a, None, self.stride, self.padding)
-        return out + type(self).conv_fn(h, b, bb, 1, 0, 1, self.groups) * self.scaling
+        out = out + type(self).conv_fn(h, b, bb, 1, 0, 1, self.groups) * self.scaling
+        if self.use_dora:
+            return dora.scale(self, out, self.bias, self.dora_norm(), channel_dim=1)
+        return out
+
+    def dora_problem(self) -> str | None:
+        if self.groups > 1:
+            return (
+                f"a grouped convolution (groups={self.groups}) has no per-channel norm of the composed update"
+            )
+        return None
+
+    def _dora_2d(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.view(weight.shape[0], -1)  # (out x in * kernel); a view, so merging writes the weight
+
+    def peft_magnitude(self) -> torch.Tensor:
+        return self.lora_magnitude_vector.view(1, -1, *(1,) * len(self.kernel_size))
+
+    def _dora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_A.flatten(1), self.lora_B.flatten(1)
 
     def extra_repr(self) -> str:
         return f"{self.base_type.extra_repr(self)}, {self._lora_repr()}"

@@ -21,6 +21,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from loralib.checks import check_bool
+from loralib.layers import dora
 from loralib.layers.base import LoraKwargs, LoraLayer, adapter_dtype, module_kind, register_lora_layer
 
 
@@ -29,7 +30,8 @@ class LoraConv1D(LoraLayer, Conv1D):
     """A GPT-2 `Conv1D` (nf outputs, nx inputs) whose frozen weight gets the update (B @ A)^T * scaling.
 
     Keyword-only r, lora_alpha (None: = r), lora_dropout, use_rslora, init ("kaiming", "gaussian",
-    "article": A's init as `LoraLinear`'s; B starts at zero), autocast_adapter_dtype, lora_bias.
+    "article": A's init as `LoraLinear`'s; B starts at zero), autocast_adapter_dtype, lora_bias, use_dora
+    (one magnitude per output feature, i.e. per column of the (in x out) weight).
     """
 
     base_type = Conv1D
@@ -86,15 +88,23 @@ class LoraConv1D(LoraLayer, Conv1D):
         return plain
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = Conv1D.forward(self, x)
         if self.merged:
-            return self._guard_merged_training(out)
+            return self._guard_merged_training(Conv1D.forward(self, x))
         xd = self.lora_dropout(x) if self.training and self.lora_dropout_p > 0 else x
+        if self.use_dora:  # g * (x W + s xd A^T B^T) + b (`loralib.layers.dora`)
+            out = torch.matmul(x, self.weight)
+        else:
+            out = Conv1D.forward(self, x)
         dt = out.dtype
         update = (xd.to(self.lora_A.dtype) @ self.lora_A.T) @ self.lora_B.T
         out = out + (update * self.scaling).to(dt)
+        if self.use_dora:
+            return dora.scale(self, out, self.bias, self.dora_norm())
         term = self.lora_bias_term(dt)
         return out if term is None else out + term
+
+    def _dora_2d(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.t()  # Conv1D stores (in x out)
 
     def extra_repr(self) -> str:
         return f"nf={self.nf}, nx={self.nx}, {self._lora_repr()}"

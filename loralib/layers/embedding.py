@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loralib.checks import check_bool
+from loralib.layers import dora
 from loralib.layers.base import LoraKwargs, LoraLayer, adapter_dtype, module_kind, register_lora_layer
 
 
@@ -33,8 +34,9 @@ class LoraEmbedding(LoraLayer, nn.Embedding):
     Args: num_embeddings, embedding_dim, padding_idx: as for `nn.Embedding`; then keyword-only r,
     lora_alpha (None: = r), lora_dropout (stored, not applied: see the module docstring), use_rslora,
     init ("kaiming" and "gaussian" both give PEFT's embedding init: A zero, B ~ N(0, 1); "article" has
-    no embedding form), autocast_adapter_dtype, device, dtype. State dict: the base's `weight` plus
-    `lora_A`, `lora_B` (and `lora_merged` when merged).
+    no embedding form), use_dora (one magnitude per embedding dimension, its norm over the vocabulary,
+    as PEFT's), autocast_adapter_dtype, device, dtype. State dict: the base's `weight` plus `lora_A`,
+    `lora_B` (`lora_magnitude_vector` with DoRA; `lora_merged` when merged).
     """
 
     base_type = nn.Embedding
@@ -169,7 +171,13 @@ class LoraEmbedding(LoraLayer, nn.Embedding):
         if self.merged:
             return self._guard_merged_training(out)
         after_a = self._lookup(x, self.lora_A.T)
-        return out + ((after_a @ self.lora_B.T) * self.scaling).to(out.dtype)
+        out = out + ((after_a @ self.lora_B.T) * self.scaling).to(out.dtype)
+        if self.use_dora:  # g per embedding dimension, the norm over the vocabulary, as PEFT's
+            return dora.scale(self, out, None, self.dora_norm())
+        return out
+
+    def _dora_2d(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.t()  # (dim x vocab): the update's (B A) layout
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self._lora_repr()}"

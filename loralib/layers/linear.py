@@ -26,6 +26,7 @@ from torch import nn
 
 from loralib.checks import check_bool
 from loralib.fast_path import LoraFunction, mask_lanes
+from loralib.layers import dora
 from loralib.layers.base import (
     LoraKwargs,
     LoraLayer,
@@ -178,12 +179,15 @@ class LoraLinear(LoraLayer, nn.Linear):
             return self._guard_merged_training(F.linear(x, self.weight, self.bias))
         training_dropout = self.lora_dropout_p > 0 and self.training
         x, weight, bias, lora_A, lora_B = self._compute_operands(x)
+        # DoRA: the LoRA output without bias, then g = m / ||W0 + s B A|| and the bias (`loralib.layers.dora`).
+        norm = self.dora_norm() if self.use_dora else None
+        lora_bias_ = None if self.use_dora else bias
         if torch.compiler.is_compiling() or not getattr(self, "fast_path", True):
             # The custom Function's oneDNN calls and in-place adds do not lower through TorchInductor; the
             # plain formula compiles to the same math and lets the compiler fuse it.
             xd = self.lora_dropout(x) if training_dropout else x
-            out = F.linear(x, weight, bias) + F.linear(F.linear(xd, lora_A), lora_B) * self.scaling
-            return self._add_lora_bias(out)
+            out = F.linear(x, weight, lora_bias_) + F.linear(F.linear(xd, lora_A), lora_B) * self.scaling
+            return self._finish(out, bias, norm)
         xd = lanes = threshold = None
         scaling = self.scaling
         if training_dropout:
@@ -196,11 +200,21 @@ class LoraLinear(LoraLayer, nn.Linear):
         if torch.is_autocast_enabled(x.device.type):
             # The operands are cast already; the Function's own products must not be cast again.
             with torch.autocast(x.device.type, enabled=False):
-                out = LoraFunction.apply(x, xd, lanes, threshold, weight, bias, lora_A, lora_B, scaling)
-            return self._add_lora_bias(out)
-        return self._add_lora_bias(
-            LoraFunction.apply(x, xd, lanes, threshold, weight, bias, lora_A, lora_B, scaling)
-        )
+                out = LoraFunction.apply(x, xd, lanes, threshold, weight, lora_bias_, lora_A, lora_B, scaling)
+                return self._finish(out, bias, norm)
+        out = LoraFunction.apply(x, xd, lanes, threshold, weight, lora_bias_, lora_A, lora_B, scaling)
+        return self._finish(out, bias, norm)
+
+    def _finish(
+        self, out: torch.Tensor, bias: torch.Tensor | None, norm: torch.Tensor | None
+    ) -> torch.Tensor:
+        """DoRA's magnitude and the bias (when `norm` is given), else lora_bias's term."""
+        if norm is not None:
+            return dora.scale(self, out, bias, norm)
+        return self._add_lora_bias(out)
+
+    def _dora_2d(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight
 
     def _add_lora_bias(self, out: torch.Tensor) -> torch.Tensor:
         term = self.lora_bias_term(out.dtype)

@@ -28,6 +28,8 @@ from loralib.measure.memory import peak_memory, saved_tensor_bytes
 from loralib.measure.timing import ratios, time_interleaved, time_interleaved_samples
 
 LAYER_METHODS = ("frozen", "loralib", "peft", "article", "full_ft")
+DORA_METHODS = ("frozen", "loralib", "dora", "peft_dora")  # the DoRA rows: our LoRA, our DoRA, PEFT's DoRA
+ALL_METHODS = (*LAYER_METHODS, "dora", "peft_dora")
 
 
 def article_lora_linear(
@@ -57,12 +59,14 @@ def naive_lora_forward(layer: LoraLinear, x: torch.Tensor) -> torch.Tensor:
     return article_lora_linear(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling)
 
 
-def _peft_linear(base: nn.Linear, r: int, lora_alpha: float, lora_dropout: float) -> nn.Module:
+def _peft_linear(
+    base: nn.Linear, r: int, lora_alpha: float, lora_dropout: float, use_dora: bool = False
+) -> nn.Module:
     from peft import LoraConfig
     from peft.tuners.lora import Linear as PeftLoraLinear
 
-    config = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
-    return PeftLoraLinear(base, "default", config=config, r=r, lora_alpha=lora_alpha)
+    config = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_dora=use_dora)
+    return PeftLoraLinear(base, "default", config=config, r=r, lora_alpha=lora_alpha, use_dora=use_dora)
 
 
 def peft_available() -> bool:
@@ -96,17 +100,18 @@ def layer_variants(
     """The layer (d -> d_out) in each method, all built from the same frozen W, b and the same A, B.
 
     Methods: "frozen" (nn.Linear with frozen weight and bias), "loralib" (`LoraLinear`), "peft"
-    (peft.tuners.lora.Linear, left out when PEFT is missing), "article" (`article_lora_linear`) and
-    "full_ft" (nn.Linear with everything trainable). B is non-zero, so the LoRA variants compute
-    the same function as each other (and differ from "frozen"). Modules are in training mode.
+    (peft.tuners.lora.Linear, left out when PEFT is missing), "article" (`article_lora_linear`),
+    "full_ft" (nn.Linear with everything trainable), and DoRA: "dora" (`LoraLinear(use_dora=True)`) and
+    "peft_dora" (PEFT's, same A, B and magnitude). B is non-zero, so the LoRA variants compute the same
+    function as each other (and differ from "frozen"); so do the two DoRA ones. Modules are in training mode.
     """
     d_out = d if d_out is None else d_out
     alpha = float(r if lora_alpha is None else lora_alpha)
     methods = list(methods)
-    unknown = set(methods) - set(LAYER_METHODS)
+    unknown = set(methods) - set(ALL_METHODS)
     if unknown:
-        raise ValueError(f"unknown layer methods {sorted(unknown)}; choose from {LAYER_METHODS}.")
-    methods = [m for m in methods if m != "peft" or peft_available()]
+        raise ValueError(f"unknown layer methods {sorted(unknown)}; choose from {ALL_METHODS}.")
+    methods = [m for m in methods if not m.startswith("peft") or peft_available()]
     g = torch.Generator().manual_seed(seed)
     base = nn.Linear(d, d_out)
     with torch.no_grad():
@@ -115,6 +120,8 @@ def layer_variants(
     base = base.to(device=device, dtype=dtype).requires_grad_(False)
     A = (torch.randn(r, d, generator=g) / math.sqrt(d)).to(device=device, dtype=dtype)
     B = (torch.randn(d_out, r, generator=g) / math.sqrt(r)).to(device=device, dtype=dtype)
+    # DoRA's magnitude: a trained-looking one (g != 1), the same for both DoRA variants
+    m_scale = (1 + 0.1 * torch.rand(d_out, generator=g)).to(device=device, dtype=dtype)
     out: dict[str, LayerVariant] = {}
     for method in methods:
         if method == "frozen":
@@ -127,6 +134,28 @@ def layer_variants(
                 layer.lora_A.copy_(A)
                 layer.lora_B.copy_(B)
             out[method] = LayerVariant(layer, [layer.lora_A, layer.lora_B])
+        elif method == "dora":
+            layer = LoraLinear.from_linear(
+                copy.deepcopy(base), r=r, lora_alpha=alpha, lora_dropout=lora_dropout, use_dora=True
+            ).train()
+            with torch.no_grad():
+                layer.lora_A.copy_(A)
+                layer.lora_B.copy_(B)
+                layer.lora_magnitude_vector.mul_(m_scale)
+            out[method] = LayerVariant(layer, [layer.lora_A, layer.lora_B, layer.lora_magnitude_vector])
+        elif method == "peft_dora":
+            layer = (
+                _peft_linear(copy.deepcopy(base), r, alpha, lora_dropout, use_dora=True)
+                .to(device=device, dtype=dtype)
+                .train()
+            )
+            pa, pb = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+            pm = layer.lora_magnitude_vector["default"].weight
+            with torch.no_grad():
+                pa.copy_(A)
+                pb.copy_(B)
+                pm.copy_(torch.linalg.vector_norm(base.weight + (alpha / r) * (B @ A), dim=1) * m_scale)
+            out[method] = LayerVariant(layer, [pa, pb, pm])
         elif method == "peft":
             layer = (
                 _peft_linear(copy.deepcopy(base), r, alpha, lora_dropout)

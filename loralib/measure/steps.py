@@ -215,7 +215,8 @@ def roberta_step_builders(
     device: torch.device | str = "cpu",
     methods: Iterable[str] = STEP_METHODS,
 ) -> dict[str, Callable[[], nn.Module]]:
-    """Builders of a randomly initialised RoBERTa classifier for "full_ft", "loralib" and "peft".
+    """Builders of a randomly initialised RoBERTa classifier for "full_ft", "loralib" and "peft" (and, when
+    asked for, DoRA: "loralib_dora", "peft_dora").
 
     The same seed gives every case identical weights. LoRA cases adapt `targets` with rank r and
     train A, B and the classification head (PEFT: task_type SEQ_CLS, which saves the head).
@@ -223,7 +224,7 @@ def roberta_step_builders(
     from loralib.injection import inject_lora, mark_only_lora_as_trainable
 
     config = roberta_config() if config is None else config
-    methods = [m for m in methods if m != "peft" or peft_available()]
+    methods = [m for m in methods if not m.startswith("peft") or peft_available()]
 
     def full_ft() -> nn.Module:
         return _roberta_classifier(config, num_labels, seed, device)
@@ -234,7 +235,7 @@ def roberta_step_builders(
         mark_only_lora_as_trainable(model, modules_to_save=["classifier"])
         return model.to(device).train()
 
-    def peft_case() -> nn.Module:
+    def peft_case(use_dora: bool = False) -> nn.Module:
         from peft import LoraConfig, get_peft_model
 
         model = _roberta_classifier(config, num_labels, seed, device)
@@ -244,10 +245,25 @@ def roberta_step_builders(
             target_modules=list(targets),
             lora_dropout=lora_dropout,
             task_type="SEQ_CLS",
+            use_dora=use_dora,
         )
         return get_peft_model(model, cfg).to(device).train()
 
-    table = {"full_ft": full_ft, "loralib": loralib_case, "peft": peft_case}
+    def dora_case() -> nn.Module:
+        model = _roberta_classifier(config, num_labels, seed, device)
+        inject_lora(
+            model, list(targets), r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_dora=True
+        )
+        mark_only_lora_as_trainable(model, modules_to_save=["classifier"])
+        return model.to(device).train()
+
+    table = {
+        "full_ft": full_ft,
+        "loralib": loralib_case,
+        "peft": peft_case,
+        "loralib_dora": dora_case,
+        "peft_dora": lambda: peft_case(use_dora=True),
+    }
     unknown = set(methods) - set(table)
     if unknown:
         raise ValueError(f"unknown step methods {sorted(unknown)}; choose from {tuple(table)}.")
