@@ -112,8 +112,8 @@ class DoraScale(torch.autograd.Function):
         dims = [d for d in range(dy.dim()) if d != cd]
         dz = dm = db = None
         if need_m:
-            yb = y if bias is None else y - channel_view(bias.to(y.dtype), y.dim(), cd)
-            dm = (yb.mul_(dy) if bias is not None else yb * dy).sum(dims, dtype=_norm_dtype(magnitude.dtype))
+            z_g = y * dy if bias is None else (y - channel_view(bias.to(y.dtype), y.dim(), cd)).mul_(dy)
+            dm = z_g.sum(dims, dtype=_norm_dtype(magnitude.dtype))
             dm = (dm / magnitude.to(dm.dtype)).to(magnitude.dtype)
         if need_z:
             dz = dy * channel_view(g, dy.dim(), cd)
