@@ -104,7 +104,7 @@ def _effective_weight(module: nn.Module) -> torch.Tensor:
     from loralib.layers import LoraLayer
 
     w = module.effective_weight() if isinstance(module, LoraLayer) else module.weight.detach()
-    return w.double().clone()
+    return w.to(torch.float64, copy=True)  # a copy: a fully fine-tuned weight changes in place
 
 
 def budget_rank(model: nn.Module, target_modules: Sequence[str] | str, budget: int) -> tuple[int, int]:

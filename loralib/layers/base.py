@@ -122,13 +122,14 @@ class LoraLayer:
         bias = torch.empty(b_shape[0], device=device, dtype=adapter_dtype_) if s.lora_bias else None
         self.lora_B_bias = None if bias is None else nn.Parameter(bias)
         # DoRA: one trainable magnitude per output feature (`loralib.layers.dora`), set from the weight in reset.
+        self.lora_magnitude_vector = None
+        self._dora_merged_norm = None
         if s.use_dora:
             problem = self.dora_problem()
             if problem:
                 raise ValueError(f"use_dora=True is not supported for {type(self).__name__}: {problem}.")
-        m = torch.empty(b_shape[0], device=device, dtype=adapter_dtype_) if s.use_dora else None
-        self.lora_magnitude_vector = None if m is None else nn.Parameter(m)
-        self._dora_merged_norm = None
+            m = torch.empty(b_shape[0], device=device, dtype=adapter_dtype_)
+            self.lora_magnitude_vector = nn.Parameter(m)
 
     @staticmethod
     def _settings(lora: LoraKwargs) -> LoraSettings:
@@ -297,9 +298,9 @@ class LoraLayer:
     def effective_weight(self) -> torch.Tensor:
         """The weight the layer computes with, W0 + s B A (DoRA: m (W0 + s B A) / ||W0 + s B A||), shaped
         like `weight`, as a new tensor (a merged layer's is its weight)."""
-        if self.merged:
-            return self.weight.detach().clone()
         w = self.weight.detach().clone()
+        if self.merged:
+            return w
         if self.use_dora:
             dora.merge_into(self, w)
         else:

@@ -76,6 +76,11 @@ def row_norm(
     return sq.clamp_min_(0).sqrt_()
 
 
+def gain(magnitude: torch.Tensor, norm: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """g = m / norm per output feature, divided in the norm's dtype, returned in `dtype`."""
+    return (magnitude.to(norm.dtype) / norm).to(dtype)
+
+
 def channel_view(t: torch.Tensor, ndim: int, channel_dim: int) -> torch.Tensor:
     """A (c,) vector shaped to broadcast over dimension `channel_dim` of an `ndim`-dimensional output."""
     if channel_dim in (-1, ndim - 1):
@@ -94,9 +99,8 @@ class DoraScale(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, magnitude, norm, bias, channel_dim):
-        g = (magnitude.to(norm.dtype) / norm).to(z.dtype)
-        gv = channel_view(g, z.dim(), channel_dim)
-        z.mul_(gv)
+        g = gain(magnitude, norm, z.dtype)
+        z.mul_(channel_view(g, z.dim(), channel_dim))
         if bias is not None:
             z.add_(channel_view(bias.to(z.dtype), z.dim(), channel_dim))
         ctx.mark_dirty(z)
@@ -127,8 +131,7 @@ def scale(layer, z: torch.Tensor, bias: torch.Tensor | None, norm: torch.Tensor,
     through autograd under `torch.compile` or with `layer.fast_path = False`, else `DoraScale`."""
     m = layer.lora_magnitude_vector
     if torch.compiler.is_compiling() or not getattr(layer, "fast_path", True):
-        g = (m.to(norm.dtype) / norm).to(z.dtype)
-        out = z * channel_view(g, z.dim(), channel_dim)
+        out = z * channel_view(gain(m, norm, z.dtype), z.dim(), channel_dim)
         return out if bias is None else out + channel_view(bias.to(z.dtype), z.dim(), channel_dim)
     return DoraScale.apply(z, m, norm, bias, channel_dim)
 
@@ -146,7 +149,7 @@ def init_magnitude(layer) -> None:
 
 
 def _g_rows(layer, norm: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return (layer.lora_magnitude_vector.to(norm.dtype) / norm).to(dtype)[:, None]
+    return gain(layer.lora_magnitude_vector, norm, dtype)[:, None]
 
 
 @torch.no_grad()
@@ -165,21 +168,24 @@ def merge(layer) -> None:
 
 
 @torch.no_grad()
-def unmerge(layer) -> None:
-    """weight <- weight / g - s B A with the norm kept at merge time (exact up to rounding)."""
-    w2 = layer._dora_2d(layer.weight)
+def _unmerge_into(layer, weight: torch.Tensor) -> torch.Tensor:
+    """weight (the merged weight, or a copy of it) <- weight / g - s B A, in place, with the norm kept at
+    merge time (exact up to rounding); returns `weight`."""
+    w2 = layer._dora_2d(weight)
     w2.div_(_g_rows(layer, layer._dora_merged_norm, w2.dtype)).sub_(
         layer._dora_2d(layer.delta_weight()).to(w2.dtype)
     )
+    return weight
+
+
+@torch.no_grad()
+def unmerge(layer) -> None:
+    """weight <- weight / g - s B A; the kept norm is then dropped."""
+    _unmerge_into(layer, layer.weight)
     layer._dora_merged_norm = None
 
 
 @torch.no_grad()
 def unmerged(layer) -> torch.Tensor:
     """The frozen weight without the update, as a new tensor, from a merged layer."""
-    w = layer.weight.clone()
-    w2 = layer._dora_2d(w)
-    w2.div_(_g_rows(layer, layer._dora_merged_norm, w2.dtype)).sub_(
-        layer._dora_2d(layer.delta_weight()).to(w2.dtype)
-    )
-    return w
+    return _unmerge_into(layer, layer.weight.clone())

@@ -181,12 +181,12 @@ class LoraLinear(LoraLayer, nn.Linear):
         x, weight, bias, lora_A, lora_B = self._compute_operands(x)
         # DoRA: the LoRA output without bias, then g = m / ||W0 + s B A|| and the bias (`loralib.layers.dora`).
         norm = self.dora_norm() if self.use_dora else None
-        lora_bias_ = None if self.use_dora else bias
+        fn_bias = None if self.use_dora else bias  # the bias inside the LoRA product; DoRA adds it after g
         if torch.compiler.is_compiling() or not getattr(self, "fast_path", True):
             # The custom Function's oneDNN calls and in-place adds do not lower through TorchInductor; the
             # plain formula compiles to the same math and lets the compiler fuse it.
             xd = self.lora_dropout(x) if training_dropout else x
-            out = F.linear(x, weight, lora_bias_) + F.linear(F.linear(xd, lora_A), lora_B) * self.scaling
+            out = F.linear(x, weight, fn_bias) + F.linear(F.linear(xd, lora_A), lora_B) * self.scaling
             return self._finish(out, bias, norm)
         xd = lanes = threshold = None
         scaling = self.scaling
@@ -200,9 +200,9 @@ class LoraLinear(LoraLayer, nn.Linear):
         if torch.is_autocast_enabled(x.device.type):
             # The operands are cast already; the Function's own products must not be cast again.
             with torch.autocast(x.device.type, enabled=False):
-                out = LoraFunction.apply(x, xd, lanes, threshold, weight, lora_bias_, lora_A, lora_B, scaling)
+                out = LoraFunction.apply(x, xd, lanes, threshold, weight, fn_bias, lora_A, lora_B, scaling)
                 return self._finish(out, bias, norm)
-        out = LoraFunction.apply(x, xd, lanes, threshold, weight, lora_bias_, lora_A, lora_B, scaling)
+        out = LoraFunction.apply(x, xd, lanes, threshold, weight, fn_bias, lora_A, lora_B, scaling)
         return self._finish(out, bias, norm)
 
     def _finish(
