@@ -114,13 +114,14 @@ class DoraScale(torch.autograd.Function):
         need_z, need_m, _, need_b, _ = ctx.needs_input_grad
         cd = ctx.channel_dim % dy.dim()
         dims = [d for d in range(dy.dim()) if d != cd]
-        dz = dm = db = None
+        dz = dm = db = buf = None
         if need_m:
-            z_g = y * dy if bias is None else (y - channel_view(bias.to(y.dtype), y.dim(), cd)).mul_(dy)
-            dm = z_g.sum(dims, dtype=_norm_dtype(magnitude.dtype))
+            buf = y * dy if bias is None else (y - channel_view(bias.to(y.dtype), y.dim(), cd)).mul_(dy)
+            dm = buf.sum(dims, dtype=_norm_dtype(magnitude.dtype))
             dm = (dm / magnitude.to(dm.dtype)).to(magnitude.dtype)
-        if need_z:
-            dz = dy * channel_view(g, dy.dim(), cd)
+        if need_z:  # into dm's (n x out) temporary when there is one: one allocation, not two
+            gv = channel_view(g, dy.dim(), cd)
+            dz = dy * gv if buf is None else torch.mul(dy, gv, out=buf)
         if need_b:
             db = dy.sum(dims).to(bias.dtype)
         return dz, dm, None, db, None
