@@ -9,7 +9,8 @@ Covers: forward + backward of one linear layer (frozen nn.Linear, loralib, PEFT,
 formulation, full fine-tuning) at several widths and ranks, and DoRA's (loralib's against PEFT's, beside
 loralib's LoRA); a training step of a randomly initialised
 roberta-base-sized classifier (full fine-tuning, loralib, PEFT, both DoRAs; r = 8 on query/value, AdamW);
-inference of the stock model vs the same model with a merged (and an unmerged) loralib adapter. Every
+inference of the stock model vs the same model with a merged (and an unmerged) loralib adapter; a
+mixed batch of four named adapters against each adapter's rows alone. Every
 group is timed interleaved (round-robin) in one process and reported as medians and ratios, with peak
 memory per case (see `loralib.memory.peak_memory` for how CPU memory is measured).
 
@@ -40,6 +41,7 @@ import torch  # noqa: E402
 
 from loralib.files import atomic_write  # noqa: E402
 from loralib.measure.layer import DORA_METHODS, LAYER_METHODS, measure_layer  # noqa: E402
+from loralib.measure.mixed import measure_mixed_batch  # noqa: E402
 from loralib.measure.steps import (  # noqa: E402
     measure_inference,
     measure_train_steps,
@@ -75,6 +77,8 @@ QUICK_DORA_LAYERS = [(768, 8, 0.0, 8, 1), (1024, 8, 0.1, 6, 1)]
 # DoRA targets: our DoRA layer / PEFT's DoRA, our DoRA / our LoRA (times), and the peak memory our DoRA
 # adds over our LoRA at d = 1024 (MiB): no (out x in) temporary, which alone would be 4 MiB.
 DORA_TARGETS = {"dora_vs_peft_dora": 0.6, "dora_vs_lora": 1.3, "dora_extra_peak_mib": 2.0}
+# Named adapters: one mixed-batch forward is no slower than running each adapter's rows alone.
+MIXED_TARGETS = {"mixed_vs_separate": 1.0}
 # Targets (ratios within one run): layer = loralib / frozen at r = 8, d = 768 and 1024, without and
 # with LoRA dropout 0.1; step = loralib / full fine-tuning; inference = merged / stock.
 TARGETS = {"layer": 1.15, "layer_dropout": 1.25, "step": 0.70, "step_dropout": 0.70, "inference": 1.02}
@@ -380,6 +384,50 @@ def _mib(b) -> str:
     return "–" if b is None else f"{b / MIB:,.1f}"
 
 
+def run_mixed(quick: bool, log, device: str = "cpu") -> dict:
+    """A mixed batch of 4 named adapters against each adapter's rows alone (`loralib.measure.mixed`)."""
+    t0 = time.perf_counter()
+    overrides = {"num_hidden_layers": 2} if quick else {}
+    mixed = measure_mixed_batch(
+        roberta_config(**overrides),
+        adapters=4,
+        batch_size=16,
+        seq_len=128,
+        repeats=6 if quick else 10,
+        device=device,
+    )
+    mixed["config"] = "RobertaConfig()" + (f" with {overrides}" if overrides else "")
+    log(
+        "mixed batch: "
+        + ", ".join(f"{k} {v * 1e3:.0f} ms ({mixed['ratio'][k]:.3f}x)" for k, v in mixed["median_s"].items())
+        + f" ({time.perf_counter() - t0:.0f} s)"
+    )
+    return mixed
+
+
+def check_mixed_targets(results: dict) -> dict:
+    mixed = results.get("mixed_batch")
+    if not mixed:
+        return {}
+    v, t = mixed["ratio"]["mixed"], MIXED_TARGETS["mixed_vs_separate"]
+    return {f"mixed batch of {mixed['adapters']} adapters: mixed/separate <= {t}": {"value": v, "ok": v <= t}}
+
+
+def _mixed_markdown(results: dict) -> list[str]:
+    mixed = results.get("mixed_batch")
+    if not mixed:
+        return []
+    b = mixed["batch"]
+    cols = ("mixed", "separate", "single")
+    return [
+        "",
+        f"| {mixed['config']}, eval, batch {b[0]} x {b[1]}, {mixed['adapters']} named adapters (r = {mixed['r']}, "
+        "query/value) | one mixed forward | each adapter's rows alone | one adapter, whole batch |",
+        "|---|---|---|---|",
+        "| time / separate | " + " | ".join(f"{mixed['ratio'][k]:.3f}x" for k in cols) + " |",
+    ]
+
+
 def markdown(results: dict) -> str:
     """The README table: ratios (medians, interleaved) and peak memory, with command and machine."""
     m = results["machine"]
@@ -447,6 +495,7 @@ def markdown(results: dict) -> str:
             + " |",
         ]
     lines += _dora_markdown(results)
+    lines += _mixed_markdown(results)
     if results.get("targets"):
         lines += ["", "| Target | measured | met |", "|---|---|---|"]
         for k, v in results["targets"].items():
@@ -500,8 +549,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not args.skip_model:
         results["model_step"], results["inference"] = run_model(args.quick, log, args.device)
-    results["target_values"] = {**TARGETS, **DORA_TARGETS}
-    results["targets"] = {**check_targets(results), **check_dora_targets(results)}
+        results["mixed_batch"] = run_mixed(args.quick, log, args.device)
+    results["target_values"] = {**TARGETS, **DORA_TARGETS, **MIXED_TARGETS}
+    results["targets"] = {
+        **check_targets(results),
+        **check_dora_targets(results),
+        **check_mixed_targets(results),
+    }
     results["loadavg_end"] = machine_info()["loadavg"]
     results["wall_s"] = round(time.perf_counter() - started, 1)
 

@@ -11,7 +11,9 @@ reached by its module. One module (or folder) per concept:
     compat/       microsoft: Microsoft loralib 0.1.2's Linear, Embedding, MergedLinear, Conv*, LoRALayer
     fast_path     LoraLinear's custom autograd Function, thin-product routing and LoRA dropout's CPU mask
     injection     inject_lora, mark_only_lora_as_trainable, merge/unmerge/unload, rollback on failure
-    adapters      save_lora / load_lora (safetensors + JSON, one atomic directory)
+    adapters      save_lora / load_lora (safetensors + JSON, one atomic directory), save_adapters / load_adapters
+    named         several named adapters in one model: add/set/delete_adapter, a head per adapter,
+                  mixed batches (adapter_batch), add_weighted_adapter (layers/slots: the per-layer part)
     checks        argument validation, one wording for every entry point
     utils         seeding, versions, devices and precision, parameter counts, atomic writes, output folders
     tiny          the offline tiny RoBERTa (and the default model of the notebooks)
@@ -31,7 +33,14 @@ Heavy modules (transformers, datasets, peft) are imported lazily, on first use o
 
 from importlib import import_module
 
-from loralib.adapters import adapter_state_dict, load_lora, lora_state_dict, save_lora
+from loralib.adapters import (
+    adapter_state_dict,
+    load_adapters,
+    load_lora,
+    lora_state_dict,
+    save_adapters,
+    save_lora,
+)
 from loralib.compat.microsoft import (
     Conv1d,
     Conv2d,
@@ -53,6 +62,17 @@ from loralib.injection import (
     unmerge_lora,
 )
 from loralib.layers import LoraEmbedding, LoraLayer, LoraLinear
+from loralib.named import (
+    active_adapter,
+    adapter_batch,
+    adapter_names,
+    add_adapter,
+    add_weighted_adapter,
+    delete_adapter,
+    disable_adapters,
+    set_adapter,
+    using_adapter,
+)
 from loralib.utils import count_parameters, output_dir, print_versions, set_seed
 
 __version__ = "0.1.0"
@@ -61,6 +81,7 @@ _LAZY = {
     "default_model_id": "loralib.tiny",
     "to_peft": "loralib.peft_interop",
     "from_peft": "loralib.peft_interop",
+    "to_peft_all": "loralib.peft_interop",
 }
 
 
@@ -86,7 +107,18 @@ __all__ = [
     "LoRALayer",
     "LoraConfig",
     "MergedLinear",
+    "active_adapter",
+    "adapter_batch",
+    "adapter_names",
     "adapter_state_dict",
+    "add_adapter",
+    "add_weighted_adapter",
+    "delete_adapter",
+    "disable_adapters",
+    "load_adapters",
+    "save_adapters",
+    "set_adapter",
+    "using_adapter",
     "LoraEmbedding",
     "LoraLayer",
     "LoraLinear",

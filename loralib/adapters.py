@@ -7,7 +7,9 @@ whole, so a crash never leaves a half-written adapter or new weights beside an o
 from a newer loralib (format_version) is refused with the advice to upgrade. Loading injects LoRA if
 the model has none yet, then checks every name and shape; a failed load leaves the model as it was.
 
-Covers: `save_lora` / `load_lora`, `adapter_state_dict` (what an adapter file holds) and Microsoft
+Covers: `save_lora` / `load_lora` (with `adapter_name=`: one named adapter of a model that holds several,
+`loralib.named`), `save_adapters` / `load_adapters` (every named adapter, one sub-directory each and an
+`adapters.json` index, atomic as a whole), `adapter_state_dict` (what an adapter file holds) and Microsoft
 loralib's `lora_state_dict(model, bias=...)`. Not here: PEFT's adapter format (`loralib.peft_interop`).
 """
 
@@ -23,10 +25,20 @@ from safetensors.torch import save_file
 from torch import nn
 
 from loralib.checks import check_bool, check_choice, check_module
-from loralib.config import BIAS_CHOICES, INIT_VALUES
+from loralib.config import BIAS_CHOICES, INIT_VALUES, LoraSettings
 from loralib.files import atomic_directory, read_files, safetensors_from_bytes
 from loralib.injection import config_of, inject_lora, lora_layers, unchanged_on_failure
-from loralib.layers import LORA_TENSORS
+from loralib.layers import LORA_TENSORS, LoraLayer
+from loralib.named import (
+    active_adapter,
+    active_parameters,
+    adapter_names,
+    carried_names,
+    head_modules,
+    loading_into,
+    set_adapter,
+    using_adapter,
+)
 
 WEIGHTS_NAME = "adapter.safetensors"
 CONFIG_NAME = "lora_config.json"
@@ -76,11 +88,14 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     `modules_to_save`) contributes its weight without the update, so a reload never applies it twice.
     """
     unmerged = {f"{n}.weight": layer for n, layer in lora_layers(model) if layer.merged}
+    carried = carried_names(model)  # a named adapter's own head and values, trained or not
     out: dict[str, torch.Tensor] = {}
-    for name, p in model.named_parameters():
+    for name, p in active_parameters(model).items():
         leaf = name.rsplit(".", 1)[-1]
-        if p.requires_grad or leaf in LORA_TENSORS:
-            out[name] = (unmerged[name].unmerged_weight() if name in unmerged else p).detach()
+        if p.requires_grad or leaf in LORA_TENSORS or name in carried:
+            value = (unmerged[name].unmerged_weight() if name in unmerged else p).detach()
+            # a carried value lives in a shared parameter that the next set_adapter overwrites: copy it
+            out[name] = value.clone() if name in carried else value
     return out
 
 
@@ -174,26 +189,90 @@ def lora_config(model: nn.Module, **metadata: Any) -> dict[str, Any]:
 def write_adapter(path: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> Path:
     """Write `tensors` (with `config` embedded in the file's metadata) and the config beside them as
     one atomic directory: a crash never leaves new weights beside an old config. Returns the weights path."""
-    text = json.dumps(config, indent=2, sort_keys=True, default=str)
-    tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
     directory = Path(path)
     with atomic_directory(directory) as stage:
-        save_file(tensors, str(stage / WEIGHTS_NAME), metadata={"loralib_config": text})
-        (stage / CONFIG_NAME).write_text(text + "\n")
+        _write_into(stage, tensors, config)
     return directory / WEIGHTS_NAME
 
 
-def save_lora(model: nn.Module, path: str | os.PathLike, **metadata: Any) -> Path:
+def _write_into(folder: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+    text = json.dumps(config, indent=2, sort_keys=True, default=str)
+    tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"loralib_config": text})
+    (folder / CONFIG_NAME).write_text(text + "\n")
+
+
+def save_lora(
+    model: nn.Module, path: str | os.PathLike, *, adapter_name: str | None = None, **metadata: Any
+) -> Path:
     """Write the adapter of `model` to directory `path`; extra keyword metadata (task, num_labels,
     base_model...) goes into the config. Returns the weights file's path.
 
+    adapter_name: which named adapter (default: the active one); the file is the same format as a
+    single-adapter model's, its head and carried values included (`loralib.named`).
     The directory is written as a whole (see `loralib.files.atomic_directory`); metadata keys that
     collide with the computed ones (RESERVED_KEYS) are refused before anything is written.
     """
     check_module(model)
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a directory path (str or os.PathLike), got {type(path).__name__}.")
+    if adapter_name is not None:
+        with using_adapter(model, adapter_name):
+            tensors, cfg = (
+                adapter_state_dict(model),
+                lora_config(model, adapter_name=adapter_name, **metadata),
+            )
+        return write_adapter(path, tensors, cfg)
     return write_adapter(path, adapter_state_dict(model), lora_config(model, **metadata))
+
+
+def save_adapters(model: nn.Module, directory: str | os.PathLike, **metadata: Any) -> Path:
+    """Write every named adapter of `model` into `directory/<name>/` (each a `save_lora` directory), as one
+    atomic directory; `load_adapters` reads them back. Returns the directory."""
+    check_module(model)
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"directory must be a path (str or os.PathLike), got {type(directory).__name__}.")
+    names = adapter_names(model)
+    if not names:
+        raise ValueError("the model has no LoRA adapters; call inject_lora or add_adapter first.")
+    parts = {}
+    for name in names:
+        with using_adapter(model, name):
+            parts[name] = (adapter_state_dict(model), lora_config(model, adapter_name=name, **metadata))
+    directory = Path(directory)
+    index = {"format": "loralib-adapters", "adapters": names, "active": active_adapter(model)}
+    with atomic_directory(directory) as stage:
+        for name, (tensors, cfg) in parts.items():
+            _write_into(stage / name, tensors, cfg)
+        (stage / ADAPTERS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    return directory
+
+
+ADAPTERS_INDEX = "adapters.json"  # save_adapters' list of names in order, and which was active
+
+
+def load_adapters(model: nn.Module, directory: str | os.PathLike, trainable: bool = False) -> list[str]:
+    """Load every adapter `save_adapters` wrote into `directory` under its name, in the order it listed
+    them; return the names. The adapter active before stays active; a model without LoRA ends with the
+    one that was active when they were saved. A failure leaves the adapters loaded before it."""
+    check_module(model)
+    directory = Path(directory)
+    index_file = directory / ADAPTERS_INDEX
+    if not index_file.exists():
+        raise FileNotFoundError(
+            f"no {ADAPTERS_INDEX} in {directory}; save_adapters(model, directory) writes it."
+        )
+    index = json.loads(index_file.read_text())
+    names = index.get("adapters")
+    if not isinstance(names, list) or not names:
+        raise ValueError(f"{index_file} lists no adapters; re-save with save_adapters.")
+    fresh = not any(isinstance(m, LoraLayer) for m in model.modules())
+    for name in names:
+        load_lora(model, directory / name, adapter_name=name, trainable=trainable)
+    if fresh and index.get("active") in names:
+        set_adapter(model, index["active"])
+    return names
 
 
 def _weights_path(path: str | os.PathLike) -> Path:
@@ -320,7 +399,12 @@ def _check_config(cfg: dict[str, Any], source: Any) -> None:
 
 
 def load_lora(
-    model: nn.Module, path: str | os.PathLike, strict: bool = True, trainable: bool = True
+    model: nn.Module,
+    path: str | os.PathLike,
+    strict: bool = True,
+    trainable: bool = True,
+    *,
+    adapter_name: str | None = None,
 ) -> dict[str, Any]:
     """Load an adapter saved by `save_lora` into `model` and return its config.
 
@@ -331,6 +415,11 @@ def load_lora(
     leave the model exactly as it was. trainable: afterwards exactly the adapter's tensors are
     trainable and everything else is frozen (what was trained; saving again writes the same set);
     False leaves every requires_grad flag as it was.
+
+    adapter_name: load it as this named adapter beside the model's others (`loralib.named`): new LoRA
+    tensors in each layer it adapts, its own copy of each task head (of the file's shape: another
+    num_labels is fine) and its own values of any other tensor it carries (biases, norms). The active
+    adapter stays active (on a model without LoRA this one becomes the first, active adapter).
     """
     check_module(model)
     check_bool(strict, "strict")
@@ -343,19 +432,46 @@ def load_lora(
             "loralib.peft_interop.from_peft."
         )
     _check_config(cfg, path)
+    if adapter_name is not None:
+        lora_keys = {f"{n}.{t}" for n in cfg["target_modules"] for t in LORA_TENSORS}
+        others = {k: v for k, v in tensors.items() if k not in lora_keys}
+        with loading_into(
+            model, adapter_name, _settings_from_config(cfg), others, head_modules(model, others)
+        ):
+            return load_lora(model, path, strict, trainable)
     # A load that fails must leave the model as it was, not half-adapted.
     with unchanged_on_failure(model, params=tensors):
         if not any(True for _ in lora_layers(model)):
             _inject_from_config(model, cfg)
         _check_fits(model, cfg, tensors, strict)
-        params = dict(model.named_parameters())
+        params = active_parameters(model)
         with torch.no_grad():
             for k, v in tensors.items():
                 params[k].copy_(v.to(dtype=params[k].dtype, device=params[k].device))
         if trainable:
-            for n, p in model.named_parameters():
+            for p in model.parameters():
+                p.requires_grad_(False)
+            for n, p in params.items():
                 p.requires_grad_(n in tensors)
     return cfg
+
+
+def _settings_from_config(cfg: dict[str, Any]) -> dict[str, LoraSettings]:
+    """{module name: LoraSettings} of the layers an adapter's config describes."""
+    per_layer = cfg.get("per_layer") or {}
+    out = {}
+    for name in cfg["target_modules"]:
+        spec = per_layer.get(name, {})
+        out[name] = LoraSettings(
+            r=int(spec.get("r", cfg["r"])),
+            lora_alpha=spec.get("lora_alpha", cfg["lora_alpha"]),
+            lora_dropout=spec.get("lora_dropout", cfg.get("lora_dropout")) or 0.0,
+            init=spec.get("init", cfg.get("init")) or "kaiming",
+            use_rslora=bool(spec.get("use_rslora", False)),
+            lora_bias=bool(spec.get("lora_bias", False)),
+            use_dora=bool(spec.get("use_dora", False)),
+        )
+    return out
 
 
 def _inject_from_config(model: nn.Module, cfg: dict[str, Any]) -> None:
@@ -393,7 +509,7 @@ def tensor_mismatches(
 def _check_fits(
     model: nn.Module, cfg: dict[str, Any], tensors: dict[str, torch.Tensor], strict: bool
 ) -> None:
-    params = dict(model.named_parameters())
+    params = active_parameters(model)
     missing_in_model, bad = tensor_mismatches(params, tensors)
     if missing_in_model:
         raise ValueError(

@@ -292,13 +292,13 @@ def mark_only_lora_as_trainable(
         p.requires_grad_(False)
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer):
-            if module.has_adapter:
+            if module.has_adapter:  # the active adapter's tensors (a layer may hold several: loralib.named)
                 module.lora_A.requires_grad_(True)
                 module.lora_B.requires_grad_(True)
-            if module.lora_B_bias is not None:
-                module.lora_B_bias.requires_grad_(True)
-            if module.use_dora:
-                module.lora_magnitude_vector.requires_grad_(True)
+                if module.lora_B_bias is not None:
+                    module.lora_B_bias.requires_grad_(True)
+                if module.use_dora:
+                    module.lora_magnitude_vector.requires_grad_(True)
             # Microsoft's lora_only: the bias of every LoRA layer (an r=0 one too)
             if bias == "lora_only" and getattr(module, "bias", None) is not None:
                 module.bias.requires_grad_(True)
@@ -313,7 +313,8 @@ def mark_only_lora_as_trainable(
                 p.requires_grad_(True)
     for target in to_save:
         for m in [m for n, m in model.named_modules() if n and _name_matches(n, [target])]:
-            for p in m.parameters():
+            head = getattr(m, "head", None)  # a head copied per named adapter trains the active copy
+            for p in (head() if callable(head) and hasattr(m, "heads") else m).parameters():
                 p.requires_grad_(True)
 
 
@@ -371,11 +372,22 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
 
 def unload_lora(model: nn.Module) -> nn.Module:
     """Merge, then put the base modules back (`nn.Linear`, `nn.Embedding`): a stock model with the original
-    state-dict keys."""
+    state-dict keys. With several named adapters (`loralib.named`) the active one is merged, the others are
+    dropped, and each task head copied per adapter becomes the active adapter's head."""
+    from loralib.layers.slots import AdapterHeads
+
     check_module(model)
     _check_untied(model)
-    for name, layer in list(lora_layers(model)):
-        _set_module(model, name, layer.to_base())
+    named_absent = [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, LoraLayer) and not m.has_adapter and m.__dict__.get("_lora_absent", False)
+    ]
+    for name, layer in [*lora_layers(model), *named_absent]:
+        _set_module(model, name, layer.to_base())  # a layer without the active adapter: its frozen module
+    for name, heads in [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterHeads)]:
+        _set_module(model, name, heads.head())
+    model.__dict__.pop("_lora_adapter_values", None)  # carried values: the active adapter's are in place
     return model
 
 
@@ -392,7 +404,9 @@ def unchanged_on_failure(model: nn.Module, params: Iterable[str] = ()) -> Iterat
     children = {name: dict(m.named_children()) for name, m in modules.items()}
     flags = [(p, p.requires_grad) for p in model.parameters()]
     scalars = {layer: (layer.lora_alpha, layer.use_rslora, layer.merged) for _, layer in lora_layers(model)}
-    named = dict(model.named_parameters())
+    from loralib.named import active_parameters  # it builds on this module
+
+    named = {**dict(model.named_parameters()), **active_parameters(model)}
     saved = {named[n]: named[n].detach().clone() for n in params if n in named}
     try:
         yield

@@ -25,12 +25,15 @@ DoRA's magnitude is `<m>.lora_magnitude_vector` in both (PEFT's key has no ".wei
 so what loralib does not reproduce (trainable tokens, initialisations that change the base such as PiSSA or LoftQ, unknown fields) is
 refused by name before the model changes; PEFT's layer for a type loralib lacks (nn.MultiheadAttention) too. `lora_bias` (a bias on lora_B) maps to `<m>.lora_B.bias`. Convolutions use PEFT's conv layout (lora_A.weight a kernel,
 lora_B.weight a 1x1 kernel). GPT-2's Conv1D layers are PEFT's
-`fan_in_fan_out=True` (written when the model has one; the factors' layout is a Linear's). Not here: loralib's own format (`loralib.adapters`), PEFT training and QLoRA
+`fan_in_fan_out=True` (written when the model has one; the factors' layout is a Linear's). Several named
+adapters (`loralib.named`): `to_peft(..., adapter_name=)` / `from_peft(..., adapter_name=)` one at a time, and
+`to_peft_all` in PEFT's layout for several ("default" at the root, each other one in a sub-directory). Not here: loralib's own format (`loralib.adapters`), PEFT training and QLoRA
 (`loralib.peft_backend`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -45,11 +48,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 from loralib.checks import check_alpha, check_bool, check_choice, check_module
-from loralib.config import LoraConfig
+from loralib.config import LoraConfig, LoraSettings
 from loralib.files import atomic_directory, read_files, safetensors_from_bytes
 from loralib.injection import HEAD_NAMES, config_of, inject_lora, lora_layers, unchanged_on_failure
 from loralib.layers import LORA_TENSORS, LoraLayer, lora_class_for, supported_types
 from loralib.layers.dora import MAGNITUDE
+from loralib.layers.slots import DEFAULT_ADAPTER
+from loralib.named import active_parameters, adapter_names, head_modules, loading_into, using_adapter
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -224,7 +229,7 @@ def peft_state_and_config(
             "PEFT needs base_model_name_or_path (the hub id or directory the frozen weights come from); "
             "the model's config records none, so pass base_model_name_or_path=..."
         )
-    params = dict(model.named_parameters())
+    params = active_parameters(model)
     lora_names = set(layers)
     lora_keys = {f"{n}.{k}" for n in layers for k in LORA_TENSORS}
     extras = {n for n, p in params.items() if p.requires_grad and n not in lora_keys}
@@ -281,8 +286,13 @@ def to_peft(
     base_model_name_or_path: str | None = None,
     task_type: str | None = "auto",
     save_heads: bool = True,
+    *,
+    adapter_name: str | None = None,
 ) -> Path:
     """Write the loralib adapter of `model` as a PEFT LoRA adapter into `directory`; return the directory.
+
+    adapter_name: which named adapter (default: the active one); `to_peft_all` writes every one in
+    PEFT's layout for several adapters.
 
     `PeftModel.from_pretrained(base, directory)` then computes what `model` computes, where `base` is
     the stock model loaded from base_model_name_or_path (default: the model config's name_or_path) with
@@ -299,12 +309,39 @@ def to_peft(
     if task_type is not None and task_type != "auto":
         check_choice(task_type, "task_type", ("auto", *dict.fromkeys(t for _, t in _TASK_TYPES)))
     check_bool(save_heads, "save_heads")
-    tensors, config = peft_state_and_config(model, base_model_name_or_path, task_type, save_heads)
+    with using_adapter(model, adapter_name) if adapter_name is not None else contextlib.nullcontext():
+        tensors, config = peft_state_and_config(model, base_model_name_or_path, task_type, save_heads)
     directory = Path(directory)
-    text = json.dumps(config, indent=2, sort_keys=True)
     with atomic_directory(directory) as stage:
-        save_file(tensors, str(stage / WEIGHTS_NAME), metadata={"format": "pt"})
-        (stage / CONFIG_NAME).write_text(text + "\n")
+        _write_peft(stage, tensors, config)
+    return directory
+
+
+def _write_peft(folder: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def to_peft_all(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    base_model_name_or_path: str | None = None,
+    task_type: str | None = "auto",
+    save_heads: bool = True,
+) -> Path:
+    """Write every named adapter as PEFT's `save_pretrained` does for several: "default" in `directory`
+    itself, each other one in `directory/<name>/` (`PeftModel.from_pretrained(base, directory)` then
+    `load_adapter(directory/<name>, adapter_name=<name>)`). Atomic as a whole; returns the directory."""
+    check_module(model)
+    parts = {}
+    for name in adapter_names(model):
+        with using_adapter(model, name):
+            parts[name] = peft_state_and_config(model, base_model_name_or_path, task_type, save_heads)
+    directory = Path(directory)
+    with atomic_directory(directory) as stage:
+        for name, (tensors, config) in parts.items():
+            _write_peft(stage if name == DEFAULT_ADAPTER else stage / name, tensors, config)
     return directory
 
 
@@ -409,7 +446,9 @@ def _alpha_for(config: dict[str, Any], name: str, r: int, directory) -> float:
     return alpha
 
 
-def from_peft(model: nn.Module, directory: str | os.PathLike, trainable: bool = True) -> dict[str, Any]:
+def from_peft(
+    model: nn.Module, directory: str | os.PathLike, trainable: bool = True, *, adapter_name: str | None = None
+) -> dict[str, Any]:
     """Load the PEFT LoRA adapter in `directory` into `model` as loralib layers; return its config.
 
     `model` is the stock transformers model the adapter was trained on (same architecture and head size),
@@ -420,9 +459,29 @@ def from_peft(model: nn.Module, directory: str | os.PathLike, trainable: bool = 
     copied into the model's own parameters (a PEFT "modules_to_save" copy becomes the module itself).
     trainable: leave exactly the adapter's tensors trainable (what PEFT trains), everything else frozen.
     Mismatches (targets, rank, shapes of another base or head size) raise ValueError naming them.
+
+    adapter_name: load it as this named adapter beside the model's others (PEFT's `load_adapter`; see
+    `loralib.named`), with its own head copy (any head size) and its own values of other tensors.
     """
     check_module(model)
     check_bool(trainable, "trainable")
+    if adapter_name is not None:
+        config, tensors = read_peft_adapter(directory)
+        lora, other = _group_tensors(tensors, directory)
+        use_dora = _check_supported(config, directory).use_dora
+        settings = {
+            name: LoraSettings(
+                r=ab["lora_A"].shape[0],
+                lora_alpha=_alpha_for(config, name, ab["lora_A"].shape[0], directory),
+                lora_dropout=float(config.get("lora_dropout") or 0.0),
+                use_rslora=bool(config.get("use_rslora", False)),
+                lora_bias="lora_B_bias" in ab,
+                use_dora=use_dora,
+            )
+            for name, ab in lora.items()
+        }
+        with loading_into(model, adapter_name, settings, other, head_modules(model, other)):
+            return from_peft(model, directory, trainable)
     config, tensors = read_peft_adapter(directory)
     use_dora = _check_supported(config, directory).use_dora
     base_name = config.get("base_model_name_or_path")
@@ -506,7 +565,7 @@ def from_peft(model: nn.Module, directory: str | os.PathLike, trainable: bool = 
                 f"{name}: adapter A {tuple(ab['lora_A'].shape)} B {tuple(ab['lora_B'].shape)} vs the layer's "
                 f"A {want_a} B {want_b}"
             )
-    params = dict(model.named_parameters())
+    params = active_parameters(model)
     for key, value in other.items():
         if key not in params:
             problems.append(f"{key} is not a parameter of this model")
@@ -552,7 +611,7 @@ def from_peft(model: nn.Module, directory: str | os.PathLike, trainable: bool = 
             for name in lora:  # same rank already checked; take the adapter's scaling
                 layer = have[name]
                 layer.lora_alpha, layer.use_rslora = alphas[name], rslora
-        params = dict(model.named_parameters())
+        params = active_parameters(model)
         with torch.no_grad():
             for name, ab in lora.items():
                 layer: LoraLayer = have[name]
@@ -567,6 +626,8 @@ def from_peft(model: nn.Module, directory: str | os.PathLike, trainable: bool = 
                 params[key].copy_(value.to(dtype=params[key].dtype, device=params[key].device))
         if trainable:
             keep = set(factors) | set(other)
-            for n, p in model.named_parameters():
+            for p in model.parameters():
+                p.requires_grad_(False)
+            for n, p in active_parameters(model).items():
                 p.requires_grad_(n in keep)
     return config

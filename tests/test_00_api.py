@@ -10,6 +10,9 @@ CORE = {
     "LoraEmbedding", "LoraLayer", "LoraLinear", "count_parameters", "default_model_id", "find_targets", "from_peft", "inject_lora",
     "load_lora", "lora_layers", "lora_state_dict", "adapter_state_dict", "mark_only_lora_as_trainable", "merge_lora",
     "output_dir", "print_versions", "save_lora", "set_seed", "to_peft", "unload_lora", "unmerge_lora", "LoraConfig",
+    # several named adapters (loralib.named, notebook 04)
+    "active_adapter", "adapter_batch", "adapter_names", "add_adapter", "add_weighted_adapter", "delete_adapter",
+    "disable_adapters", "load_adapters", "save_adapters", "set_adapter", "using_adapter", "to_peft_all",
 }  # fmt: skip
 # Microsoft's loralib 0.1.2 API (loralib.compat.microsoft), at the top level as there.
 MICROSOFT = {"Linear", "Embedding", "MergedLinear", "ConvLoRA", "Conv1d", "Conv2d", "Conv3d", "LoRALayer"}

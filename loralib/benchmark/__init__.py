@@ -9,6 +9,7 @@
     baselines   the majority class, answering nothing, the untrained model
     estimates   steps, time and memory of a task on a T4 / an A100 / the device you have
     cli         `python -m loralib.benchmark --task TASK --profile PROFILE`
+    serve       scoring a task through any model (one model serving every task's adapter), memory of that
 
 The names below are the ones a notebook or script needs; everything else is reached by module.
 """

@@ -44,6 +44,9 @@ class LoRALayer(LoraLayer):
     """Microsoft's mixin: r (0: no adapter), lora_alpha, lora_dropout, merged, merge_weights; scaling is
     lora_alpha / r. `train(mode)` merges on eval and unmerges on train when merge_weights is True."""
 
+    # Microsoft's layers hold one adapter (their mode decides the merge); named adapters are LoraLinear's & co.
+    supports_named_adapters = False
+
     def _ms_init(
         self,
         r: int,

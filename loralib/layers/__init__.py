@@ -1,6 +1,6 @@
 """The LoRA layers: what they share and the registry (`base`), `LoraLinear` (`linear`, with its
 hand-written autograd fast path), `LoraEmbedding` (`embedding`), `LoraConv1d/2d/3d` (`conv`) and GPT-2's `LoraConv1D` (`conv1d`,
-registered once transformers is imported). Importing this package registers the torch layer types, so
+registered once transformers is imported); `slots` gives every layer further named adapters. Importing this package registers the torch layer types, so
 `lora_class_for(module)` knows them all."""
 
 from loralib.layers.base import (

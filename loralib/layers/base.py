@@ -12,7 +12,8 @@ finds the class for a module or says why there is none: injection, saving, loadi
 PEFT interop go through it, never through the concrete classes.
 
 Covers: `LoraLayer`, the registry, and the helpers every layer uses (`LoraKwargs`, `lora_scaling`,
-`adapter_dtype`, `module_kind`). Not here: the layers themselves (`loralib.layers.linear`, `.embedding`,
+`adapter_dtype`, `module_kind`). Not here: further named adapters in a layer (`loralib.layers.slots`, which
+`LoraLayer` mixes in), the layers themselves (`loralib.layers.linear`, `.embedding`,
 `.conv`, `.conv1d`, and Microsoft's API in `loralib.compat.microsoft`), the settings they are built from and
 their validation (`loralib.config`), finding and swapping modules (`loralib.injection`).
 """
@@ -30,6 +31,7 @@ from torch import nn
 from loralib.checks import check_alpha, check_bool, check_dropout, check_rank
 from loralib.config import LoraSettings, resolve_settings
 from loralib.layers import dora
+from loralib.layers.slots import NamedAdapters, Routed
 
 MERGED_KEY = "lora_merged"  # state-dict entry recording whether `weight` holds the update
 # the tensors a LoRA layer adds to its base module (DoRA's magnitude: PEFT's name)
@@ -82,12 +84,28 @@ class _MergedTrainingGuard(torch.autograd.Function):
         )
 
 
-class LoraLayer:
+class LoraLayer(NamedAdapters):
     """The mixin every LoRA layer puts before its base module class (`class LoraX(LoraLayer, nn.X)`).
 
     It owns lora_A (r x fan-in) and lora_B (fan-out x r), their scaling and the merged state. Subclasses
-    set `base_type` and implement `from_module`, `to_base`, `delta_weight`, `_reset_lora` and `forward`.
+    set `base_type` and implement `from_module`, `to_base`, `delta_weight`, `_reset_lora` and `forward`
+    (whose first lines hand a call to `_detour`: a mixed batch, or an adapter this layer lacks).
+    Further named adapters (`add_adapter`, `set_adapter`: `loralib.layers.slots`) route every attribute
+    below to the active one.
     """
+
+    # The active adapter's (`loralib.layers.slots`): the first adapter's are stored on the layer itself.
+    lora_A = Routed()
+    lora_B = Routed()
+    lora_B_bias = Routed()
+    lora_magnitude_vector = Routed()
+    lora_dropout = Routed()
+    _r = Routed()
+    _lora_alpha = Routed()
+    _use_rslora = Routed()
+    init = Routed()
+    _lora_dropout_p = Routed()
+    _dora_merged_norm = Routed()
 
     base_type: type[nn.Module]
     # True for layers computing x W^T (or x W): what "all-linear" selects, as PEFT's does.
@@ -106,30 +124,35 @@ class LoraLayer:
         shapes: tuple[tuple[int, ...], tuple[int, ...]],
         device,
         adapter_dtype_: torch.dtype,
+        into: nn.Module | None = None,
     ) -> None:
         """Set the shared state from validated settings `s` and allocate A and B with `shapes` ((r, fan-in)
-        and (fan-out, r) for a Linear; a convolution's kernels)."""
-        self.merged = False
-        # The settings are validated: set the state behind the checking setters directly.
-        self._r, self._lora_alpha, self._use_rslora = s.r, s.lora_alpha, s.use_rslora
-        self.init = s.init
-        self._lora_dropout_p = s.lora_dropout
-        self.lora_dropout = nn.Dropout(s.lora_dropout) if s.lora_dropout > 0 else nn.Identity()
-        a_shape, b_shape = shapes
-        self.lora_A = nn.Parameter(torch.empty(a_shape, device=device, dtype=adapter_dtype_))
-        self.lora_B = nn.Parameter(torch.empty(b_shape, device=device, dtype=adapter_dtype_))
-        # PEFT's lora_bias: a trainable bias on B's output (scaled with the update), zero at the start.
-        bias = torch.empty(b_shape[0], device=device, dtype=adapter_dtype_) if s.lora_bias else None
-        self.lora_B_bias = None if bias is None else nn.Parameter(bias)
-        # DoRA: one trainable magnitude per output feature (`loralib.layers.dora`), set from the weight in reset.
-        self.lora_magnitude_vector = None
-        self._dora_merged_norm = None
+        and (fan-out, r) for a Linear; a convolution's kernels). into: a further adapter's record
+        (`loralib.layers.slots.LoraAdapter`) instead of the layer's first adapter."""
         if s.use_dora:
             problem = self.dora_problem()
             if problem:
                 raise ValueError(f"use_dora=True is not supported for {type(self).__name__}: {problem}.")
+        t = self if into is None else into
+        if into is None:
+            self.merged = False
+        # The settings are validated: set the state behind the checking setters directly.
+        t._r, t._lora_alpha, t._use_rslora = s.r, s.lora_alpha, s.use_rslora
+        t.init = s.init
+        t._lora_dropout_p = s.lora_dropout
+        t.lora_dropout = nn.Dropout(s.lora_dropout) if s.lora_dropout > 0 else nn.Identity()
+        a_shape, b_shape = shapes
+        t.lora_A = nn.Parameter(torch.empty(a_shape, device=device, dtype=adapter_dtype_))
+        t.lora_B = nn.Parameter(torch.empty(b_shape, device=device, dtype=adapter_dtype_))
+        # PEFT's lora_bias: a trainable bias on B's output (scaled with the update), zero at the start.
+        bias = torch.empty(b_shape[0], device=device, dtype=adapter_dtype_) if s.lora_bias else None
+        t.lora_B_bias = None if bias is None else nn.Parameter(bias)
+        # DoRA: one trainable magnitude per output feature (`loralib.layers.dora`), set from the weight in reset.
+        t.lora_magnitude_vector = None
+        t._dora_merged_norm = None
+        if s.use_dora:
             m = torch.empty(b_shape[0], device=device, dtype=adapter_dtype_)
-            self.lora_magnitude_vector = nn.Parameter(m)
+            t.lora_magnitude_vector = nn.Parameter(m)
 
     @staticmethod
     def _settings(lora: LoraKwargs) -> LoraSettings:
@@ -137,8 +160,8 @@ class LoraLayer:
         lora = dict(lora)
         return resolve_settings(lora.pop("settings", None), **lora)
 
-    # False for a layer built without an adapter (Microsoft's r=0): `lora_layers` skips it.
-    has_adapter: bool = True
+    # `has_adapter` (`loralib.layers.slots`) is False where the active adapter is not this layer's, or
+    # for a Microsoft layer built with r=0: `lora_layers` skips such a layer.
     # True: the state dict records a merged weight (`lora_merged`) and loading adopts it. Microsoft's
     # layers say False: there the mode (eval merged, train not) says whether the weight holds the update.
     records_merged: bool = True
@@ -211,8 +234,10 @@ class LoraLayer:
     @lora_dropout_p.setter
     def lora_dropout_p(self, value: float) -> None:
         value = float(check_dropout(value, "lora_dropout"))
-        self._lora_dropout_p = value
-        self.lora_dropout = nn.Dropout(value) if value > 0 else nn.Identity()
+        slot = self.__dict__.get("_lora_slot")
+        t = self if slot is None else slot  # a module is registered where it is set: on the active adapter
+        t._lora_dropout_p = value
+        t.lora_dropout = nn.Dropout(value) if value > 0 else nn.Identity()
 
     def _with_update_taken_out(self, change) -> None:
         """Run `change` (of the update or its scaling) with a merged update taken out of the weight, then
@@ -329,7 +354,7 @@ class LoraLayer:
         `loralib.merge_lora(model)` also refuses weights tied to another parameter (merging would change
         both); this method cannot see the rest of the model.
         """
-        if not self.merged:
+        if not self.merged and self.has_adapter:
             problem = self.merge_problem()
             if problem:
                 raise ValueError(f"cannot merge this {type(self).__name__}: {problem}.")
@@ -387,7 +412,10 @@ class LoraLayer:
             self.merged
             and self.has_adapter
             and not has_weight
-            and any(prefix + k in state_dict for k in LORA_TENSORS)
+            and (
+                any(prefix + k in state_dict for k in LORA_TENSORS)
+                or any(k.startswith(prefix + "lora_adapters.") for k in state_dict)  # a further adapter's
+            )
         )
         if remerge:
             self.unmerge()
@@ -411,7 +439,21 @@ class LoraLayer:
             elif has_weight:  # a stock checkpoint, or one saved before the flag existed: an unmerged weight
                 self.merged = False
         if remerge:
+            self._load_active_further_adapter(state_dict, prefix)
             self.merge()
+
+    @torch.no_grad()
+    def _load_active_further_adapter(self, state_dict, prefix: str) -> None:
+        """Copy the active further adapter's tensors from `state_dict` now: its own module loads them only
+        after this layer, and the re-merge needs the new values."""
+        if self.active_adapter == self.adapter_name or "lora_adapters" not in self._modules:
+            return
+        head = f"{prefix}lora_adapters.{self.active_adapter}."
+        for key, value in state_dict.items():
+            if key.startswith(head):
+                p = getattr(self, key[len(head) :], None)
+                if isinstance(p, nn.Parameter) and p.shape == value.shape:
+                    p.copy_(value)
 
     def _lora_repr(self) -> str:
         return (
@@ -420,6 +462,11 @@ class LoraLayer:
             + ("lora_bias=True, " if self.lora_B_bias is not None else "")
             + ("use_dora=True, " if self.use_dora else "")
             + f"init={self.init}, merged={self.merged}"
+            + (
+                f", adapters={self.adapter_names()}, active={self.active_adapter!r}"
+                if len(self.adapter_names()) > 1
+                else ""
+            )
         )
 
 

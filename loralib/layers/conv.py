@@ -112,6 +112,9 @@ class _LoraConvNd(LoraLayer):
         return plain
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        detour = self._detour(x)  # a mixed batch, or an adapter this layer lacks (`loralib.layers.slots`)
+        if detour is not None:
+            return detour
         if self.merged:
             return self._guard_merged_training(self.base_type.forward(self, x))
         if self.use_dora:  # g per output channel * (conv(x; W0) + s update) + b (`loralib.layers.dora`)

@@ -88,6 +88,9 @@ class LoraConv1D(LoraLayer, Conv1D):
         return plain
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        detour = self._detour(x)  # a mixed batch, or an adapter this layer lacks (`loralib.layers.slots`)
+        if detour is not None:
+            return detour
         if self.merged:
             return self._guard_merged_training(Conv1D.forward(self, x))
         xd = self.lora_dropout(x) if self.training and self.lora_dropout_p > 0 else x

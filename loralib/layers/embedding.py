@@ -167,6 +167,9 @@ class LoraEmbedding(LoraLayer, nn.Embedding):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        detour = self._detour(x)  # a mixed batch, or an adapter this layer lacks (`loralib.layers.slots`)
+        if detour is not None:
+            return detour
         out = self._lookup(x, self.weight)
         if self.merged:
             return self._guard_merged_training(out)

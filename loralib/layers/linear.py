@@ -175,6 +175,9 @@ class LoraLinear(LoraLayer, nn.Linear):
         return x, weight, bias, lora_A, lora_B
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        detour = self._detour(x)  # a mixed batch, or an adapter this layer lacks (`loralib.layers.slots`)
+        if detour is not None:
+            return detour
         if self.merged:
             return self._guard_merged_training(F.linear(x, self.weight, self.bias))
         training_dropout = self.lora_dropout_p > 0 and self.training
