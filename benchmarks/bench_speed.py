@@ -438,7 +438,7 @@ def markdown(results: dict) -> str:
         f"torch {results['versions'].get('torch')}, {results['threads']} threads, fp32, "
         f"load average {m['loadavg']} at start){' — QUICK MODE, smoke numbers only' if results['quick'] else ''}.",
         "",
-        "| Forward + backward, one linear layer (time / frozen `nn.Linear`) | loralib | PEFT | article (B@A each call) | full FT |",
+        "| Forward + backward, one linear layer (time / frozen `nn.Linear`) | loralib | PEFT | article (`query(x) + F.linear(x, B @ A)`) | full FT |",
         "|---|---|---|---|---|",
     ]
     for row in results["layer"]:

@@ -174,11 +174,13 @@ class Amplification:
     along_delta: float  # ||U^T W V||_F with dW's top-k directions
     along_w: float  # the same with W's own top-k directions
     along_random: float  # the same with random orthonormal directions (mean over draws)
+    delta_top_k: float = float("nan")  # ||U^T dW V||_F = sqrt(s_1^2 + ... + s_k^2): dW along those directions
 
     @property
     def factor(self) -> float:
-        """||dW||_F / ||U^T W V||_F: how much dW amplifies what W already had along its directions."""
-        return self.delta_norm / self.along_delta
+        """||U^T dW V||_F / ||U^T W V||_F over dW's top-k directions: how much dW amplifies what W already
+        had there. At k = rank(dW) the numerator is ||dW||_F (the paper's factor); at k = 1 it is sigma_1."""
+        return self.delta_top_k / self.along_delta
 
 
 def amplification(
@@ -210,6 +212,7 @@ def amplification(
     return Amplification(
         k=k,
         delta_norm=float(torch.linalg.norm(delta)),
+        delta_top_k=float(torch.linalg.norm(u.T @ delta @ v)),
         along_delta=float(torch.linalg.norm(u.T @ w @ v)),
         along_w=float(torch.linalg.norm(uw.T @ w @ vw)),
         along_random=sum(rand) / len(rand),

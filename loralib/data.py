@@ -436,5 +436,9 @@ def tokenize_glue(dataset, tokenizer, task: str, max_length: int = 128):
             "labels": batch["label"],
         }
 
-    out = dataset.map(encode, batched=True, remove_columns=some.column_names, desc=f"tokenize {task}")
-    return out.cast_column("labels", Value("float32" if spec.is_regression else "int64"))
+    from loralib.logs import no_progress_bars
+
+    # Seconds of tokenising: datasets' bars for it (and for the cast) are noise in a notebook or a log.
+    with no_progress_bars():
+        out = dataset.map(encode, batched=True, remove_columns=some.column_names, desc=f"tokenize {task}")
+        return out.cast_column("labels", Value("float32" if spec.is_regression else "int64"))

@@ -35,8 +35,9 @@ def _close(answer: Any, expected: Any, rel_tol: float) -> bool:
     return answer == expected
 
 
-def check(exercise: str, answer: Any, expected: Any, hint: str = "", rel_tol: float = 1e-6) -> bool:
-    """True if `answer` matches `expected`; False (and a note) if it is still `...`; else AssertionError.
+def check(exercise: str, answer: Any, expected: Any, hint: str = "", rel_tol: float = 1e-6) -> bool | None:
+    """True if `answer` matches `expected`; None (and a one-line note) if it is still `...`, so an
+    unattempted exercise's cell shows that line and nothing else; else AssertionError.
 
     rel_tol: relative tolerance for numbers, tensors and arrays (1e-6: float rounding, not a wrong
     formula). hint: one line said with a wrong answer.
@@ -46,7 +47,7 @@ def check(exercise: str, answer: Any, expected: Any, hint: str = "", rel_tol: fl
         print(
             f"{exercise}: not attempted yet (replace the ... above); the worked solution is in the next cell."
         )
-        return False
+        return None
     if not _close(answer, expected, rel_tol):
         shown = (
             answer

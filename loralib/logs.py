@@ -7,7 +7,8 @@ built from a base checkpoint: a task head (`classifier`, `qa_outputs`, ... from
 `loralib.injection.HEAD_NAMES`) newly initialised (MISSING), or a pretraining-only module (`pooler`,
 `lm_head`, `cls`) left unused (UNEXPECTED). A report naming any other key (a missing encoder weight, a
 size mismatch, a conversion error) still prints, as do all other warnings. bitsandbytes' notice that
-its optional `kernels` package is missing on AVX512-BF16 CPUs is dropped too: it then uses its own CPU
+its optional `kernels` package is missing on AVX512-BF16 CPUs is dropped too, and so is transformers'
+deprecation warning of `is_gradient_checkpointing` that PEFT triggers: it then uses its own CPU
 path, which the project pins anyway (`loralib.peft_backend.pin_cpu_4bit_path`). `no_progress_bars()`
 turns off the bars of datasets, transformers and the hub for a block (the CLI's --no-progress, a run
 with progress=False) and restores them after. Not here: the Trainer's own logging
@@ -19,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import warnings
 from collections.abc import Iterator
 
 from loralib.injection import HEAD_NAMES
@@ -84,6 +86,11 @@ def quiet_loading() -> None:
     for name in REPORT_LOGGERS:
         _add_filter(name, _ExpectedReportFilter)
     _add_filter("bitsandbytes.backends.cpu.ops", _BnbKernelsFilter)
+    # PEFT probes `model.is_gradient_checkpointing`, which transformers 5 deprecates: a message between the
+    # two libraries, not the reader's concern (only this one warning, by its text).
+    warnings.filterwarnings(
+        "ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning
+    )
     hf_logging.disable_progress_bar()
     huggingface_hub.utils.enable_progress_bars()
 

@@ -180,7 +180,15 @@ def load_base_model(
     )
     pin_cpu_4bit_path(model)
     if dequantize:
-        model = model.dequantize(dtype=torch.float32)
+        from transformers.utils import logging as hf_logging
+
+        # "The modules are dequantized in torch.float32 and casted to torch.float32": what was asked for.
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            model = model.dequantize(dtype=torch.float32)
+        finally:
+            hf_logging.set_verbosity(verbosity)
         # Stale flags would make PEFT and the Trainer treat the plain fp32 model as quantised.
         for attr in ("is_loaded_in_4bit", "is_quantized", "quantization_method"):
             if attr in model.__dict__:

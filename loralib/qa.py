@@ -314,11 +314,14 @@ def predict_qa(
     evaluation did for a run trained so: results.json records it), "fp32" without."""
     if precision not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"precision must be 'fp32', 'bf16' or 'fp16', got {precision!r}.")
-    feats = examples.map(
-        lambda b: prepare_eval_features(b, tokenizer, max_length=max_length, stride=stride),
-        batched=True,
-        remove_columns=examples.column_names,
-    )
+    from loralib.logs import no_progress_bars
+
+    with no_progress_bars():  # a bar for seconds of windowing is noise beside the prediction's
+        feats = examples.map(
+            lambda b: prepare_eval_features(b, tokenizer, max_length=max_length, stride=stride),
+            batched=True,
+            remove_columns=examples.column_names,
+        )
     device = next(model.parameters()).device
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     starts, ends = [], []

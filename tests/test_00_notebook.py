@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -132,3 +133,16 @@ def test_on_colab_without_drive_a_real_run_says_how_to_keep_its_outputs(clean_en
     assert 'drive.mount("/content/drive")' in capsys.readouterr().out
     configure("04_x", profile="smoke")  # seconds of synthetic data: nothing worth keeping
     assert "drive.mount" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb")), ids=lambda p: p.stem
+)
+def test_every_notebook_states_its_runtime_up_front(path):
+    """The first cell says how long the notebook takes on a 2-core CPU (measured) and on a T4, saying which
+    figure was measured and which estimated."""
+    import json
+
+    first = "".join(json.loads(path.read_text())["cells"][0]["source"])
+    assert "**Runtime:**" in first and "2-core CPU" in first and "T4" in first
+    assert "measured" in first and "estimated" in first

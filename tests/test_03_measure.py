@@ -130,16 +130,16 @@ def test_layer_variants_compute_the_same_function():
 
 def test_compare_forward_costs_small():
     costs = compare_forward_costs(d=32, r=4, tokens=64, repeats=2, warmup=0)
-    assert costs["methods"] == ["frozen", "materialised", "plain autograd", "custom backward"]
+    assert costs["methods"] == ["frozen", "article", "plain autograd", "custom backward"]
     assert costs["forward_ratio"]["frozen"] == 1.0 and costs["train_ratio"]["frozen"] == 1.0
     assert costs["max_abs_diff"] < 1e-4
-    # What autograd keeps for backward, parameters and the input excluded: the materialised update
-    # (d x d), the thin activation x A^T (tokens x r) for plain autograd, and that plus A's cast copy
-    # for the custom backward.
-    assert costs["saved_bytes"]["materialised"] == 4 * 32 * 32
+    # What autograd keeps for backward, parameters and the input excluded: the article's B @ A (d x d),
+    # the thin activation x A^T (tokens x r) for plain autograd, and that plus A's cast copy for the
+    # custom backward.
+    assert costs["saved_bytes"]["article"] == 4 * 32 * 32
     assert costs["saved_bytes"]["plain autograd"] == 4 * 64 * 4
     assert costs["saved_bytes"]["custom backward"] == 4 * (64 * 4 + 4 * 32)
-    assert costs["forward_flops"]["materialised"] > costs["forward_flops"]["frozen"]
+    assert costs["forward_flops"]["article"] > 2 * costs["forward_flops"]["frozen"]
     assert costs["forward_flops"]["plain autograd"] == costs["forward_flops"]["custom backward"]
 
 
@@ -198,3 +198,41 @@ def test_measure_train_steps_on_a_small_roberta():
     with torch.no_grad():
         c = m_unmerged(**{k: v for k, v in batch.items() if k != "labels"}).logits
     torch.testing.assert_close(b, c, rtol=1e-4, atol=1e-5)
+
+
+def test_the_articles_forward_is_two_full_products_counted_by_torch():
+    """The article's `self.query(x) + F.linear(x, B @ A)`: torch's own FLOP counter sees the frozen product,
+    B @ A and a second full product, so its forward costs about twice the frozen layer's (2 + r / tokens)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    d, r, n = 64, 4, 256
+    torch.manual_seed(0)
+    layer = LoraLinear(d, d, r=r)
+    x = torch.randn(n, d)
+
+    def counted(fn) -> int:
+        with FlopCounterMode(display=False) as mode, torch.no_grad():
+            fn()
+        return mode.get_total_flops()
+
+    frozen = counted(lambda: torch.nn.functional.linear(x, layer.weight, layer.bias))
+    article = counted(lambda: naive_lora_forward(layer, x))
+    assert frozen == 2 * n * d * d
+    assert article == 2 * frozen + 2 * d * r * d
+    assert article / frozen == pytest.approx(2 + r / n)
+    costs = compare_forward_costs(d=d, r=r, tokens=n, repeats=1, warmup=0)
+    matmuls = costs["forward_flops"]["article"] - d * d - n * d  # the formula adds the scale and the sum
+    assert matmuls == article
+
+
+def test_forward_cost_plot_draws_the_frozen_layer_as_the_reference_not_a_bar():
+    from loralib.measure.layer import plot_forward_costs
+
+    costs = compare_forward_costs(d=16, r=2, tokens=8, repeats=1, warmup=0)
+    fig = plot_forward_costs(costs)
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == [
+        "article",
+        "plain autograd",
+        "custom backward",
+    ]
+    assert len(fig.axes[0].patches) == 2 * 3 + 1  # two bars per method, and the noise band

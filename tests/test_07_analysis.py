@@ -199,3 +199,16 @@ def test_other_bad_arguments_are_named():
         analysis.spectrum(torch.ones(2, 2, dtype=torch.int64))
     with pytest.raises(ValueError, match="empty"):
         analysis.spectrum(torch.ones(0, 3))
+
+
+def test_amplification_factor_at_k_uses_the_updates_own_top_k_norm():
+    """At k = 1 the factor's numerator is sigma_1(dW), not ||dW||_F; at k = rank(dW) it is ||dW||_F."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(30, 20, generator=g, dtype=torch.float64)
+    u = torch.linalg.qr(torch.randn(30, 2, generator=g, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(20, 2, generator=g, dtype=torch.float64))[0]
+    delta = u @ torch.diag(torch.tensor([3.0, 1.0], dtype=torch.float64)) @ v.T  # sigma = (3, 1)
+    one, two = analysis.amplification(w, delta, k=1), analysis.amplification(w, delta, k=2)
+    assert one.delta_top_k == pytest.approx(3.0) and one.factor == pytest.approx(3.0 / one.along_delta)
+    assert two.delta_top_k == pytest.approx(math.sqrt(10.0)) == pytest.approx(two.delta_norm)
+    assert two.factor == pytest.approx(two.delta_norm / two.along_delta)

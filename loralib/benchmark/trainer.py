@@ -204,7 +204,9 @@ def _tokenize(cfg: TrainConfig, tokenizer, train, evals, main_process_first):
     from loralib.qa import prepare_eval_features, prepare_train_features
 
     kw = dict(max_length=cfg.qa_max_length, stride=cfg.qa_stride)
-    with main_process_first(desc="tokenize"):
+    from loralib.logs import no_progress_bars
+
+    with main_process_first(desc="tokenize"), no_progress_bars():  # seconds of windowing: no bars
         tr = train.map(
             lambda b: prepare_train_features(b, tokenizer, **kw),
             batched=True,

@@ -12,6 +12,7 @@ for backward. Not here: timing (`loralib.measure.timing`).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -28,6 +29,9 @@ def _cpu_peak_bytes(fn: Callable[[], Any]) -> int:
             f"peak_memory on CPU needs torch.profiler with memory events ({e}); use a CUDA device or a "
             "newer torch."
         ) from e
+    # Kineto prints a "USDT ... profiler_start/stop" line per profile to stderr: noise in a notebook or a
+    # benchmark log. Level 6 is above its highest message type; a value the user set is kept.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events: list[tuple[int, int]] = []
