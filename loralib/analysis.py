@@ -11,6 +11,8 @@ Covers:
   (||U^T W V||_F, with U, V dW's top-k left / right singular vectors), against W's top-k directions and
   random ones, and the paper's amplification factor ||dW||_F / ||U^T W V||_F.
 - `adapter_updates`: (W, dW, A) of every LoRA layer of a model.
+- `intruder_dimensions`: singular vectors of a fine-tuned weight that no pretrained singular vector resembles
+  (Shuttleworth et al. 2024, "LoRA vs Full Fine-tuning: An Illusion of Equivalence", arXiv 2410.21228).
 - `magnitude_direction`: DoRA's analysis (Liu et al. 2024, section 2.2) of a fine-tuned weight against the
   pretrained one, the mean change of each output feature's magnitude and of its direction.
 Not here: training (`loralib.sweeps`), plots (`loralib.plots`).
@@ -233,6 +235,22 @@ def magnitude_direction(w0: torch.Tensor, w: torch.Tensor) -> tuple[float, float
     delta_m = (nb - na).abs().mean().item()
     delta_d = (1 - (a * b).sum(1) / (na * nb)).mean().item()
     return delta_m, delta_d
+
+
+def intruder_dimensions(w0: torch.Tensor, w: torch.Tensor, k: int = 10, threshold: float = 0.5) -> int:
+    """How many of the top-k left-singular vectors of the fine-tuned `w` are intruders: their largest
+    |cosine similarity| with every left-singular vector of the pretrained `w0` is below `threshold`
+    (arXiv 2410.21228, section 3; they count with epsilon 0.5 and up to k = 10 or more). A fine-tuning that
+    only re-weights W's own directions has none; new, strong directions are intruders."""
+    d0, d = _svd(w0, "w0"), _svd(w, "w")
+    if w0.shape != w.shape:
+        raise ValueError(f"w0 and w must have one shape, got {tuple(w0.shape)} and {tuple(w.shape)}.")
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= min(w.shape):
+        raise ValueError(f"k must be an int in [1, {min(w.shape)}], got {k!r}.")
+    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not 0 < threshold <= 1:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold!r}.")
+    cos = (d.u[:, :k].T @ d0.u).abs()  # (k x min(out, in)): every top-k vector against every pretrained one
+    return int((cos.max(dim=1).values < threshold).sum())
 
 
 def adapter_updates(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:

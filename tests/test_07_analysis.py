@@ -212,3 +212,20 @@ def test_amplification_factor_at_k_uses_the_updates_own_top_k_norm():
     assert one.delta_top_k == pytest.approx(3.0) and one.factor == pytest.approx(3.0 / one.along_delta)
     assert two.delta_top_k == pytest.approx(math.sqrt(10.0)) == pytest.approx(two.delta_norm)
     assert two.factor == pytest.approx(two.delta_norm / two.along_delta)
+
+
+def test_intruder_dimensions_count_new_strong_directions_only():
+    g = torch.Generator().manual_seed(5)
+    w0 = torch.randn(40, 30, generator=g, dtype=torch.float64)
+    assert analysis.intruder_dimensions(w0, w0, k=10) == 0
+    u, s, vh = torch.linalg.svd(w0, full_matrices=False)
+    reweighted = u @ torch.diag(s * torch.linspace(2.0, 0.5, len(s), dtype=torch.float64)) @ vh
+    assert analysis.intruder_dimensions(w0, reweighted, k=10) == 0  # W's own directions, re-weighted
+    # a new direction as strong as W's strongest, orthogonal to W's top singular vectors: one intruder
+    x = torch.randn(40, 1, generator=g, dtype=torch.float64)
+    x = x - u @ (u.T @ x)  # outside W's column space entirely: no pretrained vector resembles it
+    x = x / x.norm()
+    y = torch.randn(30, 1, generator=g, dtype=torch.float64)
+    assert analysis.intruder_dimensions(w0, w0 + 3 * s[0] * x @ (y / y.norm()).T, k=10) == 1
+    with pytest.raises(ValueError, match="threshold"):
+        analysis.intruder_dimensions(w0, w0, threshold=0)
