@@ -25,9 +25,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from loralib.checks import check_bool, check_choice, check_module
-from loralib.config import BIAS_CHOICES, INIT_VALUES, LoraSettings
+from loralib.config import BIAS_CHOICES, LoraSettings
 from loralib.files import atomic_directory, read_files, safetensors_from_bytes
-from loralib.injection import config_of, inject_lora, lora_layers, unchanged_on_failure
+from loralib.injection import config_of, inject_settings, lora_layers, unchanged_on_failure
 from loralib.layers import LORA_TENSORS, LoraLayer
 from loralib.named import (
     active_adapter,
@@ -218,13 +218,16 @@ def save_lora(
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a directory path (str or os.PathLike), got {type(path).__name__}.")
     if adapter_name is not None:
-        with using_adapter(model, adapter_name):
-            tensors, cfg = (
-                adapter_state_dict(model),
-                lora_config(model, adapter_name=adapter_name, **metadata),
-            )
-        return write_adapter(path, tensors, cfg)
+        return write_adapter(path, *_named_adapter_files(model, adapter_name, metadata))
     return write_adapter(path, adapter_state_dict(model), lora_config(model, **metadata))
+
+
+def _named_adapter_files(
+    model: nn.Module, adapter_name: str, metadata: dict[str, Any]
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, config) of named adapter `adapter_name`, its name recorded in the config."""
+    with using_adapter(model, adapter_name):
+        return adapter_state_dict(model), lora_config(model, adapter_name=adapter_name, **metadata)
 
 
 def save_adapters(model: nn.Module, directory: str | os.PathLike, **metadata: Any) -> Path:
@@ -236,10 +239,7 @@ def save_adapters(model: nn.Module, directory: str | os.PathLike, **metadata: An
     names = adapter_names(model)
     if not names:
         raise ValueError("the model has no LoRA adapters; call inject_lora or add_adapter first.")
-    parts = {}
-    for name in names:
-        with using_adapter(model, name):
-            parts[name] = (adapter_state_dict(model), lora_config(model, adapter_name=name, **metadata))
+    parts = {name: _named_adapter_files(model, name, metadata) for name in names}
     directory = Path(directory)
     index = {"format": "loralib-adapters", "adapters": names, "active": active_adapter(model)}
     with atomic_directory(directory) as stage:
@@ -476,21 +476,8 @@ def _settings_from_config(cfg: dict[str, Any]) -> dict[str, LoraSettings]:
 
 def _inject_from_config(model: nn.Module, cfg: dict[str, Any]) -> None:
     """Inject LoRA into exactly the layers the adapter's config names (full names: no suffix matching)."""
-    per_layer = cfg.get("per_layer") or {}
-    for name in cfg["target_modules"]:
-        spec = per_layer.get(name, {})
-        inject_lora(
-            model,
-            [name],
-            r=int(spec.get("r", cfg["r"])),
-            lora_alpha=spec.get("lora_alpha", cfg["lora_alpha"]),
-            lora_dropout=spec.get("lora_dropout", cfg.get("lora_dropout")) or 0.0,
-            init_lora_weights=INIT_VALUES[spec.get("init", cfg.get("init")) or "kaiming"],
-            use_rslora=bool(spec.get("use_rslora", False)),
-            lora_bias=bool(spec.get("lora_bias", False)),
-            use_dora=bool(spec.get("use_dora", False)),
-            exact=True,
-        )
+    for name, settings in _settings_from_config(cfg).items():
+        inject_settings(model, name, settings)
 
 
 def tensor_mismatches(

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from loralib.checks import check_bool, check_choice, check_module, check_names
-from loralib.config import BIAS_CHOICES, INIT_VALUES, LoraConfig, config_from
+from loralib.config import BIAS_CHOICES, INIT_VALUES, LoraConfig, LoraSettings, config_from
 from loralib.layers import LoraLayer, lora_class_for, module_kind, supported_types
 
 # Task heads stay full-precision, fully trained modules: "all-linear" never adapts them (as PEFT).
@@ -248,6 +248,26 @@ def inject_lora(
     for name, layer in new.items():  # every layer is built before the model changes
         _set_module(model, name, layer)
     return names
+
+
+def inject_settings(
+    model: nn.Module, name: str, settings: LoraSettings, autocast_adapter_dtype: bool = True
+) -> None:
+    """`inject_lora` of exactly module `name` (its full name) with one layer's validated `settings`: how
+    loaders rebuild a saved layer, with inject_lora's checks and errors."""
+    inject_lora(
+        model,
+        [name],
+        exact=True,
+        autocast_adapter_dtype=autocast_adapter_dtype,
+        r=settings.r,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=settings.lora_dropout,
+        init_lora_weights=INIT_VALUES[settings.init],
+        use_rslora=settings.use_rslora,
+        lora_bias=settings.lora_bias,
+        use_dora=settings.use_dora,
+    )
 
 
 def _is_layer_norm(name: str, module: nn.Module) -> bool:

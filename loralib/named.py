@@ -34,7 +34,15 @@ from torch import nn
 
 from loralib.checks import check_module, check_names
 from loralib.config import LoraConfig, config_from
-from loralib.injection import HEAD_NAMES, _name_matches, _set_module, find_targets, inject_lora, lora_layers
+from loralib.injection import (
+    HEAD_NAMES,
+    _name_matches,
+    _set_module,
+    find_targets,
+    inject_lora,
+    inject_settings,
+    lora_layers,
+)
 from loralib.layers import LORA_TENSORS, LoraLayer
 from loralib.layers.slots import BASE_ROWS, DEFAULT_ADAPTER, AdapterHeads, check_adapter_name
 
@@ -158,19 +166,25 @@ def set_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
         raise ValueError(
             f"the model has no adapter {adapter_name!r}; it has {names}. add_adapter or load one first."
         )
-    old = active_adapter(model)
-    merged = [layer for _, layer in lora_layers(model) if layer.merged]
-    for _, layer in _all_layers(model):
-        if layer in merged:
-            layer.unmerge()
-        layer._route(adapter_name)
-    for _, h in _heads(model):
-        h.active = adapter_name
-    _swap_values(model, old, adapter_name)
+    merged = _route_all(model, active_adapter(model), adapter_name)
     for _, layer in _all_layers(model):
         if merged and layer.has_adapter:
             layer.merge()
     return model
+
+
+def _route_all(model: nn.Module, old: str, new: str) -> list[LoraLayer]:
+    """Point every layer, head and carried value from adapter `old` to `new` (BASE_ROWS: the frozen
+    model), unmerging merged layers first; return the layers that were merged."""
+    merged = [layer for _, layer in lora_layers(model) if layer.merged]
+    for layer in merged:
+        layer.unmerge()
+    for _, layer in _all_layers(model):
+        layer._route(new)
+    for _, h in _heads(model):
+        h.active = new
+    _swap_values(model, old, new)
+    return merged
 
 
 @contextlib.contextmanager
@@ -191,22 +205,11 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     merged again after."""
     check_module(model)
     active = active_adapter(model)
-    merged = [layer for _, layer in lora_layers(model) if layer.merged]
-    for layer in merged:
-        layer.unmerge()
-    for _, layer in _all_layers(model):
-        layer._route(BASE_ROWS)
-    for _, h in _heads(model):
-        h.active = BASE_ROWS
-    _swap_values(model, active, BASE_ROWS)
+    merged = _route_all(model, active, BASE_ROWS)
     try:
         yield model
     finally:
-        for _, layer in _all_layers(model):
-            layer._route(active)
-        for _, h in _heads(model):
-            h.active = active
-        _swap_values(model, BASE_ROWS, active)
+        _route_all(model, BASE_ROWS, active)
         for layer in merged:
             layer.merge()
 
@@ -246,44 +249,70 @@ def add_adapter(
             layer.rename_first_adapter(adapter_name)
         _add_heads(model, adapter_name, config.modules_to_save or (), first=True)
         return names
-    active = active_adapter(model)
     targets = find_targets(model, config)
     if not targets:
         raise ValueError(f"target_modules={config.target_modules!r} matched no module of this model.")
+    done = _add_to_layers(
+        model, adapter_name, {n: config.settings_for(n) for n in targets}, autocast_adapter_dtype
+    )
+    try:
+        _add_heads(model, adapter_name, config.modules_to_save or (), first=False)
+    except BaseException:
+        _undo_layers(model, adapter_name, *done)
+        raise
+    return targets
+
+
+def _add_to_layers(
+    model: nn.Module, adapter_name: str, settings_of: dict[str, Any], autocast_adapter_dtype: bool
+) -> tuple[list[LoraLayer], list[tuple[str, nn.Module]]]:
+    """Give each module of `settings_of` ({full name: LoraSettings}) adapter `adapter_name`: a further
+    adapter in a LoRA layer, or a new LoRA layer (through `inject_settings`, so with inject_lora's checks)
+    whose first adapter it is, routed to the active adapter. Returns (layers added to, (name, module
+    replaced)) for `_undo_layers`; a failure half-way undoes what it did before raising."""
+    active = active_adapter(model)
     modules = dict(model.named_modules())
     added: list[LoraLayer] = []
     injected: list[tuple[str, nn.Module]] = []
     try:
-        for name in targets:
-            module = modules[name]
+        for name, settings in settings_of.items():
+            module = modules.get(name)
             if isinstance(module, LoraLayer):
-                module.add_adapter(
-                    name=adapter_name,
-                    settings=config.settings_for(name),
-                    autocast_adapter_dtype=autocast_adapter_dtype,
-                )
+                module.add_adapter(adapter_name, settings, autocast_adapter_dtype)
                 added.append(module)
             else:
-                inject_lora(
-                    model,
-                    config,
-                    exact=True,
-                    target_modules=[name],
-                    autocast_adapter_dtype=autocast_adapter_dtype,
-                )
+                inject_settings(model, name, settings, autocast_adapter_dtype)
                 layer = model.get_submodule(name)
                 layer.rename_first_adapter(adapter_name)
                 layer._route(active)
                 injected.append((name, module))
-        _add_heads(model, adapter_name, config.modules_to_save or (), first=False)
     except BaseException:
-        for layer in added:
-            if adapter_name in layer.adapter_names():
-                layer.delete_adapter(adapter_name)
-        for name, module in injected:
-            _set_module(model, name, module)
+        _undo_layers(model, adapter_name, added, injected)
         raise
-    return targets
+    return added, injected
+
+
+def _undo_layers(
+    model: nn.Module, adapter_name: str, added: list[LoraLayer], injected: list[tuple[str, nn.Module]]
+) -> None:
+    """Take back what `_add_to_layers` did."""
+    for layer in added:
+        if adapter_name in layer.adapter_names():
+            layer.delete_adapter(adapter_name)
+    for name, module in injected:
+        _set_module(model, name, module)
+
+
+def _wrap_head(model: nn.Module, name: str) -> nn.Module | None:
+    """Make module `name` an `AdapterHeads` whose first adapter's head is the module trained so far and
+    whose original is a copy of it; return the module it replaced (None if it was one already)."""
+    module = model.get_submodule(name)
+    if isinstance(module, AdapterHeads):
+        return None
+    holder = AdapterHeads(copy.deepcopy(module), {_first_name(model): module})
+    holder.active = active_adapter(model)
+    _set_module(model, name, holder)
+    return module
 
 
 def _add_heads(model: nn.Module, adapter_name: str, modules_to_save: Sequence[str], first: bool) -> None:
@@ -303,11 +332,8 @@ def _add_heads(model: nn.Module, adapter_name: str, modules_to_save: Sequence[st
             continue
         if first:
             continue  # the model's own head is the first adapter's; it is wrapped when a second one arrives
-        # The module trained so far is the first adapter's head; a copy of it is the original from now on.
-        holder = AdapterHeads(copy.deepcopy(module), {_first_name(model): module})
-        holder.active = active_adapter(model)
-        holder.heads[adapter_name] = copy.deepcopy(module)
-        _set_module(model, name, holder)
+        _wrap_head(model, name)
+        model.get_submodule(name).heads[adapter_name] = copy.deepcopy(module)
 
 
 def _first_name(model: nn.Module) -> str:
@@ -549,41 +575,16 @@ def loading_into(
         for n, b in base.items():  # the values before this adapter, and its own (the loader copied them in)
             slots[n] = {BASE_ROWS: b, adapter_name: params[n].detach().clone()}
         return
-    created_layers: list[LoraLayer] = []
-    injected: list[tuple[str, nn.Module]] = []
+    done: tuple[list, list] = ([], [])
     wrapped: list[tuple[str, nn.Module]] = []
-    active = active_adapter(model)
     try:
         if not exists:
-            from loralib.layers import lora_class_for
-
-            modules = dict(model.named_modules())
-            for name, settings in layers.items():
-                module = modules.get(name)
-                if module is None or (not isinstance(module, LoraLayer) and lora_class_for(module) is None):
-                    raise ValueError(
-                        f"the adapter adapts {name!r}, which this model lacks or LoRA cannot adapt."
-                    )
-                if isinstance(module, LoraLayer):
-                    module.add_adapter(adapter_name, settings, autocast_adapter_dtype)
-                    created_layers.append(module)
-                else:
-                    cls = lora_class_for(module)
-                    layer = cls.from_module(
-                        module, autocast_adapter_dtype=autocast_adapter_dtype, settings=settings
-                    )
-                    layer.rename_first_adapter(adapter_name)
-                    layer._route(active)
-                    _set_module(model, name, layer)
-                    injected.append((name, module))
+            done = _add_to_layers(model, adapter_name, layers, autocast_adapter_dtype)
         for h in heads:
+            replaced = _wrap_head(model, h)  # the module so far served the model's adapters
+            if replaced is not None:
+                wrapped.append((h, replaced))
             module = model.get_submodule(h)
-            if not isinstance(module, AdapterHeads):  # the module so far served the model's adapters
-                holder = AdapterHeads(copy.deepcopy(module), {n: module for n in adapter_names(model)[:1]})
-                holder.active = active
-                _set_module(model, h, holder)
-                wrapped.append((h, module))
-                module = holder
             if adapter_name not in module.heads:
                 module.heads[adapter_name] = copy.deepcopy(module.original)
             _fit(module.heads[adapter_name], _under(h, head_tensors))
@@ -593,11 +594,7 @@ def loading_into(
             yield
     except BaseException:
         if not exists:
-            for layer in created_layers:
-                if adapter_name in layer.adapter_names():
-                    layer.delete_adapter(adapter_name)
-            for name, module in injected:
-                _set_module(model, name, module)
+            _undo_layers(model, adapter_name, *done)
             for _, h in _heads(model):
                 if adapter_name in h.heads:
                     del h.heads[adapter_name]

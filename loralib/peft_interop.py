@@ -303,18 +303,23 @@ def to_peft(
     (classifier, qa_outputs) in full, trained or not, because a fresh `from_pretrained` initialises them
     at random. The directory is written as one atomic unit (`loralib.files.atomic_directory`).
     """
-    check_module(model)
-    if not isinstance(directory, (str, os.PathLike)):
-        raise TypeError(f"directory must be a path (str or os.PathLike), got {type(directory).__name__}.")
-    if task_type is not None and task_type != "auto":
-        check_choice(task_type, "task_type", ("auto", *dict.fromkeys(t for _, t in _TASK_TYPES)))
-    check_bool(save_heads, "save_heads")
+    _check_export(model, directory, task_type, save_heads)
     with using_adapter(model, adapter_name) if adapter_name is not None else contextlib.nullcontext():
         tensors, config = peft_state_and_config(model, base_model_name_or_path, task_type, save_heads)
     directory = Path(directory)
     with atomic_directory(directory) as stage:
         _write_peft(stage, tensors, config)
     return directory
+
+
+def _check_export(model: nn.Module, directory, task_type: str | None, save_heads: bool) -> None:
+    """The arguments `to_peft` and `to_peft_all` share, checked before anything is computed or written."""
+    check_module(model)
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"directory must be a path (str or os.PathLike), got {type(directory).__name__}.")
+    if task_type is not None and task_type != "auto":
+        check_choice(task_type, "task_type", ("auto", *dict.fromkeys(t for _, t in _TASK_TYPES)))
+    check_bool(save_heads, "save_heads")
 
 
 def _write_peft(folder: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
@@ -333,7 +338,7 @@ def to_peft_all(
     """Write every named adapter as PEFT's `save_pretrained` does for several: "default" in `directory`
     itself, each other one in `directory/<name>/` (`PeftModel.from_pretrained(base, directory)` then
     `load_adapter(directory/<name>, adapter_name=<name>)`). Atomic as a whole; returns the directory."""
-    check_module(model)
+    _check_export(model, directory, task_type, save_heads)
     parts = {}
     for name in adapter_names(model):
         with using_adapter(model, name):

@@ -76,6 +76,7 @@ def serving_memory(model: nn.Module, adapter_count: int) -> dict[str, int]:
     """Bytes of parameters: `model` as it holds its adapters ("one_model"), its backbone alone (what no
     adapter owns), and `adapter_count` separate fine-tuned models of the backbone's size plus one adapter
     each ("separate_models": what serving each task from its own model holds)."""
+    from loralib.layers import LORA_TENSORS
     from loralib.named import _all_layers, _heads, _values
 
     everything = {id(p): p for p in model.parameters()}
@@ -83,7 +84,7 @@ def serving_memory(model: nn.Module, adapter_count: int) -> dict[str, int]:
     for _, layer in _all_layers(model):
         for name in layer.adapter_names():
             with layer.using_adapter(name):
-                for t in ("lora_A", "lora_B", "lora_B_bias", "lora_magnitude_vector"):
+                for t in LORA_TENSORS:
                     p = getattr(layer, t, None)
                     if p is not None:
                         owned[id(p)] = p

@@ -219,6 +219,28 @@ class LoraLinear(LoraLayer, nn.Linear):
     def _dora_2d(self, weight: torch.Tensor) -> torch.Tensor:
         return weight
 
+    def _mixed_shared(self, x: torch.Tensor, rows) -> torch.Tensor | None:
+        """A mixed batch (`loralib.layers.slots`): the frozen product once for every row, then each group's
+        low-rank term added to its rows. None with LoRA dropout in training: each group's own forward."""
+        if self.training and self.lora_dropout_p > 0:
+            return None
+        x, weight, bias, _, _ = self._compute_operands(x)
+        out = F.linear(x, weight, bias)
+        for name, index in rows:
+            self._route(name)
+            if not self.has_adapter:
+                continue
+            xs = x.index_select(0, index)
+            if self.use_dora or self.lora_B_bias is not None:
+                # DoRA's g scales the frozen product too, lora_bias adds a term: the layer's own forward
+                out = out.index_copy(0, index, self.forward(xs))
+                continue
+            a, b = self.lora_A, self.lora_B
+            if a.dtype != out.dtype:
+                a, b = a.to(out.dtype), b.to(out.dtype)
+            out = out.index_add(0, index, F.linear(F.linear(xs, a), b) * self.scaling)
+        return out
+
     def _add_lora_bias(self, out: torch.Tensor) -> torch.Tensor:
         term = self.lora_bias_term(out.dtype)
         return out if term is None else out + term

@@ -25,7 +25,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 # The attributes each adapter has its own of; everything else (weight, bias, merged...) is the layer's.
@@ -172,7 +171,6 @@ class NamedAdapters:
             )
         record = LoraAdapter()
         w = self.weight
-        record._r = settings.r
         self._init_lora(
             settings,
             self.adapter_shapes(self, settings.r),
@@ -267,22 +265,24 @@ class NamedAdapters:
             )
         rows = groups.rows(x.shape[0], x.device, self)
         before = self.active_adapter
-        simple = isinstance(self, nn.Linear) and not (self.training and self.lora_dropout_p > 0)
         self.__dict__["_lora_batch"] = None  # the groups' own forwards are ordinary ones
         try:
-            if simple:
-                return self._mixed_linear(x, rows)
+            out = self._mixed_shared(x, rows)
+            if out is not None:
+                return out
             outs = []
             for name, index in rows:
-                self._route(name)
-                outs.append(self._forward_one(x.index_select(0, index)))
+                self._route(name)  # forward's own detour computes the frozen module where it is absent
+                outs.append(self.forward(x.index_select(0, index)))
         finally:
             self._route(before)
             self.__dict__["_lora_batch"] = groups
-        out = outs[0].new_empty((x.shape[0], *outs[0].shape[1:]))
-        for (_, index), y in zip(rows, outs):
-            out.index_copy_(0, index, y)
-        return out
+        return stitch_rows(x.shape[0], rows, outs)
+
+    def _mixed_shared(self, x: torch.Tensor, rows) -> torch.Tensor | None:
+        """A layer type's mixed batch that shares the frozen product over all rows, or None: then each
+        group runs through the layer's own forward (`LoraLinear` overrides it)."""
+        return None
 
     def _detour(self, x: torch.Tensor) -> torch.Tensor | None:
         """The output when this call is not the active adapter's ordinary forward, else None: a mixed
@@ -295,33 +295,13 @@ class NamedAdapters:
             return self.base_type.forward(self, x)
         return None
 
-    def _forward_one(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.has_adapter:
-            return self.base_type.forward(self, x)
-        return self.forward(x)
 
-    def _mixed_linear(self, x: torch.Tensor, rows) -> torch.Tensor:
-        weight, bias = self.weight, self.bias
-        if torch.is_autocast_enabled(x.device.type):
-            dt = torch.get_autocast_dtype(x.device.type)
-            x, weight = x.to(dt), weight.to(dt)
-            bias = None if bias is None else bias.to(dt)
-        out = F.linear(x, weight, bias)
-        for name, index in rows:
-            self._route(name)
-            if not self.has_adapter:
-                continue
-            xs = x.index_select(0, index)
-            if self.use_dora or self.lora_B_bias is not None:
-                # DoRA's g scales the frozen product too, lora_bias adds a term: the layer's own forward
-                out = out.index_copy(0, index, self.forward(xs))
-                continue
-            a, b = self.lora_A, self.lora_B
-            if a.dtype != out.dtype:
-                a, b = a.to(out.dtype), b.to(out.dtype)
-            term = F.linear(F.linear(xs, a), b) * self.scaling
-            out = out.index_add(0, index, term)
-        return out
+def stitch_rows(n: int, rows, outs: list[torch.Tensor]) -> torch.Tensor:
+    """One (n, ...) output from each group's rows (`rows`: [(name, index)]) and outputs, in batch order."""
+    out = outs[0].new_empty((n, *outs[0].shape[1:]))
+    for (_, index), y in zip(rows, outs):
+        out.index_copy_(0, index, y)
+    return out
 
 
 class AdapterHeads(nn.Module):
@@ -361,7 +341,4 @@ class AdapterHeads(nn.Module):
                 f"({[n for n, _ in rows]}); a batch mixes adapters whose heads agree, e.g. tasks with the same "
                 "number of labels. Serve the others with set_adapter."
             )
-        out = outs[0].new_empty((x.shape[0], *outs[0].shape[1:]))
-        for (_, index), y in zip(rows, outs):
-            out.index_copy_(0, index, y)
-        return out
+        return stitch_rows(x.shape[0], rows, outs)
