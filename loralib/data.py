@@ -4,7 +4,9 @@ Covers the nine GLUE tasks (hub dataset `nyu-mll/glue`) and SQuAD v1.1 / v2.0 (`
 `rajpurkar/squad_v2`): `TaskSpec` tables with the hub's column names, label names and splits;
 `load_glue` / `load_squad` / `load_task`, which return a `datasets.DatasetDict` with the hub's exact
 `Features` whether the rows come from the hub, from the mini datasets bundled with loralib
-(`data_dir="bundled"`) or from a local directory; and `tokenize_glue`.
+(`data_dir="bundled"`; `"bundled-words"`: an easier SST-2 where one sentiment word decides;
+`"bundled-noisy"`: that with 15% of its training labels flipped) or from a local directory; and
+`tokenize_glue`.
 
 The bundled datasets are small synthetic stand-ins written by `scripts/make_bundled_data.py` (not
 samples of the real data): they exist so that the pipeline runs offline. Numbers measured on them
@@ -184,6 +186,13 @@ def _spec_of(task: str, table: dict[str, TaskSpec], kind: str) -> TaskSpec:
             hint = f" ({task!r} is a {'SQuAD' if kind == 'GLUE' else 'GLUE'} task: use load_task)"
         raise ValueError(f"unknown {kind} task {task!r}{hint}; valid {kind} tasks: {', '.join(table)}.")
     return table[task]
+
+
+# Easier variants of a bundled task. "bundled-words": SST-2 where every sentiment word has the label's
+# polarity (one word decides), for notebook 08's many 32-step runs; "bundled-noisy": the same with 15% of
+# the training labels flipped, so a tuned run's validation loss has a floor (notebook 07). "bundled"'s
+# SST-2 needs negation and contrast, for a learning curve that rises over epochs (notebook 04).
+BUNDLED_VARIANTS = {"bundled-words": ("sst2",), "bundled-noisy": ("sst2",)}
 
 
 def bundled_data_dir() -> Path:
@@ -367,6 +376,13 @@ def _load(spec: TaskSpec, data_dir: str | os.PathLike | None, max_samples: int |
         dsd = _load_hub(spec)
     elif str(data_dir) == "bundled":
         dsd = _load_local(spec, bundled_data_dir())
+    elif str(data_dir) in BUNDLED_VARIANTS:
+        if spec.name not in BUNDLED_VARIANTS[str(data_dir)]:
+            raise ValueError(
+                f"data_dir={str(data_dir)!r} holds only {BUNDLED_VARIANTS[str(data_dir)]}; for {spec.name} "
+                "use data_dir='bundled'."
+            )
+        dsd = _load_local(spec, bundled_data_dir() / str(data_dir).removeprefix("bundled-"))
     else:
         dsd = _load_local(spec, Path(data_dir).expanduser())
     if max_samples is not None:

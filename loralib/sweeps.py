@@ -3,8 +3,9 @@
 `Sweep(model_id, task)` tokenises the task's data once; `sweep.run(r=..., target_modules=..., ...)` trains
 a fresh copy of the pretrained model with that LoRA setup (a plain PyTorch loop: AdamW, linear decay, the
 task head trained too) and returns a `RunResult` with the validation accuracy and loss, the training
-losses, the parameter counts, the time it took and every layer's (W, dW, A) for `loralib.analysis`. The
-same setup asked twice is trained once.
+losses, the parameter counts, the time it took and every layer's (W, dW, A) for `loralib.analysis` (for a
+full fine-tuning run, W and dW = trained - pretrained of the layers `target_modules` names). The same setup
+asked twice is trained once.
 
 Covers: `RunSpec` (one run's settings, PEFT's names), `RunResult`, `Sweep`, `budget_rank` (the rank that
 gives a set of targets a parameter budget). Not here: the benchmark's Trainer runs (`loralib.benchmark`),
@@ -244,12 +245,25 @@ class Sweep:
         accuracy, eval_loss = self.evaluate(model)
         lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
         trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        updates = {} if spec.full_finetune else adapter_updates(model)
+        updates = self._full_updates(model, spec) if spec.full_finetune else adapter_updates(model)
         result = RunResult(
             spec, accuracy, eval_loss, losses, lora, trained, time.perf_counter() - t0, updates, trace
         )
         self.results[spec] = result
         return result
+
+    def _full_updates(self, model: nn.Module, spec: RunSpec) -> dict[str, dict[str, torch.Tensor]]:
+        """A fully fine-tuned run's {"W": the pretrained weight, "dW": trained minus pretrained} (float64, CPU)
+        for the Linear layers `spec.target_modules` names: the same matrices a LoRA run of that spec adapts."""
+        from loralib.injection import find_targets
+
+        targets = spec.target_modules if isinstance(spec.target_modules, str) else list(spec.target_modules)
+        base, trained = dict(self._base.named_modules()), dict(model.named_modules())
+        out = {}
+        for name in find_targets(self._base, targets):
+            w0 = base[name].weight.detach().to("cpu", torch.float64)
+            out[name] = {"W": w0, "dW": trained[name].weight.detach().to("cpu", torch.float64) - w0}
+        return out
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> tuple[float, float]:

@@ -32,7 +32,11 @@ GLUE_SIZES = {"train": 48, "eval": 24}
 SQUAD_SIZES = {"train": 40, "validation": 20}
 # The tasks the toy profile learns on (notebooks 04 and 05): enough rows for a pretrained model to show
 # a learning curve in a CPU minute, and for an accuracy or EM to move in steps of 1-2 points.
-LEARNING_SIZES = {"sst2": {"train": 400, "eval": 100}, "squad": {"train": 300, "validation": 60}}
+LEARNING_SIZES = {
+    "sst2": {"train": 400, "eval": 100},
+    "squad": {"train": 300, "validation": 60},
+    "squad_v2": {"train": 300, "validation": 60},
+}
 
 NAMES = ["Mira", "Tomas", "Ilse", "Oren", "Kade", "Lena", "Pavel", "Rhea", "Soren", "Nadia", "Ivo", "Greta"]
 THINGS = ["letter", "basket", "lamp", "map", "boat", "drum", "kettle", "ladder", "coat", "bicycle"]
@@ -125,6 +129,58 @@ FILM = ["film", "movie", "story", "script", "performance", "soundtrack"]
 
 
 def sst2(rng: random.Random, split: str, seen: set[str]) -> list[dict]:
+    """Sentiment that counting words cannot read. Three rows in ten contrast two clauses, and the label
+    follows the one that counts (after "but" / "yet", the main clause after "although"); three in ten
+    negate a word ("not dull" is positive); four in ten are plain (one or two words of the label's
+    polarity). Counting positive against negative words scores 0.51 / 0.52 (train / validation); the toy
+    profile's MiniLM stays near 0.5 through its first epoch and reaches 0.92-1.00 after three (seeds 0-3)."""
+
+    def contrast(r, label):  # the second clause decides
+        first, second = _pick(r, NEGATIVE if label else POSITIVE), _pick(r, POSITIVE if label else NEGATIVE)
+        n1, n2 = _pick(r, FILM, 2)
+        return r.choice(
+            [
+                f"the {n1} is {first} , but the {n2} is {second} . ",
+                f"{first} at first , yet {second} by the end . ",
+                f"although the {n1} is {first} , the {n2} is {second} . ",
+                f"a {first} {n1} , but a {second} {n2} . ",
+            ]
+        )
+
+    def negated(r, label):  # "not w" has the opposite label of w
+        word, noun = _pick(r, NEGATIVE if label else POSITIVE), _pick(r, FILM)
+        return r.choice(
+            [
+                f"the {noun} is not {word} . ",
+                f"it 's never {word} , not for a minute . ",
+                f"hardly a {word} {noun} . ",
+                f"the {noun} is not {word} at all . ",
+                f"i would not call the {noun} {word} . ",
+                f"not once is the {noun} {word} . ",
+            ]
+        )
+
+    def plain(r, label):
+        words = POSITIVE if label else NEGATIVE
+        a, b = _pick(r, words, 2)
+        noun = _pick(r, FILM)
+        return r.choice([f"a {a} and {b} {noun} ", f"the {noun} is {a} from start to finish . ", f"{a} "])
+
+    def make(label):
+        def row(r):
+            kind = r.choices([contrast, negated, plain], weights=[3, 3, 4])[0]
+            return {"sentence": kind(r, label), "label": label}
+
+        return row
+
+    return _balanced(rng, LEARNING_SIZES["sst2"][split], [make(0), make(1)], seen)
+
+
+def sst2_words(rng: random.Random, split: str, seen: set[str]) -> list[dict]:
+    """The easier SST-2 variant (`data_dir="bundled-words"`): every sentiment word in a row has the
+    label's polarity, so one word decides it. For many short runs that must learn in 32 steps (notebooks
+    07 and 08 compare dozens of them); `sst2` above is the one a learning curve needs."""
+
     def make(words, label):
         def row(r):
             a, b = _pick(r, words, 2)
@@ -143,6 +199,23 @@ def sst2(rng: random.Random, split: str, seen: set[str]) -> list[dict]:
         return row
 
     return _balanced(rng, LEARNING_SIZES["sst2"][split], [make(NEGATIVE, 0), make(POSITIVE, 1)], seen)
+
+
+NOISY_SHARE = 0.15
+
+
+def sst2_noisy(rng: random.Random, split: str, seen: set[str]) -> list[dict]:
+    """`sst2_words` with 15% of the training labels flipped (`data_dir="bundled-noisy"`; validation clean).
+    Real labels disagree too; here it gives the validation loss a floor above zero, so that a learning rate
+    is tuned against something (on the clean twin a tuned run drives the loss to ~1e-4 and every choice
+    looks the same). Notebook 07's runs use it."""
+    rows = sst2_words(rng, split, seen)
+    if split == "train":
+        flip = set(
+            random.Random("sst2/noisy-labels").sample(range(len(rows)), round(NOISY_SHARE * len(rows)))
+        )
+        rows = [{**row, "label": 1 - row["label"]} if i in flip else row for i, row in enumerate(rows)]
+    return rows
 
 
 COMPANIES = ["Norvale", "Brightwick", "Halden Foods", "Corrigan Steel", "Lumora", "Westfield Rail"]
@@ -386,18 +459,23 @@ GLUE_MAKERS = {
 }
 
 
-def glue_rows(task: str) -> dict[str, list[dict]]:
-    """{split: rows} for one GLUE task, columns in the hub's order, idx = row number."""
+# Variants of a task, written under <variant>/glue/<task>/ and loaded with data_dir="bundled-<variant>".
+GLUE_VARIANTS = {"words": {"sst2": sst2_words}, "noisy": {"sst2": sst2_noisy}}
+
+
+def glue_rows(task: str, variant: str | None = None) -> dict[str, list[dict]]:
+    """{split: rows} for one GLUE task (or its `variant`), columns in the hub's order, idx = row number."""
     splits = (
         ["train", "validation_matched", "validation_mismatched"]
         if task == "mnli"
         else ["train", "validation"]
     )
+    maker = GLUE_VARIANTS[variant][task] if variant else GLUE_MAKERS[task]
     out, seen = {}, set()
     for split in splits:  # train first: evaluation rows then avoid its texts
-        rng = random.Random(f"{task}/{split}")
+        rng = random.Random(f"{task}/{split}")  # a variant draws from the same seeds
         size_key = "train" if split == "train" else "eval"
-        raw = GLUE_MAKERS[task](rng, split if task == "mnli" else size_key, seen)
+        raw = maker(rng, split if task == "mnli" else size_key, seen)
         out[split] = [{**row, "idx": i} for i, row in enumerate(raw)]
     return out
 
@@ -610,6 +688,10 @@ def all_files() -> dict[str, str]:
     for task in GLUE_MAKERS:
         for split, rows in glue_rows(task).items():
             files[f"glue/{task}/{split}.jsonl"] = render(rows)
+    for variant, makers in GLUE_VARIANTS.items():
+        for task in makers:
+            for split, rows in glue_rows(task, variant).items():
+                files[f"{variant}/glue/{task}/{split}.jsonl"] = render(rows)
     for task in ("squad", "squad_v2"):
         for split, rows in squad_rows(task).items():
             files[f"squad/{task}/{split}.jsonl"] = render(rows)

@@ -388,3 +388,40 @@ def test_notebook_04s_training_cell_continues_after_a_disconnect(tmp_path):
     assert again["rte"]["skipped"] is True and not again["sst2"].get("skipped")
     assert [r["epoch"] for r in again["sst2"]["resumed"]] == [1]  # continued from epoch 1's checkpoint
     assert [e["epoch"] for e in again["sst2"]["epochs"]] == [1, 2]
+
+
+def test_within_epoch_evaluation_steps():
+    from loralib.benchmark.trainer import _within_epoch_steps
+
+    assert _within_epoch_steps(8, 2, 1) == set()
+    assert _within_epoch_steps(8, 2, 2) == {2, 6}
+    assert _within_epoch_steps(8, 2, 3) == {1, 3, 5, 7}  # 4/3 and 8/3 of a 4-step epoch, rounded
+    assert _within_epoch_steps(75, 3, 4) == {6, 12, 19, 31, 37, 44, 56, 62, 69}
+    assert _within_epoch_steps(6, 3, 4) == {
+        1,
+        3,
+        5,
+    }  # 2-step epochs: 0.5 -> 0 and 1.5 -> 2 dropped (banker's rounding)
+
+
+def test_evaluations_within_epochs_and_before_training(tmp_path):
+    # 64 rows, batch 16: 4 steps an epoch; evaluations at 0, 1/3 and 2/3 of each epoch, and each end.
+    kw = dict(epochs=2, warmup_epochs=0.5, progress=False, evals_per_epoch=3, eval_on_start=True)
+    res = run_task("sst2", "smoke", output_dir=tmp_path, **kw)
+    steps = [e["step"] for e in res["evaluations"]]
+    assert steps == [0, 1, 3, 4, 5, 7, 8]
+    assert [e["epoch"] for e in res["evaluations"]] == pytest.approx([s / 4 for s in steps])
+    assert [e["epoch"] for e in res["epochs"]] == [1, 2] and [e["step"] for e in res["epochs"]] == [4, 8]
+    ends = {e["step"]: e for e in res["evaluations"]}
+    for e in res["epochs"]:  # an epoch record is the evaluation at that epoch's end
+        assert e["metrics"] == ends[e["step"]]["metrics"] and e["eval_loss"] == ends[e["step"]]["eval_loss"]
+    assert res["metrics"] == res["evaluations"][-1]["metrics"]["validation"]
+    # Without the extra points the run records its epoch ends only, in both lists.
+    plain = run_task(
+        "sst2", "smoke", output_dir=tmp_path / "plain", epochs=2, warmup_epochs=0.5, progress=False
+    )
+    assert [e["step"] for e in plain["evaluations"]] == [4, 8] == [e["step"] for e in plain["epochs"]]
+    with pytest.raises(ValueError, match="evals_per_epoch"):
+        make_config("sst2", "smoke", evals_per_epoch=0)
+    with pytest.raises((TypeError, ValueError), match="eval_on_start"):
+        make_config("sst2", "smoke", eval_on_start="yes")

@@ -339,6 +339,28 @@ def test_cli_takes_peft_names_for_rank_alpha_and_dropout(tmp_path, monkeypatch):
     assert "lora" not in seen and "loraplus_lr_ratio" not in seen  # the recipe's defaults stay
     args = ["--task", "rte", "--output-dir", str(out), "--use-rslora", "--loraplus-lr-ratio", "16"]
     assert main(args) == 0 and seen["lora"].use_rslora is True and seen["loraplus_lr_ratio"] == 16.0
+    seen.clear()
+    args = [
+        "--task",
+        "sst2",
+        "--output-dir",
+        str(out),
+        "--evals-per-epoch",
+        "4",
+        "--eval-on-start",
+        "--data-dir",
+        "bundled-noisy",
+    ]
+    assert main(args) == 0 and (seen["evals_per_epoch"], seen["eval_on_start"], seen["data_dir"]) == (
+        4,
+        True,
+        "bundled-noisy",
+    )
+    seen.clear()
+    assert main(["--task", "sst2", "--output-dir", str(out)]) == 0
+    assert (
+        "evals_per_epoch" not in seen and "eval_on_start" not in seen
+    )  # the profile's (or the recipe's) stay
 
 
 def test_a_model_id_written_as_a_missing_path_is_refused_before_anything_loads(tmp_path, capsys):

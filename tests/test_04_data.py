@@ -118,9 +118,9 @@ def test_bundled_glue_has_the_hub_schema_and_sizes(task):
         assert not train & {tuple(r[k] for k in text) for r in dsd[split]}
 
 
-def _bow_accuracy(task: str) -> float:
+def _bow_accuracy(task: str, data_dir: str = "bundled") -> float:
     """Validation accuracy of a nearest-centroid bag-of-words classifier fitted on the train split."""
-    dsd = load_glue(task, data_dir="bundled")
+    dsd = load_glue(task, data_dir=data_dir)
     key = GLUE_TASKS[task].text_keys[-1]
     vocab = sorted({w for s in dsd["train"][key] for w in s.lower().split()})
     index = {w: i for i, w in enumerate(vocab)}
@@ -140,10 +140,47 @@ def _bow_accuracy(task: str) -> float:
     return float((pred == yva).mean())
 
 
-@pytest.mark.parametrize("task", ["sst2", "qnli", "rte"])
+@pytest.mark.parametrize("task", ["qnli", "rte"])
 def test_bundled_tasks_carry_a_learnable_signal(task):
     # Not a benchmark: it shows a smoke run has something to learn beyond the label prior (~0.5).
     assert _bow_accuracy(task) >= 0.75
+
+
+def _sst2_rule(sentence: str) -> int:
+    """The bundled SST-2's label, read as a reader would: the clause that counts (after "but" / "yet";
+    after "although ...", the main clause), then its one sentiment word, flipped by a negation."""
+    import re
+
+    words = re.findall(r"[a-z']+", sentence.split(" but ")[-1].split(" yet ")[-1].split(" , ")[-1])
+    if "although" in sentence:
+        words = re.findall(r"[a-z']+", sentence.split(" , ")[-1])
+    positive = {"wonderful", "moving", "charming", "brilliant", "delightful", "warm", "clever", "gripping"}
+    negative = {"dull", "tedious", "clumsy", "boring", "lifeless", "awful", "flat", "forgettable"}
+    polarity = {1 if w in positive else 0 for w in words if w in positive | negative}
+    if not polarity:  # "it 's never dull , not for a minute ." : the word sits before the last comma
+        words = re.findall(r"[a-z']+", sentence)
+        polarity = {1 if w in positive else 0 for w in words if w in positive | negative}
+    assert len(polarity) == 1, sentence
+    negated = any(w in {"not", "never", "hardly"} for w in words)
+    return polarity.pop() ^ negated
+
+
+def test_bundled_sst2_needs_the_sentence_not_its_words():
+    # Counting words scores near chance; the reading rule above scores every row.
+    assert _bow_accuracy("sst2") <= 0.65
+    dsd = load_glue("sst2", data_dir="bundled")
+    for split in ("train", "validation"):
+        rows = dsd[split]
+        assert [_sst2_rule(s) for s in rows["sentence"]] == rows["label"], split
+        kinds = [
+            (
+                "but" in s or "yet" in s or "although" in s,
+                any(w in s.split() for w in ("not", "never", "hardly")),
+            )
+            for s in rows["sentence"]
+        ]
+        for share in (sum(c for c, _ in kinds) / len(rows), sum(n for _, n in kinds) / len(rows)):
+            assert 0.2 <= share <= 0.55, (split, share)  # about three rows in ten each
 
 
 @pytest.mark.parametrize("task", ["squad", "squad_v2"])
@@ -153,7 +190,7 @@ def test_bundled_squad_offsets_and_shape(task, tiny_model_dir):
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     dsd = load_squad(task, data_dir="bundled")
     assert list(dsd) == ["train", "validation"]
-    assert (len(dsd["train"]), len(dsd["validation"])) == ((300, 60) if task == "squad" else (40, 20))
+    assert (len(dsd["train"]), len(dsd["validation"])) == (300, 60)
     ids = [r["id"] for ds in dsd.values() for r in ds]
     assert len(set(ids)) == len(ids)
     for split, ds in dsd.items():
@@ -192,7 +229,10 @@ def test_shipped_files_are_exactly_what_the_generator_writes(tmp_path):
     expected = gen.all_files()
     root = bundled_data_dir()
     shipped = {
-        str(p.relative_to(root)) for sub in ("glue", "squad") for p in (root / sub).rglob("*") if p.is_file()
+        str(p.relative_to(root))
+        for sub in ("glue", "squad", "words", "noisy")
+        for p in (root / sub).rglob("*")
+        if p.is_file()
     }
     assert shipped == set(expected)
     for rel, text in expected.items():
@@ -201,7 +241,7 @@ def test_shipped_files_are_exactly_what_the_generator_writes(tmp_path):
     sizes = gen.write(tmp_path)
     assert all((tmp_path / rel).read_bytes() == (root / rel).read_bytes() for rel in sizes)
     total = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
-    assert total < 600_000, total  # small enough to ship in the wheel (the toy tasks are ~420 KB of it)
+    assert total < 1_000_000, total  # small enough to ship in the wheel (the toy tasks are ~750 KB of it)
 
 
 # ---------------------------------------------------------------- local directories
@@ -397,3 +437,27 @@ def test_tokenize_glue_takes_a_single_split_and_checks_columns(tokenizer):
 
 def test_module_docstring_states_scope():
     assert "Not here" in data.__doc__
+
+
+def test_the_word_level_sst2_variant():
+    words = load_glue("sst2", data_dir="bundled-words")
+    assert (len(words["train"]), len(words["validation"])) == (400, 100)
+    assert words["train"].features == load_glue("sst2", data_dir="bundled")["train"].features
+    assert _bow_accuracy("sst2", "bundled-words") >= 0.95  # one word decides
+    train = set(words["train"]["sentence"])
+    assert not train & set(words["validation"]["sentence"])
+    with pytest.raises(ValueError, match="data_dir='bundled-words' holds only"):
+        load_glue("rte", data_dir="bundled-words")
+    from loralib.benchmark.config import make_config
+    from loralib.benchmark.run import provenance
+
+    assert provenance(make_config("sst2", "toy", data_dir="bundled-words"), "x")["data_source"] == "bundled"
+
+
+def test_the_noisy_variant_flips_15_percent_of_the_training_labels_only():
+    words, noisy = load_glue("sst2", data_dir="bundled-words"), load_glue("sst2", data_dir="bundled-noisy")
+    for split in ("train", "validation"):
+        assert noisy[split]["sentence"] == words[split]["sentence"]
+    flipped = sum(a != b for a, b in zip(noisy["train"]["label"], words["train"]["label"]))
+    assert flipped == 60 == 0.15 * len(words["train"])
+    assert noisy["validation"]["label"] == words["validation"]["label"]

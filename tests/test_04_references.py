@@ -67,3 +67,24 @@ def test_the_reference_bars_are_drawn_only_beside_a_real_run(tmp_path, kind):
     heights = sorted(round(p.get_height(), 3) for p in fig.axes[0].patches)
     assert heights == ([0.5] if kind == "toy" else [0.5, 0.74, 0.866])
     assert fig.axes[0].get_title().startswith("TOY RUN") is (kind == "toy")
+
+
+def test_learning_curve_draws_every_evaluation_and_labels_the_epoch_ends():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from loralib.benchmark.references import plot_learning_curve
+
+    def point(epoch, acc):
+        return {"epoch": epoch, "step": int(epoch * 4), "metrics": {"validation": {"accuracy": acc}}}
+
+    evals = [point(0, 0.55), point(0.5, 0.5), point(1, 0.6), point(1.5, 0.8), point(2, 0.9)]
+    res = {"task": "sst2", "profile": "toy", "run_kind": "toy", "benchmark": False, "main_metric": "accuracy",
+           "metrics_by_split": {"validation": {"accuracy": 0.9}}, "epochs": [evals[2], evals[4]]}  # fmt: skip
+    for results, xs in (({**res, "evaluations": evals}, [0, 0.5, 1, 1.5, 2]), (res, [1, 2])):
+        fig = plot_learning_curve(results)
+        line = fig.axes[0].lines[0]
+        assert list(line.get_xdata()) == xs
+        labels = [t.get_text() for t in fig.axes[0].texts]
+        assert labels == (["0.55", "0.6", "0.9"] if len(xs) == 5 else ["0.6", "0.9"])  # whole epochs only
+        matplotlib.pyplot.close(fig)

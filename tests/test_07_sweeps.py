@@ -86,3 +86,20 @@ def test_sweep_and_budget_refuse_bad_sizes(tiny_model_dir):
     for budget in (0, -5, 2.5):
         with pytest.raises((ValueError, TypeError), match="budget"):
             budget_rank(model, ["0"], budget)
+
+
+def test_a_full_fine_tuning_run_records_its_whole_update(sweep):
+    res = sweep.run(QUICK, full_finetune=True)
+    base = dict(sweep.base_model().named_modules())
+    cfg = sweep.base_model().config
+    assert res.lora_parameters == 0 and res.trained_parameters == sum(
+        p.numel() for p in sweep.base_model().parameters()
+    )
+    assert len(res.updates) == 2 * cfg.num_hidden_layers and all(
+        n.endswith(("query", "value")) for n in res.updates
+    )
+    for name, up in res.updates.items():
+        assert torch.equal(up["W"], base[name].weight.double())  # the pretrained weight, untouched
+        assert up["dW"].abs().max() > 0 and up["dW"].dtype == torch.float64
+    # One AdamW step moves every entry: the update has full rank, unlike LoRA's.
+    assert torch.linalg.matrix_rank(next(iter(res.updates.values()))["dW"]) > QUICK.r

@@ -103,6 +103,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size", type=_number(int, minimum=1), default=None, help="effective batch (all processes)"
     )
     ap.add_argument("--gradient-accumulation-steps", type=_number(int, minimum=1), default=None)
+    ap.add_argument(
+        "--evals-per-epoch", type=_number(int, minimum=1), default=None, help="validation runs per epoch (1)"
+    )
+    ap.add_argument(
+        "--eval-on-start",
+        action="store_const",
+        const=True,
+        default=None,
+        help="also evaluate before training",
+    )
     # The LoRA values are only parsed here: LoraConfig checks them, once, when main() builds it.
     ap.add_argument("--lora-r", dest="r", type=_number(int), default=None, help="LoRA rank r")
     ap.add_argument(
@@ -136,6 +146,8 @@ OVERRIDE_ARGS = (
     "warmup_epochs",
     "batch_size",
     "gradient_accumulation_steps",
+    "evals_per_epoch",
+    "eval_on_start",
     "loraplus_lr_ratio",
     "max_train_samples",
     "max_eval_samples",
@@ -150,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     from loralib.benchmark.references import format_table, results_table
     from loralib.benchmark.results import ResultsExistError, default_output_dir
     from loralib.checks import missing_model_dir
+    from loralib.data import BUNDLED_VARIANTS
     from loralib.logs import quiet_loading
 
     ap = build_parser()
@@ -180,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(
                 f"--model-id {args.model_id!r} is not a directory; give a local model dir or a hub id"
             )
-        if args.data_dir not in (None, "bundled") and not Path(args.data_dir).is_dir():
+        if args.data_dir not in (None, "bundled", *BUNDLED_VARIANTS) and not Path(args.data_dir).is_dir():
             raise ValueError(
                 f"--data-dir {args.data_dir!r} is not a directory; give 'bundled' or a local dataset dir"
             )

@@ -286,7 +286,8 @@ def plot_learning_curve(
     metric: str | None = None,
     ax=None,
 ):
-    """One run's validation metric per epoch beside the line it must clear and the published runs.
+    """One run's validation metric per evaluation (every epoch end, and the points within epochs and before
+    training when the run made them) beside the line it must clear and the published runs.
 
     results: a task's results.json (dict); baseline: `loralib.benchmark.baselines` output, drawn dashed;
     the article's and the LoRA paper's values for the same task, split and metric are drawn dotted when
@@ -301,11 +302,18 @@ def plot_learning_curve(
         fig, ax = plt.subplots(figsize=(7.5, 4))
     else:
         fig = ax.figure
-    epochs = [e["epoch"] for e in results["epochs"]]
-    values = [e["metrics"][split][metric] for e in results["epochs"]]
-    ax.plot(epochs, values, marker="o", color="tab:blue", label=f"LoRA, {results['profile']} profile")
-    for e, v in zip(epochs, values):
-        ax.annotate(f"{v:.3g}", (e, v), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+    # Every evaluation when the run made more than the epoch ends (evals_per_epoch, eval_on_start);
+    # the epoch ends are labelled with their values.
+    points = results.get("evaluations") or results["epochs"]
+    xs = [e["epoch"] for e in points]
+    ys = [e["metrics"][split][metric] for e in points]
+    ax.plot(xs, ys, marker="o", markersize=4 if len(points) > len(results["epochs"]) else 6, color="tab:blue",
+            label=f"LoRA, {results['profile']} profile")  # fmt: skip
+    for x, y in zip(xs, ys):
+        if x == round(x):
+            ax.annotate(
+                f"{y:.3g}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8
+            )
     if baseline is not None:
         ax.axhline(
             baseline["metrics"][split][metric], color="gray", ls="--", label=f"baseline: {baseline['name']}"

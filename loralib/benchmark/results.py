@@ -7,7 +7,9 @@ for the loralib backend, the wrapper's `save_lora` for "article", PEFT's format 
 (True only for a real run: the others are never benchmark numbers, whatever their profile), note, data_source (hub / bundled / local), pretrained and weights
 (a pretrained checkpoint, or random loralib.tiny), model_id, seed, main_metric, metrics, metrics_by_split, epochs (one record per epoch: epoch, step,
 learning_rate (the rate of the epoch's last optimizer step), train_loss (mean over the epoch), metrics
-{split: {...}}, eval_loss {split: loss} (GLUE only)), config (every TrainConfig field), trainable_parameters,
+{split: {...}}, eval_loss {split: loss} (GLUE only)), evaluations (every evaluation in step order, the
+epoch ends included: epoch (fractional within an epoch, 0 before training), step, metrics, eval_loss; more
+points with `evals_per_epoch` / `eval_on_start`), config (every TrainConfig field), trainable_parameters,
 total_parameters, train_examples (SQuAD: windows), train_time_s, wall_time_s, peak_memory {device, kind,
 bytes} (CUDA: max allocated; CPU: the process's peak RSS), world_size, device, precision (bf16 / fp16 /
 fp32), versions (`loralib.utils.versions()`), adapter {path, format, size_bytes}, finished_at. Non-finite numbers (e.g. the
@@ -25,7 +27,7 @@ exact/f1/HasAns_exact/... for v2). For a task with one evaluation split it is th
 always nested that way, for code that wants one shape for every task; `final_metric(results)` reads one
 number.
 
-Covers: `read_results`, `final_metric`, the per-epoch records, peak memory and `ResultsExistError`. Not
+Covers: `read_results`, `final_metric`, the per-epoch and per-evaluation records, peak memory and `ResultsExistError`. Not
 here: whether a rerun into the same directory has the same settings (`loralib.benchmark.identity`); producing the numbers
 (`loralib.benchmark.run`), tables and plots beside the references (`loralib.benchmark.references`).
 """
@@ -122,7 +124,7 @@ def peak_memory_record() -> dict[str, Any]:
 
 def _split_records(log_history: list[dict[str, Any]], splits: Sequence[str]) -> dict[int, dict[str, Any]]:
     """Evaluation records rebuilt from the Trainer's log (it survives in checkpoints; the in-memory
-    records of a resumed run start at the resume point): {epoch: {"step", "metrics", "eval_loss"}}."""
+    records of a resumed run start at the resume point): {step: {"epoch", "step", "metrics", "eval_loss"}}."""
     out: dict[int, dict[str, Any]] = {}
     for entry in log_history:
         if "epoch" not in entry:
@@ -133,8 +135,13 @@ def _split_records(log_history: list[dict[str, Any]], splits: Sequence[str]) -> 
             if not stripped:
                 continue
             rec = out.setdefault(
-                round(entry["epoch"]),
-                {"epoch": round(entry["epoch"]), "step": entry.get("step"), "metrics": {}, "eval_loss": {}},
+                entry.get("step"),
+                {
+                    "epoch": round(entry["epoch"], 6),
+                    "step": entry.get("step"),
+                    "metrics": {},
+                    "eval_loss": {},
+                },
             )
             rec["metrics"].setdefault(split, {}).update(
                 {k: v for k, v in stripped.items() if k not in TRAINER_EVAL_STATS}
@@ -144,21 +151,30 @@ def _split_records(log_history: list[dict[str, Any]], splits: Sequence[str]) -> 
     return out
 
 
+def evaluation_records(trainer, splits: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """Every evaluation of the run in step order: epoch (fractional within an epoch, 0 before training),
+    step, metrics {split: {...}}, eval_loss {split: loss}. More than the epoch ends with
+    `TrainConfig.evals_per_epoch` > 1 or `eval_on_start`."""
+    records = _split_records(trainer.state.log_history, splits)
+    records.update({rec["step"]: rec for rec in trainer.eval_records})
+    return [records[step] for step in sorted(records)]
+
+
 def epoch_records(trainer, splits: Sequence[str] = ()) -> list[dict[str, Any]]:
-    """One record per evaluated epoch: step, learning rate, train loss, metrics and eval loss.
+    """One record per evaluated epoch end: step, learning rate, train loss, metrics and eval loss.
 
     The trainer's in-memory records come first; epochs before a resume point are rebuilt from its log.
     """
     train_logs = {round(e["epoch"]): e for e in trainer.state.log_history if "loss" in e and "epoch" in e}
-    records = {rec["epoch"]: rec for rec in _split_records(trainer.state.log_history, splits).values()}
-    records.update({rec["epoch"]: rec for rec in trainer.eval_records})
     out = []
-    for epoch in sorted(records):
-        rec = records[epoch]
+    for rec in evaluation_records(trainer, splits):
+        epoch = round(rec["epoch"])
+        if epoch < 1 or abs(rec["epoch"] - epoch) > 1e-6:  # before training, or within an epoch
+            continue
         log = train_logs.get(epoch, {})
         out.append(
             {
-                "epoch": rec["epoch"],
+                "epoch": epoch,
                 "step": rec["step"],
                 "learning_rate": log.get("learning_rate"),
                 "train_loss": log.get("loss"),

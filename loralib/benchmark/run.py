@@ -35,6 +35,7 @@ from loralib.benchmark.results import (
     RESULTS_NAME,
     default_output_dir,
     epoch_records,
+    evaluation_records,
     json_safe,
     peak_memory_record,
     read_results,
@@ -51,9 +52,11 @@ def provenance(cfg, model_id: str) -> dict[str, Any]:
     """Where a run's numbers come from: the data (hub / bundled / local) and whether the weights are a
     pretrained checkpoint or the tiny random model. A run on random weights is a smoke run, one on bundled
     data a toy run, whatever its profile (`run_kind_of`)."""
+    from loralib.data import BUNDLED_VARIANTS
     from loralib.tiny import default_cache_dir
 
-    data = "hub" if cfg.data_dir in (None, "") else ("bundled" if str(cfg.data_dir) == "bundled" else "local")
+    bundled = str(cfg.data_dir) == "bundled" or str(cfg.data_dir) in BUNDLED_VARIANTS
+    data = "hub" if cfg.data_dir in (None, "") else ("bundled" if bundled else "local")
     # Compared with where tiny_roberta() writes, without building it for a run that uses another model.
     local = Path(str(model_id)).expanduser()
     tiny = cfg.model_id is None or (local.is_dir() and local.resolve() == default_cache_dir().resolve())
@@ -183,6 +186,7 @@ def _run_task(task, profile, cfg, output_dir, overwrite, callbacks, resume, t0) 
         "metrics": metrics,
         "metrics_by_split": by_split,
         "epochs": epochs,
+        "evaluations": evaluation_records(trainer, spec.eval_splits),
         "config": cfg.to_dict(),
         "resumed": resumed,
         "trainable_parameters": params.trainable,

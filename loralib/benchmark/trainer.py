@@ -133,7 +133,7 @@ def _make_trainer_class():
                 return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
             merged: dict[str, Any] = {}
             record: dict[str, Any] = {
-                "epoch": round(self.state.epoch or 0),
+                "epoch": round(self.state.epoch or 0, 6),  # fractional between epoch ends (evals_per_epoch)
                 "step": self.state.global_step,
                 "metrics": {},
                 "eval_loss": {},
@@ -173,6 +173,34 @@ def _make_trainer_class():
             return metrics
 
     return BenchmarkTrainer
+
+
+def _within_epoch_steps(steps: int, epochs: int, evals_per_epoch: int) -> set[int]:
+    """The optimizer steps, out of `steps` in `epochs` equal epochs, after which an evaluation falls
+    within an epoch: every 1/evals_per_epoch of one, rounded to a step (the epoch ends are not included:
+    the epoch strategy evaluates there)."""
+    per_epoch = steps // epochs
+    return {
+        e * per_epoch + round(j * per_epoch / evals_per_epoch)
+        for e in range(epochs)
+        for j in range(1, evals_per_epoch)
+        if 0 < round(j * per_epoch / evals_per_epoch) < per_epoch
+    }
+
+
+def _EvalWithinEpochs(evals_per_epoch: int, epochs: int):
+    """A TrainerCallback asking for an evaluation at every 1/evals_per_epoch of an epoch."""
+    from transformers import TrainerCallback
+
+    class EvalWithinEpochs(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.steps = _within_epoch_steps(state.max_steps, epochs, evals_per_epoch)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step in self.steps:
+                control.should_evaluate = True
+
+    return EvalWithinEpochs()
 
 
 def _glue_compute_metrics(task: str, is_regression: bool):
@@ -266,6 +294,7 @@ def build_trainer(
         adam_epsilon=cfg.adam_epsilon,
         lr_scheduler_type="linear",
         eval_strategy="epoch",
+        eval_on_start=cfg.eval_on_start,
         logging_strategy="epoch",
         save_strategy="epoch" if checkpoints else "no",
         # No rotation by the Trainer: it deletes the previous checkpoint before on_save, so a save cut short
@@ -316,7 +345,10 @@ def build_trainer(
         eval_dataset=eval_feats,
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=None if qa_eval is not None else _glue_compute_metrics(cfg.task, spec.is_regression),
-        callbacks=list(callbacks),
+        callbacks=[
+            *callbacks,
+            *([_EvalWithinEpochs(cfg.evals_per_epoch, cfg.epochs)] if cfg.evals_per_epoch > 1 else []),
+        ],
         optimizers=optimizers,
         loralib_cfg=cfg,
         qa_eval=qa_eval,
