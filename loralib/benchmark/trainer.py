@@ -1,9 +1,11 @@
-"""The Hugging Face `Trainer` of a benchmark run: the run's data, tokenisation and per-epoch evaluation.
+"""The Hugging Face `Trainer` of a benchmark run: the run's data, tokenisation and its evaluations (each
+epoch's end; with `evals_per_epoch` / `eval_on_start` also within epochs and before the first step).
 
 Covers: `load_raw_data` (the task's splits, subset by max_train/eval_samples) and `eval_rows` (the exact
 rows a finished run was scored on), tokenisation for GLUE and SQuAD, the Trainer subclass (epoch-based
 warm-up and decay; GLUE metrics via `loralib.metrics.glue_metrics`, SQuAD via `loralib.qa`
-post-processing and `loralib.metrics.squad_metrics`), `build_trainer`, and `unwrap_autocast` (a trained
+post-processing and `loralib.metrics.squad_metrics`), the callback that asks for evaluations within
+epochs, `build_trainer`, and `unwrap_autocast` (a trained
 model without the Trainer's mixed-precision forward, for comparisons after training). Precision: bf16 on GPUs with
 native bf16, fp16 with gradient scaling on other GPUs, fp32 on CPU; gradient accumulation and DDP are the
 Trainer's. Not here: the models (`loralib.benchmark.backends`), the results file (`loralib.benchmark.results`).
@@ -188,7 +190,7 @@ def _within_epoch_steps(steps: int, epochs: int, evals_per_epoch: int) -> set[in
     }
 
 
-def _EvalWithinEpochs(evals_per_epoch: int, epochs: int):
+def _eval_within_epochs(evals_per_epoch: int, epochs: int) -> Any:
     """A TrainerCallback asking for an evaluation at every 1/evals_per_epoch of an epoch."""
     from transformers import TrainerCallback
 
@@ -347,7 +349,7 @@ def build_trainer(
         compute_metrics=None if qa_eval is not None else _glue_compute_metrics(cfg.task, spec.is_regression),
         callbacks=[
             *callbacks,
-            *([_EvalWithinEpochs(cfg.evals_per_epoch, cfg.epochs)] if cfg.evals_per_epoch > 1 else []),
+            *([_eval_within_epochs(cfg.evals_per_epoch, cfg.epochs)] if cfg.evals_per_epoch > 1 else []),
         ],
         optimizers=optimizers,
         loralib_cfg=cfg,
