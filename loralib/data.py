@@ -5,7 +5,8 @@ Covers the nine GLUE tasks (hub dataset `nyu-mll/glue`) and SQuAD v1.1 / v2.0 (`
 `load_glue` / `load_squad` / `load_task`, which return a `datasets.DatasetDict` with the hub's exact
 `Features` whether the rows come from the hub, from the mini datasets bundled with loralib
 (`data_dir="bundled"`; `"bundled-words"`: an easier SST-2 where one sentiment word decides;
-`"bundled-noisy"`: that with 15% of its training labels flipped) or from a local directory; and
+`"bundled-noisy"`: that with 15% of its training labels flipped) or from a local directory;
+`data_fingerprint` (a hash of a task's bundled or local files, part of a benchmark run's identity); and
 `tokenize_glue`.
 
 The bundled datasets are small synthetic stand-ins written by `scripts/make_bundled_data.py` (not
@@ -369,22 +370,43 @@ def subset_rows(ds, n: int | None, shuffle_seed: int | None = None):
     return ds.select(np.linspace(0, len(ds) - 1, n).round().astype(int).tolist())
 
 
-def _load(spec: TaskSpec, data_dir: str | os.PathLike | None, max_samples: int | None):
-    if max_samples is not None and (not isinstance(max_samples, (int, np.integer)) or max_samples < 1):
-        raise ValueError(f"max_samples must be a positive int or None, got {max_samples!r}.")
-    if data_dir is None or data_dir == "":
-        dsd = _load_hub(spec)
-    elif str(data_dir) == "bundled":
-        dsd = _load_local(spec, bundled_data_dir())
-    elif str(data_dir) in BUNDLED_VARIANTS:
+def _local_root(spec: TaskSpec, data_dir: str | os.PathLike) -> Path:
+    """The folder a bundled name ("bundled", a variant) or a local `data_dir` stands for."""
+    if str(data_dir) == "bundled":
+        return bundled_data_dir()
+    if str(data_dir) in BUNDLED_VARIANTS:
         if spec.name not in BUNDLED_VARIANTS[str(data_dir)]:
             raise ValueError(
                 f"data_dir={str(data_dir)!r} holds only {BUNDLED_VARIANTS[str(data_dir)]}; for {spec.name} "
                 "use data_dir='bundled'."
             )
-        dsd = _load_local(spec, bundled_data_dir() / str(data_dir).removeprefix("bundled-"))
+        return bundled_data_dir() / str(data_dir).removeprefix("bundled-")
+    return Path(data_dir).expanduser()
+
+
+def data_fingerprint(task: str, data_dir: str | os.PathLike | None) -> str | None:
+    """A short sha256 of the bytes of `task`'s split files under a bundled or local `data_dir`, so that a
+    finished run is not reused once its rows have changed (None for the hub, whose revisions are its own)."""
+    import hashlib
+
+    if data_dir is None or data_dir == "":
+        return None
+    spec = get_task(task)
+    _folder, files = _find_split_files(_local_root(spec, data_dir), spec)
+    digest = hashlib.sha256()
+    for split in sorted(files):
+        digest.update(f"{split}\0".encode())
+        digest.update(files[split].read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _load(spec: TaskSpec, data_dir: str | os.PathLike | None, max_samples: int | None):
+    if max_samples is not None and (not isinstance(max_samples, (int, np.integer)) or max_samples < 1):
+        raise ValueError(f"max_samples must be a positive int or None, got {max_samples!r}.")
+    if data_dir is None or data_dir == "":
+        dsd = _load_hub(spec)
     else:
-        dsd = _load_local(spec, Path(data_dir).expanduser())
+        dsd = _load_local(spec, _local_root(spec, data_dir))
     if max_samples is not None:
         from datasets import DatasetDict
 

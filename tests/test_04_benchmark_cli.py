@@ -37,6 +37,8 @@ RESULT_KEYS = {
     "metrics",
     "metrics_by_split",
     "epochs",
+    "evaluations",
+    "data_fingerprint",
     "config",
     "trainable_parameters",
     "total_parameters",

@@ -172,3 +172,56 @@ def test_the_cli_refuses_a_mismatched_resume_with_exit_2(cut, tmp_path, capsys):
 def _shown(value) -> str:
     """How a setting appears in the message: as its JSON record holds it (PEFT writes 16.0 as 16)."""
     return repr(int(value)) if isinstance(value, float) and value.is_integer() else repr(value)
+
+
+def _local_sst2(tmp_path, flip_first_label=False):
+    """The bundled SST-2 copied into a local data directory, optionally with its first label flipped."""
+    from loralib.data import bundled_data_dir
+
+    folder = tmp_path / "data" / "glue" / "sst2"
+    shutil.copytree(bundled_data_dir() / "glue" / "sst2", folder)
+    if flip_first_label:
+        rows = [json.loads(line) for line in (folder / "train.jsonl").read_text().splitlines()]
+        rows[0]["label"] = 1 - rows[0]["label"]
+        (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return tmp_path / "data"
+
+
+def test_a_finished_run_on_rows_that_changed_since_is_not_reused(tmp_path):
+    from loralib.data import data_fingerprint
+
+    data = _local_sst2(tmp_path)
+    kw = dict(epochs=1, warmup_epochs=0.5, progress=False, data_dir=str(data))
+    done = run_task("sst2", "smoke", output_dir=tmp_path / "out", **kw)
+    assert done["data_fingerprint"] == data_fingerprint("sst2", data) == data_fingerprint("sst2", "bundled")
+    assert run_task("sst2", "smoke", output_dir=tmp_path / "out", **kw)["skipped"] is True  # same rows
+    _local_sst2(tmp_path / "again", flip_first_label=True)
+    shutil.rmtree(data)
+    shutil.copytree(tmp_path / "again" / "data", data)  # one label differs: another run
+    assert data_fingerprint("sst2", data) != done["data_fingerprint"]
+    with pytest.raises(ResultsExistError, match="data_fingerprint: finished run"):
+        run_task("sst2", "smoke", output_dir=tmp_path / "out", **kw)
+    # A results file from before fingerprints (none recorded) on bundled rows is not reused either.
+    path = tmp_path / "out" / "sst2" / "results.json"
+    old = json.loads(path.read_text())
+    del old["data_fingerprint"]
+    path.write_text(json.dumps(old))
+    with pytest.raises(ResultsExistError, match="data_fingerprint: finished run None"):
+        run_task("sst2", "smoke", output_dir=tmp_path / "out", **kw)
+
+
+def test_the_fingerprint_covers_local_and_bundled_rows_only():
+    from loralib.data import data_fingerprint
+
+    assert data_fingerprint("sst2", None) is None and data_fingerprint("sst2", "") is None  # the hub
+    words, noisy = data_fingerprint("sst2", "bundled-words"), data_fingerprint("sst2", "bundled-noisy")
+    assert len({words, noisy, data_fingerprint("sst2", "bundled")}) == 3 and len(words) == 16
+    assert data_fingerprint("squad_v2", "bundled") != data_fingerprint("squad", "bundled")
+    with pytest.raises(ValueError, match="holds only"):
+        data_fingerprint("rte", "bundled-words")
+    from loralib.benchmark.config import make_config
+
+    assert "data_fingerprint" not in run_identity(make_config("sst2", "gpu"), "gpu")  # hub runs: unchanged
+    assert run_identity(make_config("sst2", "smoke"), "smoke")["data_fingerprint"] == data_fingerprint(
+        "sst2", "bundled"
+    )

@@ -46,14 +46,24 @@ class CheckpointError(RuntimeError):
     """No complete checkpoint is left to resume from."""
 
 
-def run_identity(cfg, profile: str) -> dict[str, Any]:
-    """{setting: value} for every setting that changes the numbers of a run of `cfg` under `profile`."""
+def run_identity(cfg, profile: str, with_data: bool = True) -> dict[str, Any]:
+    """{setting: value} for every setting that changes the numbers of a run of `cfg` under `profile`.
+
+    With bundled or local data it also holds "data_fingerprint", the hash of the task's files as they are
+    now (`loralib.data.data_fingerprint`): the same settings on changed rows are another run. with_data=False
+    leaves it out (a finished run's own fingerprint is the one its results.json recorded)."""
     values = cfg.to_dict()
     out = {"profile": profile}
     # The LoRA config's fields sit beside the others, so a difference names the field itself ("r").
     lora = values.pop("lora", {})
     out.update({k: v for k, v in lora.items() if k != "peft_type"})
     out.update({k: v for k, v in values.items() if k not in NOT_IDENTITY})
+    if with_data:
+        from loralib.data import data_fingerprint
+
+        fingerprint = data_fingerprint(cfg.task, cfg.data_dir)
+        if fingerprint is not None:
+            out["data_fingerprint"] = fingerprint
     return json.loads(json.dumps(out, default=str))  # the form it has once written to JSON
 
 
@@ -78,12 +88,14 @@ def check_reuse(existing: dict[str, Any], cfg, profile: str, path: Path) -> None
     from loralib.benchmark.config import config_from_results
 
     try:
-        recorded = run_identity(config_from_results(existing), existing.get("profile"))
+        recorded = run_identity(config_from_results(existing), existing.get("profile"), with_data=False)
     except (KeyError, TypeError, ValueError) as e:
         raise RunMismatchError(
             f"{path} holds a finished run whose settings cannot be read ({e}); pass overwrite=True (CLI "
             "--overwrite) to replace it, or choose another output directory."
         ) from None
+    if existing.get("data_fingerprint") is not None:
+        recorded["data_fingerprint"] = existing["data_fingerprint"]
     diffs = identity_differences(recorded, run_identity(cfg, profile))
     if diffs:
         raise RunMismatchError(

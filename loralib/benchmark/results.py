@@ -9,7 +9,8 @@ for the loralib backend, the wrapper's `save_lora` for "article", PEFT's format 
 learning_rate (the rate of the epoch's last optimizer step), train_loss (mean over the epoch), metrics
 {split: {...}}, eval_loss {split: loss} (GLUE only)), evaluations (every evaluation in step order, the
 epoch ends included: epoch (fractional within an epoch, 0 before training), step, metrics, eval_loss; more
-points with `evals_per_epoch` / `eval_on_start`), config (every TrainConfig field), trainable_parameters,
+points with `evals_per_epoch` / `eval_on_start`), data_fingerprint (a hash of the bundled or local rows the run
+read, `loralib.data.data_fingerprint`; null for the hub), config (every TrainConfig field), trainable_parameters,
 total_parameters, train_examples (SQuAD: windows), train_time_s, wall_time_s, peak_memory {device, kind,
 bytes} (CUDA: max allocated; CPU: the process's peak RSS), world_size, device, precision (bf16 / fp16 /
 fp32), versions (`loralib.utils.versions()`), adapter {path, format, size_bytes}, finished_at. Non-finite numbers (e.g. the

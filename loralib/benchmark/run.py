@@ -188,6 +188,7 @@ def _run_task(task, profile, cfg, output_dir, overwrite, callbacks, resume, t0) 
         "epochs": epochs,
         "evaluations": evaluation_records(trainer, spec.eval_splits),
         "config": cfg.to_dict(),
+        "data_fingerprint": identity.get("data_fingerprint"),  # bundled or local rows; None: the hub
         "resumed": resumed,
         "trainable_parameters": params.trainable,
         "total_parameters": params.total,
