@@ -6,7 +6,7 @@ Covers the nine GLUE tasks (hub dataset `nyu-mll/glue`) and SQuAD v1.1 / v2.0 (`
 `Features` whether the rows come from the hub, from the mini datasets bundled with loralib
 (`data_dir="bundled"`; `"bundled-words"`: an easier SST-2 where one sentiment word decides;
 `"bundled-noisy"`: that with 15% of its training labels flipped) or from a local directory;
-`data_fingerprint` (a hash of a task's bundled or local files, part of a benchmark run's identity); and
+`is_bundled`; `data_fingerprint` (a hash of a task's bundled or local files, part of a benchmark run's identity); and
 `tokenize_glue`.
 
 The bundled datasets are small synthetic stand-ins written by `scripts/make_bundled_data.py` (not
@@ -194,6 +194,11 @@ def _spec_of(task: str, table: dict[str, TaskSpec], kind: str) -> TaskSpec:
 # the training labels flipped, so a tuned run's validation loss has a floor (notebook 07). "bundled"'s
 # SST-2 needs negation and contrast, for a learning curve that rises over epochs (notebook 04).
 BUNDLED_VARIANTS = {"bundled-words": ("sst2",), "bundled-noisy": ("sst2",)}
+
+
+def is_bundled(data_dir: str | os.PathLike | None) -> bool:
+    """Whether `data_dir` names data shipped with loralib ("bundled" or one of `BUNDLED_VARIANTS`)."""
+    return data_dir is not None and (str(data_dir) == "bundled" or str(data_dir) in BUNDLED_VARIANTS)
 
 
 def bundled_data_dir() -> Path:

@@ -213,11 +213,8 @@ class Sweep:
         if spec.full_finetune:
             model.requires_grad_(True)
         else:
-            targets = (
-                spec.target_modules if isinstance(spec.target_modules, str) else list(spec.target_modules)
-            )
             inject_lora(
-                model, targets, r=spec.r, lora_alpha=spec.lora_alpha, use_rslora=spec.use_rslora,
+                model, spec.target_modules, r=spec.r, lora_alpha=spec.lora_alpha, use_rslora=spec.use_rslora,
                 use_dora=spec.use_dora,
             )  # fmt: skip
             mark_only_lora_as_trainable(model, bias="none", modules_to_save=["classifier"])
@@ -257,10 +254,9 @@ class Sweep:
         for the Linear layers `spec.target_modules` names: the same matrices a LoRA run of that spec adapts."""
         from loralib.injection import find_targets
 
-        targets = spec.target_modules if isinstance(spec.target_modules, str) else list(spec.target_modules)
         base, trained = dict(self._base.named_modules()), dict(model.named_modules())
         out = {}
-        for name in find_targets(self._base, targets):
+        for name in find_targets(self._base, spec.target_modules):
             w0 = base[name].weight.detach().to("cpu", torch.float64)
             out[name] = {"W": w0, "dW": trained[name].weight.detach().to("cpu", torch.float64) - w0}
         return out

@@ -178,8 +178,9 @@ def sst2(rng: random.Random, split: str, seen: set[str]) -> list[dict]:
 
 def sst2_words(rng: random.Random, split: str, seen: set[str]) -> list[dict]:
     """The easier SST-2 variant (`data_dir="bundled-words"`): every sentiment word in a row has the
-    label's polarity, so one word decides it. For many short runs that must learn in 32 steps (notebooks
-    07 and 08 compare dozens of them); `sst2` above is the one a learning curve needs."""
+    label's polarity, so one word decides it. For many short runs that must learn in 32 steps (notebook 08
+    compares dozens of them; notebook 07 uses `sst2_noisy` below); `sst2` above is the one a learning
+    curve needs."""
 
     def make(words, label):
         def row(r):

@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     from loralib.benchmark.references import format_table, results_table
     from loralib.benchmark.results import ResultsExistError, default_output_dir
     from loralib.checks import missing_model_dir
-    from loralib.data import BUNDLED_VARIANTS
+    from loralib.data import is_bundled
     from loralib.logs import quiet_loading
 
     ap = build_parser()
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(
                 f"--model-id {args.model_id!r} is not a directory; give a local model dir or a hub id"
             )
-        if args.data_dir not in (None, "bundled", *BUNDLED_VARIANTS) and not Path(args.data_dir).is_dir():
+        if args.data_dir is not None and not is_bundled(args.data_dir) and not Path(args.data_dir).is_dir():
             raise ValueError(
                 f"--data-dir {args.data_dir!r} is not a directory; give 'bundled' or a local dataset dir"
             )

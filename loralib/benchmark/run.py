@@ -52,11 +52,10 @@ def provenance(cfg, model_id: str) -> dict[str, Any]:
     """Where a run's numbers come from: the data (hub / bundled / local) and whether the weights are a
     pretrained checkpoint or the tiny random model. A run on random weights is a smoke run, one on bundled
     data a toy run, whatever its profile (`run_kind_of`)."""
-    from loralib.data import BUNDLED_VARIANTS
+    from loralib.data import is_bundled
     from loralib.tiny import default_cache_dir
 
-    bundled = str(cfg.data_dir) == "bundled" or str(cfg.data_dir) in BUNDLED_VARIANTS
-    data = "hub" if cfg.data_dir in (None, "") else ("bundled" if bundled else "local")
+    data = "hub" if cfg.data_dir in (None, "") else ("bundled" if is_bundled(cfg.data_dir) else "local")
     # Compared with where tiny_roberta() writes, without building it for a run that uses another model.
     local = Path(str(model_id)).expanduser()
     tiny = cfg.model_id is None or (local.is_dir() and local.resolve() == default_cache_dir().resolve())
